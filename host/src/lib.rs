@@ -1,0 +1,17 @@
+//! rulehook: a webhook rule engine.
+//!
+//! An event travels through the modules in this order, and the folders are
+//! named after the stages:
+//!
+//! - [`event`]: the entity event senders post, and the changes an update carries.
+//! - [`rules`]: rule files parsed, validated and indexed; which rules match
+//!   an event and why not. Pure: no I/O, clock or randomness.
+//! - [`payload`]: the payload a matching rule starts from.
+//! - [`cli`]: the `rulehook` command line.
+//!
+//! See ARCHITECTURE.md for the whole flow and the invariants.
+
+pub mod cli;
+pub mod event;
+pub mod payload;
+pub mod rules;

@@ -1,0 +1,303 @@
+//! The rule engine: rule files in, decisions out.
+//!
+//! `yaml` reads text into a spanned tree, `parse` validates it into
+//! [`Rule`]s (reporting every mistake with its place), [`RuleSet`] indexes
+//! them, `eval` decides whether a rule's conditions hold for an event, and
+//! `explain` says why a rule did or did not match.
+//!
+//! **Invariant: this module does no I/O and reads no clock or randomness.**
+//! Reading the rules directory and resolving secrets from the environment
+//! happen in `load`, which hands text and a resolver in. That keeps matching
+//! deterministic and testable from data files alone.
+
+pub mod diag;
+pub mod eval;
+pub mod explain;
+pub mod load;
+pub mod model;
+pub mod parse;
+pub mod schema;
+pub mod value;
+pub mod yaml;
+
+#[cfg(test)]
+mod cases;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use base64::Engine as _;
+
+pub use diag::{Diagnostic, Severity};
+pub use model::*;
+pub use parse::SecretResolver;
+
+use crate::event::Event;
+use eval::EventView;
+
+/// One rule file's path and text.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// A validated, indexed set of rules, ready for matching.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    index: Index,
+}
+
+impl RuleSet {
+    /// Parses and validates every source and indexes the valid rules.
+    /// Returns every diagnostic of every file (errors and warnings), sorted
+    /// by file and position. Callers that must not run a partly valid set
+    /// (serve, reload) refuse it when any diagnostic is an error.
+    pub fn compile(sources: &[Source], secrets: &dyn SecretResolver) -> (RuleSet, Vec<Diagnostic>) {
+        let mut diagnostics = Vec::new();
+        let mut rules: Vec<Rule> = Vec::new();
+        for source in sources {
+            let mut sink = diag::Sink::new(&source.path);
+            let parsed = parse::parse_file(&source.path, &source.text, secrets, &mut sink);
+            diagnostics.extend(sink.diagnostics);
+            for rule in parsed {
+                if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                    diagnostics.push(Diagnostic {
+                        severity: Severity::Error,
+                        file: rule.origin.file.clone(),
+                        line: rule.origin.span.line,
+                        column: rule.origin.span.column,
+                        message: format!(
+                            "duplicate rule name `{}`: also defined at {}",
+                            rule.name, first.origin
+                        ),
+                        fix: Some(
+                            "rule names are unique across the rules directory; rename one of them"
+                                .into(),
+                        ),
+                    });
+                    continue;
+                }
+                rules.push(rule);
+            }
+        }
+        diagnostics.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        (RuleSet::new(rules), diagnostics)
+    }
+
+    /// Indexes already validated rules, keeping their order.
+    pub fn new(rules: Vec<Rule>) -> RuleSet {
+        let index = Index::build(&rules);
+        RuleSet { rules, index }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rules that fire for `event`, in rule order. Cost grows with the
+    /// rules indexed under the event's type, entity type and scope, not with
+    /// the size of the set.
+    pub fn matching(&self, event: &Event) -> Vec<&Rule> {
+        let view = EventView::new(event);
+        let mut candidates = self.index.candidates(event);
+        candidates.sort_unstable();
+        candidates
+            .into_iter()
+            .map(|i| &self.rules[i as usize])
+            .filter(|rule| rule.decide(&view).is_ok())
+            .collect()
+    }
+}
+
+/// Why a rule does not fire for an event.
+#[derive(Debug)]
+pub enum Miss<'r> {
+    Inactive,
+    EventType,
+    EntityType,
+    Scope {
+        key: &'r str,
+        expected: &'r serde_json::Value,
+    },
+    Condition(&'r Condition),
+}
+
+impl Rule {
+    /// Whether this rule fires for the event, checking the cheap filters
+    /// first. Pure.
+    pub fn decide<'r>(&'r self, view: &EventView<'_>) -> Result<(), Miss<'r>> {
+        let ev = view.event;
+        if !self.active {
+            return Err(Miss::Inactive);
+        }
+        if !self.events.contains(&ev.event_type) {
+            return Err(Miss::EventType);
+        }
+        if !self.entity_types.is_empty() && !self.entity_types.contains(&ev.entity_type) {
+            return Err(Miss::EntityType);
+        }
+        for (key, expected) in &self.scope {
+            if !ev
+                .scope
+                .get(key)
+                .is_some_and(|actual| value::scope_eq(expected, actual))
+            {
+                return Err(Miss::Scope { key, expected });
+            }
+        }
+        match &self.when {
+            Some(cond) => cond.eval(view).map_err(Miss::Condition),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Candidate lists by event type, then entity type, then one scope key.
+#[derive(Debug, Default)]
+struct Index {
+    by_event: HashMap<String, EventBucket>,
+}
+
+#[derive(Debug, Default)]
+struct EventBucket {
+    by_entity: HashMap<String, ScopedList>,
+    any_entity: ScopedList,
+}
+
+/// Rules split by the value of the scope key most of them constrain (often
+/// `workspace_id`), so a tenant's event skips other tenants' rules.
+#[derive(Debug, Default)]
+struct ScopedList {
+    key: Option<String>,
+    by_value: HashMap<String, Vec<u32>>,
+    rest: Vec<u32>,
+}
+
+impl Index {
+    fn build(rules: &[Rule]) -> Index {
+        // event → (entity type → rule ids, rule ids for any entity type)
+        type Lists = HashMap<String, (HashMap<String, Vec<u32>>, Vec<u32>)>;
+        let mut lists: Lists = HashMap::new();
+        for (i, rule) in rules.iter().enumerate() {
+            if !rule.active {
+                continue;
+            }
+            let i = i as u32;
+            let mut events: Vec<&String> = rule.events.iter().collect();
+            events.dedup();
+            for event in events {
+                let (by_entity, any) = lists.entry(event.clone()).or_default();
+                if rule.entity_types.is_empty() {
+                    any.push(i);
+                } else {
+                    for t in &rule.entity_types {
+                        let list = by_entity.entry(t.clone()).or_default();
+                        if list.last() != Some(&i) {
+                            list.push(i);
+                        }
+                    }
+                }
+            }
+        }
+        let by_event = lists
+            .into_iter()
+            .map(|(event, (by_entity, any))| {
+                let bucket = EventBucket {
+                    by_entity: by_entity
+                        .into_iter()
+                        .map(|(t, ids)| (t, ScopedList::build(ids, rules)))
+                        .collect(),
+                    any_entity: ScopedList::build(any, rules),
+                };
+                (event, bucket)
+            })
+            .collect();
+        Index { by_event }
+    }
+
+    fn candidates(&self, ev: &Event) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Some(bucket) = self.by_event.get(&ev.event_type) {
+            if let Some(list) = bucket.by_entity.get(&ev.entity_type) {
+                list.extend_candidates(ev, &mut out);
+            }
+            bucket.any_entity.extend_candidates(ev, &mut out);
+        }
+        out
+    }
+}
+
+impl ScopedList {
+    fn build(ids: Vec<u32>, rules: &[Rule]) -> ScopedList {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for &i in &ids {
+            for (k, _) in &rules[i as usize].scope {
+                *counts.entry(k.as_str()).or_default() += 1;
+            }
+        }
+        // Ties broken by name so the index is the same on every load.
+        let key = counts
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+            .map(|(k, _)| k.to_string());
+        let mut list = ScopedList {
+            key,
+            ..Default::default()
+        };
+        for i in ids {
+            let scope_value = list.key.as_ref().and_then(|key| {
+                rules[i as usize]
+                    .scope
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .and_then(|(_, v)| value::scalar_key(v))
+            });
+            match scope_value {
+                Some(v) => list.by_value.entry(v).or_default().push(i),
+                None => list.rest.push(i),
+            }
+        }
+        list
+    }
+
+    fn extend_candidates(&self, ev: &Event, out: &mut Vec<u32>) {
+        out.extend_from_slice(&self.rest);
+        if let Some(key) = &self.key
+            && let Some(ids) = ev
+                .scope
+                .get(key)
+                .and_then(value::scalar_key)
+                .and_then(|v| self.by_value.get(&v))
+        {
+            out.extend_from_slice(ids);
+        }
+    }
+}
+
+/// Checks a Standard Webhooks secret: `whsec_` + base64 of 24 to 64 bytes.
+pub fn check_whsec(secret: &str) -> Result<Vec<u8>, String> {
+    let Some(b64) = secret.strip_prefix("whsec_") else {
+        return Err("it does not start with `whsec_`".into());
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("the part after `whsec_` is not base64 ({e})"))?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!("the key is {} bytes long", key.len()));
+    }
+    Ok(key)
+}

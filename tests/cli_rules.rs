@@ -1,0 +1,154 @@
+//! `rulehook check`, `explain` and `schema` on real files.
+
+use serde_json::Value;
+
+use crate::support::{rulehook, stdout};
+
+#[test]
+fn check_passes_on_the_example_rules() {
+    let out = rulehook(&["check", "rules"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("5 rules ok"), "{}", stdout(&out));
+}
+
+#[test]
+fn check_reports_every_mistake_with_its_location() {
+    let out = rulehook(&["check", "tests/fixtures/broken-rules"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let locations: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(": error: "))
+        .map(|l| l.split(": error: ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        locations,
+        [
+            "tests/fixtures/broken-rules/alm.yaml:3:5",
+            "tests/fixtures/broken-rules/alm.yaml:7:29",
+            "tests/fixtures/broken-rules/alm.yaml:8:34",
+            "tests/fixtures/broken-rules/alm.yaml:11:15",
+            "tests/fixtures/broken-rules/scm.yaml:4:78",
+            "tests/fixtures/broken-rules/scm.yaml:7:14",
+            "tests/fixtures/broken-rules/scm.yaml:8:20",
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("unknown key `entity_type` in rule\n  fix: did you mean `entity_types`?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("environment variable RULEHOOK_TEST_SURELY_UNSET is not set"),
+        "{text}"
+    );
+    assert!(
+        text.contains("retry `intervals` does not apply to the fixed policy"),
+        "{text}"
+    );
+    assert!(text.ends_with("7 errors, 0 warnings\n"), "{text}");
+}
+
+#[test]
+fn check_json_output_is_for_tools() {
+    let out = rulehook(&["check", "tests/fixtures/broken-rules", "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["errors"], 7);
+    let first = &report["diagnostics"][0];
+    assert_eq!(first["file"], "tests/fixtures/broken-rules/alm.yaml");
+    assert_eq!(
+        (first["line"].as_u64(), first["column"].as_u64()),
+        (Some(3), Some(5))
+    );
+    assert_eq!(first["severity"], "error");
+    assert_eq!(first["fix"], "did you mean `entity_types`?");
+}
+
+#[test]
+fn duplicate_names_are_reported_only_when_both_rules_are_valid() {
+    // alm.yaml's `defect-reopened` has errors and is left out, so the
+    // scm.yaml rule of the same name is not a duplicate of a loaded rule.
+    let out = rulehook(&["check", "tests/fixtures/broken-rules"]);
+    assert!(
+        !stdout(&out).contains("duplicate rule name"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn explain_shows_matches_payloads_and_the_failed_condition() {
+    let out = rulehook(&[
+        "explain",
+        "--event",
+        "rules/events/defect-reopened.json",
+        "--format",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let rules = report["rules"].as_array().expect("rules");
+    let get = |name: &str| {
+        rules
+            .iter()
+            .find(|r| r["rule"] == name)
+            .expect(name)
+            .clone()
+    };
+    let reopened = get("defect-reopened");
+    assert_eq!(reopened["matched"], true);
+    assert_eq!(
+        reopened["payload"]["changes"]["phase"]["new"]["id"],
+        "phase.defect.opened"
+    );
+    assert_eq!(reopened["payload"]["entity"]["type"], "defect");
+    let headers = reopened["headers"].as_array().expect("headers");
+    assert!(
+        headers.iter().any(|h| h[0] == "X-Team" && h[1] == "qa"),
+        "{headers:?}"
+    );
+    let story = get("story-created-in-workspace");
+    assert_eq!(story["matched"], false);
+    assert_eq!(story["reason"]["check"], "events");
+    assert_eq!(story["reason"]["actual"], "update");
+}
+
+#[test]
+fn explain_names_the_bad_field_of_a_bad_event() {
+    let dir = std::env::temp_dir().join(format!("rulehook-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("event.json");
+    std::fs::write(
+        &file,
+        r#"{"event_type": "update", "entity_type": "defect", "entity": {"id": "1"}}"#,
+    )
+    .expect("write");
+    let out = rulehook(&["explain", "--event", file.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("before: missing; an update event must carry the entity as it was before"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn schema_describes_the_rule_format() {
+    let out = rulehook(&["schema"]);
+    assert!(out.status.success());
+    let schema: Value = serde_json::from_slice(&out.stdout).expect("JSON schema");
+    assert_eq!(schema["title"], "RuleFile");
+    assert!(schema["$defs"]["Webhook"]["properties"]["signature_header"].is_object());
+    assert!(!schema["$defs"]["Leaf"]["properties"]["changed_from"].is_null());
+    assert_eq!(
+        schema["$defs"]["Leaf"]["properties"]["matches"]["type"],
+        serde_json::json!(["string", "null"])
+    );
+}

@@ -1,0 +1,7 @@
+//! rulehook's integration tests: the real `rulehook` binary, run as a user
+//! would, against real files (and, for delivery, real servers on 127.0.0.1).
+//! One test binary, grouped by purpose.
+
+mod support;
+
+mod cli_rules;
