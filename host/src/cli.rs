@@ -46,6 +46,96 @@ pub enum Command {
     },
     /// Print the JSON Schema of the rule file format.
     Schema,
+    /// Run the server: ingest API, rules, durable delivery.
+    Serve {
+        /// A YAML config file (layered over the defaults; RULEHOOK_* env vars override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The address to listen on (default 127.0.0.1:7700).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Receive webhooks locally: print them, verify signature and basic auth.
+    Listen {
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+        /// Verify signatures with this secret (whsec_… for Standard Webhooks).
+        #[arg(long)]
+        secret: Option<String>,
+        #[arg(long, default_value = "X-Rulehook-Signature")]
+        signature_header: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        /// The status to answer with.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+    },
+    /// List, show and redeliver deliveries (through the running server).
+    Deliveries {
+        #[command(subcommand)]
+        command: DeliveriesCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List endpoints and unblock them (through the running server).
+    Endpoints {
+        #[command(subcommand)]
+        command: EndpointsCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// POST a test request to a rule's URL (with ?test=true) and show the answer.
+    TestConnection {
+        rule: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// The server's base URL (default: from the config's `listen`).
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// An admin API key (default: RULEHOOK_API_KEY, then data/api-keys.json).
+    #[arg(long, global = true)]
+    api_key: Option<String>,
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Human, global = true)]
+    format: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeliveriesCommand {
+    List {
+        #[arg(long)]
+        rule: Option<String>,
+        #[arg(long)]
+        event: Option<String>,
+        /// pending, parked, succeeded, failed or skipped.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    Show {
+        id: String,
+    },
+    Redeliver {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EndpointsCommand {
+    List,
+    /// Unblock (or re-enable after 410) an endpoint such as https://host:443.
+    Unblock {
+        endpoint: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -67,7 +157,356 @@ pub fn main() -> ExitCode {
             println!("{}", pretty(&rules::schema::json_schema()));
             ExitCode::SUCCESS
         }
+        Command::Serve { config, listen } => serve(config.as_deref(), listen),
+        Command::Listen {
+            port,
+            secret,
+            signature_header,
+            user,
+            password,
+            status,
+        } => {
+            let opts = crate::listen::Options {
+                secret,
+                signature_header,
+                user,
+                password,
+                status,
+            };
+            runtime(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+                println!(
+                    "rulehook listen: receiving on http://{}",
+                    listener.local_addr()?
+                );
+                let out: std::sync::Arc<std::sync::Mutex<dyn std::io::Write + Send>> =
+                    std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+                crate::listen::run(listener, opts, out).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Deliveries { command, server } => {
+            admin(server, move |c| Box::pin(deliveries(c, command)))
+        }
+        Command::Endpoints { command, server } => {
+            admin(server, move |c| Box::pin(endpoints(c, command)))
+        }
+        Command::TestConnection { rule, config } => test_connection(&rule, config.as_deref()),
     }
+}
+
+fn runtime(f: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(f) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_config(file: Option<&Path>) -> anyhow::Result<crate::config::Config> {
+    Ok(crate::config::Config::load(file, &|k| {
+        std::env::var(k).ok()
+    })?)
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RULEHOOK_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("RULEHOOK_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(config: Option<&Path>, listen: Option<std::net::SocketAddr>) -> ExitCode {
+    init_logs();
+    runtime(async move {
+        let mut config = load_config(config)?;
+        if let Some(addr) = listen {
+            config.listen = addr;
+        }
+        let listener = crate::serve::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        println!(
+            "rulehook listening on http://{addr} (rules: {}, data: {}{})",
+            config.rules_dir.display(),
+            config.data_dir.display(),
+            if config.api_keys.is_empty() {
+                format!(
+                    ", API keys: {}",
+                    crate::serve::keys_file(&config.data_dir).display()
+                )
+            } else {
+                String::new()
+            }
+        );
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        crate::serve::run(listener, config, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+type AdminFuture = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<(ExitCode, Value)>>>>;
+
+fn admin(
+    args: ServerArgs,
+    f: impl FnOnce(crate::admin_client::AdminClient) -> AdminFuture,
+) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = args
+        .server
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let client = match crate::admin_client::AdminClient::new(server, args.api_key, &config.data_dir)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = args.format;
+    runtime(async move {
+        let (code, value) = f(client).await?;
+        match format {
+            Format::Json => println!("{}", pretty(&value)),
+            Format::Human => print_admin(&value),
+        }
+        Ok(code)
+    })
+}
+
+fn ok_or(status: u16, value: Value) -> anyhow::Result<(ExitCode, Value)> {
+    if (200..300).contains(&status) {
+        Ok((ExitCode::SUCCESS, value))
+    } else {
+        let msg = value["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        anyhow::bail!("the server answered {status}: {msg}")
+    }
+}
+
+async fn deliveries(
+    c: crate::admin_client::AdminClient,
+    cmd: DeliveriesCommand,
+) -> anyhow::Result<(ExitCode, Value)> {
+    let (status, value) = match cmd {
+        DeliveriesCommand::List {
+            rule,
+            event,
+            status,
+            limit,
+        } => {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(r) = rule {
+                q.append_pair("rule", &r);
+            }
+            if let Some(e) = event {
+                q.append_pair("event", &e);
+            }
+            if let Some(s) = status {
+                q.append_pair("status", &s);
+            }
+            q.append_pair("limit", &limit.to_string());
+            c.call("GET", &format!("/v1/deliveries?{}", q.finish()), None)
+                .await?
+        }
+        DeliveriesCommand::Show { id } => {
+            c.call("GET", &format!("/v1/deliveries/{id}"), None).await?
+        }
+        DeliveriesCommand::Redeliver { id } => {
+            c.call("POST", &format!("/v1/deliveries/{id}/redeliver"), None)
+                .await?
+        }
+    };
+    ok_or(status, value)
+}
+
+async fn endpoints(
+    c: crate::admin_client::AdminClient,
+    cmd: EndpointsCommand,
+) -> anyhow::Result<(ExitCode, Value)> {
+    let (status, value) = match cmd {
+        EndpointsCommand::List => c.call("GET", "/v1/endpoints", None).await?,
+        EndpointsCommand::Unblock { endpoint } => {
+            c.call(
+                "POST",
+                "/v1/endpoints/unblock",
+                Some(json!({ "endpoint": endpoint })),
+            )
+            .await?
+        }
+    };
+    ok_or(status, value)
+}
+
+/// Human output for admin answers: one line per delivery or endpoint, or
+/// the whole record for `show`.
+fn print_admin(value: &Value) {
+    if let Some(list) = value["deliveries"].as_array() {
+        for d in list {
+            println!(
+                "{}  {:<9}  attempts {}  rule {}  event {}{}",
+                d["id"].as_str().unwrap_or_default(),
+                d["state"].as_str().unwrap_or_default(),
+                d["attempts"],
+                d["rule"].as_str().unwrap_or_default(),
+                d["event_id"].as_str().unwrap_or_default(),
+                d["reason"]
+                    .as_str()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("{} deliveries", list.len());
+    } else if let Some(list) = value["endpoints"].as_array() {
+        for e in list {
+            println!(
+                "{}  {}  failures {}  parked {}{}",
+                e["endpoint"].as_str().unwrap_or_default(),
+                if e["disabled"] == true {
+                    "disabled (410)"
+                } else if e["blocked"] == true {
+                    "blocked"
+                } else {
+                    "ok"
+                },
+                e["consecutive_failures"],
+                e["parked"],
+                e["last_error"]
+                    .as_str()
+                    .map(|r| format!("  last error: {r}"))
+                    .unwrap_or_default()
+            );
+        }
+    } else {
+        println!("{}", pretty(value));
+    }
+}
+
+fn test_connection(rule_name: &str, config: Option<&Path>) -> ExitCode {
+    runtime(async move {
+        let config = load_config(config)?;
+        let (set, diagnostics) = rules::load::load_dir(&config.rules_dir);
+        report_rule_errors(&diagnostics);
+        let Some(rule) = set.get(rule_name) else {
+            anyhow::bail!("no rule `{rule_name}` in {}", config.rules_dir.display());
+        };
+        let Some(url) = rule.webhook.url.clone() else {
+            anyhow::bail!("rule `{rule_name}` has no URL (websocket transport)");
+        };
+        let mut test_url = url.clone();
+        test_url.query_pairs_mut().append_pair("test", "true");
+        let body = serde_json::to_vec(
+            &json!({"test": true, "rule": rule.name, "message": "rulehook test connection"}),
+        )?;
+        let id = crate::store::DeliveryId::new().to_string();
+        let mut req = http::Request::builder()
+            .method(rule.webhook.method.as_str())
+            .uri(test_url.as_str())
+            .header("Content-Type", "application/json")
+            .header(crate::deliver::DELIVERY_HEADER, &id);
+        if let Some(c) = &rule.webhook.credentials {
+            use base64::Engine as _;
+            req = req.header(
+                "Authorization",
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{}:{}", c.username, c.password.value))
+                ),
+            );
+        }
+        for (k, v) in &rule.webhook.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        for (k, v) in crate::sign::headers(&rule.webhook, &id, crate::store::now_ms() / 1000, &body)
+        {
+            req = req.header(k, v);
+        }
+        let sender = crate::deliver::client::Sender::new(config.outbound.clone())
+            .map_err(anyhow::Error::msg)?;
+        println!("{} {test_url}", rule.webhook.method.as_str());
+        let started = std::time::Instant::now();
+        let result = sender
+            .send(
+                req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?,
+                rule.webhook.tls_verify,
+                rule.webhook.connect_timeout,
+                rule.webhook.reply_timeout,
+                config.response_body_cap,
+            )
+            .await;
+        match result {
+            Ok(r) => {
+                println!(
+                    "=> {} {} in {} ms",
+                    r.status,
+                    r.reason.unwrap_or_default(),
+                    started.elapsed().as_millis()
+                );
+                for (k, v) in &r.headers {
+                    println!("{k}: {v}");
+                }
+                println!("\n{}", String::from_utf8_lossy(&r.body));
+                Ok(if (200..300).contains(&r.status) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
+            Err(e) => {
+                println!("=> no answer: {e:?}");
+                Ok(ExitCode::from(1))
+            }
+        }
+    })
 }
 
 fn pretty(v: &Value) -> String {

@@ -11,7 +11,19 @@
 //!
 //! See ARCHITECTURE.md for the whole flow and the invariants.
 
+pub mod admin_client;
+pub mod api;
 pub mod cli;
+pub mod config;
+pub mod deliver;
 pub mod event;
+pub mod ingest;
+pub mod listen;
+pub mod metrics;
+pub mod outbox;
 pub mod payload;
+pub mod reload;
 pub mod rules;
+pub mod serve;
+pub mod sign;
+pub mod store;

@@ -1,0 +1,496 @@
+//! The HTTP API (JSON, versioned under `/v1`), `/healthz` and `/metrics`.
+//! Every route but `/healthz` needs an API key (`Authorization: Bearer
+//! KEY`); ingest keys may only post events.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::config::{ApiKey, Role};
+use crate::deliver::{Queue, Shared};
+use crate::ingest::{Ingest, IngestError};
+use crate::reload::RulesStatus;
+use crate::store::{DeliveryId, Done, Filter, Op, State};
+
+pub struct Api {
+    pub ingest: Ingest,
+    pub shared: Arc<Shared>,
+    pub queue: Queue,
+    pub keys: Vec<ApiKey>,
+    pub status: Arc<RulesStatus>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).unwrap_or_default(),
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Errors as `{"error": {"code": …, "message": …, "field": …}}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Resp {
+    let mut e = json!({"code": code, "message": message.into()});
+    if let Some(f) = field {
+        e["field"] = json!(f);
+    }
+    json_response(status, &json!({ "error": e }))
+}
+
+impl Api {
+    fn role_of(&self, req: &Request<Incoming>) -> Option<Role> {
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let presented = header.strip_prefix("Bearer ")?.trim().as_bytes();
+        // Compare against every key, always, so timing says nothing about
+        // which key (or how much of one) matched.
+        let mut found = None;
+        for k in &self.keys {
+            if crate::sign::constant_time_eq(k.key.as_bytes(), presented) {
+                found = Some(k.role.clone());
+            }
+        }
+        found
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Resp, std::convert::Infallible> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        if path == "/healthz" {
+            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+        }
+        let Some(role) = self.role_of(&req) else {
+            return Ok(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or unknown API key; send Authorization: Bearer KEY",
+                None,
+            ));
+        };
+        let is_ingest = method == Method::POST && path == "/v1/events";
+        if !is_ingest && role != Role::Admin {
+            return Ok(error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this route needs an admin key; ingest keys may only POST /v1/events",
+                None,
+            ));
+        }
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let resp = match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "events"]) => self.post_events(req).await,
+            (Method::GET, ["v1", "deliveries"]) => {
+                self.list_deliveries(req.uri().query().unwrap_or("")).await
+            }
+            (Method::GET, ["v1", "deliveries", id]) => self.show_delivery(id).await,
+            (Method::POST, ["v1", "deliveries", id, "redeliver"]) => self.redeliver(id).await,
+            (Method::GET, ["v1", "rules"]) => self.rules(),
+            (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
+            (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
+            (Method::GET, ["metrics"]) => self.metrics().await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}"),
+                None,
+            ),
+        };
+        Ok(resp)
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Resp> {
+        let max = self.shared.config.max_body_bytes;
+        match Limited::new(req.into_body(), max).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body is larger than {max} bytes (max_body)"),
+                    None,
+                ))
+            }
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read the body: {e}"),
+                None,
+            )),
+        }
+    }
+
+    async fn post_events(&self, req: Request<Incoming>) -> Resp {
+        let ndjson = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl")
+            });
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err(resp) => {
+                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                return resp;
+            }
+        };
+        let events = match crate::ingest::parse_body(&body, ndjson) {
+            Ok(e) => e,
+            Err(e) => return self.ingest_error(e),
+        };
+        let batch = ndjson;
+        match self.ingest.accept(events).await {
+            Ok(accepted) if !batch => json_response(StatusCode::ACCEPTED, &json!(accepted[0])),
+            Ok(accepted) => json_response(StatusCode::ACCEPTED, &json!({ "events": accepted })),
+            Err(e) => self.ingest_error(e),
+        }
+    }
+
+    fn ingest_error(&self, e: IngestError) -> Resp {
+        match e {
+            IngestError::BadEvent { line, error: ev } => {
+                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                let mut resp = json!({"error": {"code": "bad_event", "message": format!("{}{ev}", line.map(|l| format!("line {l}: ")).unwrap_or_default()), "field": ev.field}});
+                if let Some(l) = line {
+                    resp["error"]["line"] = json!(l);
+                }
+                json_response(StatusCode::BAD_REQUEST, &resp)
+            }
+            IngestError::Store(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
+    async fn list_deliveries(&self, query: &str) -> Resp {
+        let mut filter = Filter::default();
+        let mut limit = 50usize;
+        let mut before = None;
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "rule" => filter.rule = Some(v.into_owned()),
+                "event" => filter.event = Some(v.into_owned()),
+                "status" | "state" => match State::parse(&v) {
+                    Some(s) => filter.state = Some(s),
+                    None => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            format!(
+                                "status `{v}` is unknown; use pending, parked, succeeded, failed or skipped"
+                            ),
+                            Some("status"),
+                        );
+                    }
+                },
+                "limit" => limit = v.parse().unwrap_or(50).clamp(1, 1000),
+                "before" => match DeliveryId::parse(&v) {
+                    Some(id) => before = Some(id),
+                    None => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            format!("`{v}` is not a delivery id"),
+                            Some("before"),
+                        );
+                    }
+                },
+                _ => {}
+            }
+        }
+        let store = self.shared.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.list(&filter, before, limit)).await;
+        match found {
+            Ok(Ok(list)) => {
+                let next = (list.len() == limit)
+                    .then(|| list.last().map(|d| d.id.to_string()))
+                    .flatten();
+                json_response(
+                    StatusCode::OK,
+                    &json!({"deliveries": list, "next_before": next}),
+                )
+            }
+            Ok(Err(e)) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
+    async fn show_delivery(&self, id: &str) -> Resp {
+        let Some(id) = DeliveryId::parse(id) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                format!("`{id}` is not a delivery id (dlv_ and 32 hex digits)"),
+                None,
+            );
+        };
+        let store = self.shared.store.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+            Ok((store.delivery(id)?, store.attempts(id)?, store.body(id)?))
+        })
+        .await;
+        match found {
+            Ok(Ok((Some(d), attempts, body))) => {
+                let body = body.map(|b| {
+                    serde_json::from_slice::<Value>(&b)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()))
+                });
+                json_response(
+                    StatusCode::OK,
+                    &json!({"delivery": d, "body": body, "attempts": attempts}),
+                )
+            }
+            Ok(Ok((None, _, _))) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no delivery {id}"),
+                None,
+            ),
+            Ok(Err(e)) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
+    async fn redeliver(&self, id: &str) -> Resp {
+        let Some(id) = DeliveryId::parse(id) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                format!("`{id}` is not a delivery id"),
+                None,
+            );
+        };
+        if self.shared.is_active(id) {
+            return error(
+                StatusCode::CONFLICT,
+                "in_flight",
+                format!("delivery {id} is being attempted right now; try again when it finishes"),
+                None,
+            );
+        }
+        match self.shared.outbox.write(vec![Op::Redeliver { id }]).await {
+            Ok(done) => match done.into_iter().next() {
+                Some(Done::Redelivered(d)) => {
+                    self.queue.kick();
+                    json_response(StatusCode::ACCEPTED, &json!({ "delivery": d }))
+                }
+                Some(Done::Rejected(why)) => error(StatusCode::NOT_FOUND, "not_found", why, None),
+                _ => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "unexpected store answer",
+                    None,
+                ),
+            },
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
+    fn rules(&self) -> Resp {
+        let rules = self.ingest.rules.load();
+        let list: Vec<Value> = rules
+            .rules()
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name, "at": r.origin.to_string(), "active": r.active,
+                    "events": r.events, "entity_types": r.entity_types,
+                    "url": r.webhook.url.as_ref().map(|u| u.to_string()),
+                    "plugins": r.plugins.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({"rules": list, "last_reload": self.status.snapshot()}),
+        )
+    }
+
+    async fn endpoints(&self) -> Resp {
+        let eps: Vec<crate::store::Endpoint> = self
+            .shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let store = self.shared.store.clone();
+        let with_counts = tokio::task::spawn_blocking(move || {
+            eps.into_iter()
+                .map(|ep| {
+                    let parked = store.parked_count(&ep.endpoint).unwrap_or(0);
+                    let mut v = json!(ep);
+                    v["parked"] = json!(parked);
+                    v["blocked"] = json!(
+                        ep.disabled || ep.blocked_until.is_some_and(|t| t > crate::store::now_ms())
+                    );
+                    v
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        json_response(StatusCode::OK, &json!({ "endpoints": with_counts }))
+    }
+
+    async fn unblock(&self, req: Request<Incoming>) -> Resp {
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let Some(endpoint) = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["endpoint"].as_str().map(str::to_string))
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "expected {\"endpoint\": \"https://host:443\"}",
+                Some("endpoint"),
+            );
+        };
+        let ep = {
+            let mut eps = self
+                .shared
+                .endpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let Some(ep) = eps.get_mut(&endpoint) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no endpoint {endpoint}; list them with GET /v1/endpoints"),
+                    Some("endpoint"),
+                );
+            };
+            ep.disabled = false;
+            ep.blocked_until = None;
+            ep.consecutive_failures = 0;
+            ep.updated_at = crate::store::now_ms();
+            ep.clone()
+        };
+        tracing::info!(endpoint = %endpoint, "endpoint unblocked by an admin");
+        match self
+            .shared
+            .outbox
+            .write(vec![
+                Op::PutEndpoint(ep.clone()),
+                Op::Unpark {
+                    endpoint: endpoint.clone(),
+                    limit: usize::MAX,
+                },
+            ])
+            .await
+        {
+            Ok(done) => {
+                let resumed = match done.get(1) {
+                    Some(Done::Unparked(ids)) => ids.len(),
+                    _ => 0,
+                };
+                self.queue.kick();
+                json_response(StatusCode::OK, &json!({"endpoint": ep, "resumed": resumed}))
+            }
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
+    async fn metrics(&self) -> Resp {
+        let store = self.shared.store.clone();
+        let (due, parked) = tokio::task::spawn_blocking(move || store.backlog().unwrap_or((0, 0)))
+            .await
+            .unwrap_or((0, 0));
+        let active = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len() as u64;
+        let text = self.ingest.metrics.render(&[
+            (
+                "rulehook_queue_depth",
+                "Deliveries waiting for an attempt (pending).",
+                due,
+            ),
+            (
+                "rulehook_parked_deliveries",
+                "Deliveries waiting for a blocked or disabled endpoint.",
+                parked,
+            ),
+            (
+                "rulehook_deliveries_in_flight",
+                "Deliveries queued in memory or being attempted.",
+                active,
+            ),
+            (
+                "rulehook_outbox_commits",
+                "Durable commits made by the outbox.",
+                self.shared.outbox.stats.commits.load(Relaxed),
+            ),
+            (
+                "rulehook_rules_loaded",
+                "Rules in the running set.",
+                self.ingest.rules.load().len() as u64,
+            ),
+        ]);
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+}

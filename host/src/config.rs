@@ -1,0 +1,505 @@
+//! Server configuration, layered: built-in defaults, then a YAML file
+//! (`--config`), then `RULEHOOK_*` environment variables, then flags.
+//! Every default is the safe one: loopback only, HTTPS only, private and
+//! loopback destinations refused, API keys required.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::rules::parse::parse_duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the API listens; loopback unless configured otherwise.
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub rules_dir: PathBuf,
+    /// Extra plugins (`NAME.wasm`), besides the bundled ones.
+    pub plugins_dir: Option<PathBuf>,
+    pub api_keys: Vec<ApiKey>,
+    /// Ingest bodies above this get 413.
+    pub max_body_bytes: usize,
+    /// Response bodies are kept in attempt records up to this size.
+    pub response_body_cap: usize,
+    /// Final deliveries and their events are removed after this long.
+    pub retention: Duration,
+    pub outbound: Outbound,
+    /// Attempts in flight at once, overall and per endpoint.
+    pub max_in_flight: usize,
+    pub max_in_flight_per_endpoint: usize,
+    pub protection: Protection,
+    /// A `Retry-After` longer than this is cut to it.
+    pub retry_after_cap: Duration,
+    /// On SIGTERM, in-flight attempts get this long to finish.
+    pub shutdown_grace: Duration,
+    /// redb page cache; most of the memory a large backlog costs.
+    pub cache_bytes: usize,
+}
+
+/// Where deliveries may go.
+#[derive(Clone, Debug)]
+pub struct Outbound {
+    /// Plain HTTP is refused unless this is on.
+    pub allow_http: bool,
+    /// With `allow_http`, plain HTTP only to these ports.
+    pub http_ports: Vec<u16>,
+    /// Private, loopback and other non-global destinations allowed by CIDR.
+    /// Link-local and cloud metadata addresses are refused regardless.
+    pub allow_cidrs: Vec<IpNet>,
+    /// An extra CA certificate (PEM) to trust besides the webpki roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The endpoint cool-down: after `failures` failures in a row, blocked for
+/// `block`, doubling each time up to `max_block`.
+#[derive(Clone, Debug)]
+pub struct Protection {
+    pub failures: u32,
+    pub block: Duration,
+    pub max_block: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// May post events only.
+    Ingest,
+    /// May use every route.
+    Admin,
+}
+
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub role: Role,
+    pub key: String,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey({}, {:?}, ***)", self.name, self.role)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: PathBuf::from("data"),
+            rules_dir: PathBuf::from("rules"),
+            plugins_dir: None,
+            api_keys: Vec::new(),
+            max_body_bytes: 1 << 20,
+            response_body_cap: 64 << 10,
+            retention: Duration::from_secs(7 * 86_400),
+            outbound: Outbound {
+                allow_http: false,
+                http_ports: vec![80],
+                allow_cidrs: Vec::new(),
+                ca_file: None,
+            },
+            max_in_flight: 256,
+            max_in_flight_per_endpoint: 64,
+            protection: Protection {
+                failures: 5,
+                block: Duration::from_secs(300),
+                max_block: Duration::from_secs(3600),
+            },
+            retry_after_cap: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(10),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub message: String,
+}
+
+fn cfg_err(source: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        source_name: source.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The config file's shape; every key optional, unknown keys refused.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    rules_dir: Option<PathBuf>,
+    plugins_dir: Option<PathBuf>,
+    api_keys: Option<Vec<FileKey>>,
+    max_body: Option<String>,
+    response_body_cap: Option<String>,
+    retention: Option<String>,
+    allow_http: Option<bool>,
+    http_ports: Option<Vec<u16>>,
+    allow_cidrs: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+    max_in_flight: Option<usize>,
+    max_in_flight_per_endpoint: Option<usize>,
+    protection: Option<FileProtection>,
+    retry_after_cap: Option<String>,
+    shutdown_grace: Option<String>,
+    cache_size: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    name: String,
+    role: String,
+    key: FileSecret,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSecret {
+    Env { env: String },
+    File { file: PathBuf },
+    Inline(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProtection {
+    failures: Option<u32>,
+    block: Option<String>,
+    max_block: Option<String>,
+}
+
+fn duration(source: &str, key: &str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).ok_or_else(|| {
+        cfg_err(
+            source,
+            format!("`{key}`: `{text}` is not a duration; write e.g. 500ms, 20s, 5m, 1h, 7d"),
+        )
+    })
+}
+
+/// `64KiB`, `1MiB`, `512`: a size in bytes.
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: usize = n.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn size(source: &str, key: &str, text: &str) -> Result<usize, ConfigError> {
+    parse_size(text).ok_or_else(|| {
+        cfg_err(
+            source,
+            format!("`{key}`: `{text}` is not a size; write e.g. 64KiB or 1MiB"),
+        )
+    })
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then the environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut c = Config::default();
+        if let Some(path) = file {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| cfg_err(&name, format!("cannot read: {e}")))?;
+            let value = match crate::rules::yaml::parse(&text) {
+                Ok(Some(node)) => node.to_json(),
+                Ok(None) => serde_json::json!({}),
+                Err(e) => {
+                    return Err(cfg_err(
+                        &name,
+                        format!("{}: invalid YAML: {}", e.span, e.message),
+                    ));
+                }
+            };
+            let f: FileConfig =
+                serde_json::from_value(value).map_err(|e| cfg_err(&name, e.to_string()))?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            c.apply_file(f, &name, base, env)?;
+        }
+        c.apply_env(env)?;
+        Ok(c)
+    }
+
+    fn apply_file(
+        &mut self,
+        f: FileConfig,
+        src: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(l) = f.listen {
+            self.listen = l.parse().map_err(|_| {
+                cfg_err(
+                    src,
+                    format!("`listen`: `{l}` is not an address; write e.g. 127.0.0.1:7700"),
+                )
+            })?;
+        }
+        // Paths in the file are relative to the file, so a config works
+        // from any working directory.
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        if let Some(p) = f.data_dir {
+            self.data_dir = rel(p);
+        }
+        if let Some(p) = f.rules_dir {
+            self.rules_dir = rel(p);
+        }
+        if let Some(p) = f.plugins_dir {
+            self.plugins_dir = Some(rel(p));
+        }
+        if let Some(p) = f.ca_file {
+            self.outbound.ca_file = Some(rel(p));
+        }
+        if let Some(keys) = f.api_keys {
+            self.api_keys.clear();
+            for k in keys {
+                let role = match k.role.as_str() {
+                    "ingest" => Role::Ingest,
+                    "admin" => Role::Admin,
+                    other => {
+                        return Err(cfg_err(
+                            src,
+                            format!(
+                                "api key `{}`: role `{other}` is unknown; use ingest or admin",
+                                k.name
+                            ),
+                        ));
+                    }
+                };
+                let key = match k.key {
+                    FileSecret::Env { env: name } => env(&name).ok_or_else(|| {
+                        cfg_err(
+                            src,
+                            format!(
+                                "api key `{}`: environment variable {name} is not set",
+                                k.name
+                            ),
+                        )
+                    })?,
+                    FileSecret::File { file } => std::fs::read_to_string(rel(file.clone()))
+                        .map(|s| s.trim().to_string())
+                        .map_err(|e| {
+                            cfg_err(
+                                src,
+                                format!(
+                                    "api key `{}`: cannot read {}: {e}",
+                                    k.name,
+                                    file.display()
+                                ),
+                            )
+                        })?,
+                    FileSecret::Inline(s) => s,
+                };
+                if key.len() < 16 {
+                    return Err(cfg_err(
+                        src,
+                        format!(
+                            "api key `{}` is shorter than 16 characters; use a long random key",
+                            k.name
+                        ),
+                    ));
+                }
+                self.api_keys.push(ApiKey {
+                    name: k.name,
+                    role,
+                    key,
+                });
+            }
+        }
+        if let Some(s) = f.max_body {
+            self.max_body_bytes = size(src, "max_body", &s)?;
+        }
+        if let Some(s) = f.response_body_cap {
+            self.response_body_cap = size(src, "response_body_cap", &s)?;
+        }
+        if let Some(s) = f.cache_size {
+            self.cache_bytes = size(src, "cache_size", &s)?;
+        }
+        if let Some(s) = f.retention {
+            self.retention = duration(src, "retention", &s)?;
+        }
+        if let Some(s) = f.retry_after_cap {
+            self.retry_after_cap = duration(src, "retry_after_cap", &s)?;
+        }
+        if let Some(s) = f.shutdown_grace {
+            self.shutdown_grace = duration(src, "shutdown_grace", &s)?;
+        }
+        if let Some(b) = f.allow_http {
+            self.outbound.allow_http = b;
+        }
+        if let Some(p) = f.http_ports {
+            self.outbound.http_ports = p;
+        }
+        if let Some(cidrs) = f.allow_cidrs {
+            self.outbound.allow_cidrs = parse_cidrs(src, &cidrs)?;
+        }
+        if let Some(n) = f.max_in_flight {
+            self.max_in_flight = n.max(1);
+        }
+        if let Some(n) = f.max_in_flight_per_endpoint {
+            self.max_in_flight_per_endpoint = n.max(1);
+        }
+        if let Some(p) = f.protection {
+            if let Some(n) = p.failures {
+                self.protection.failures = n.max(1);
+            }
+            if let Some(s) = p.block {
+                self.protection.block = duration(src, "protection.block", &s)?;
+            }
+            if let Some(s) = p.max_block {
+                self.protection.max_block = duration(src, "protection.max_block", &s)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let src = "environment";
+        if let Some(v) = env("RULEHOOK_LISTEN") {
+            self.listen = v
+                .parse()
+                .map_err(|_| cfg_err(src, format!("RULEHOOK_LISTEN: `{v}` is not an address")))?;
+        }
+        if let Some(v) = env("RULEHOOK_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("RULEHOOK_RULES_DIR") {
+            self.rules_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("RULEHOOK_PLUGINS_DIR") {
+            self.plugins_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("RULEHOOK_ALLOW_HTTP") {
+            self.outbound.allow_http = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = env("RULEHOOK_HTTP_PORTS") {
+            self.outbound.http_ports = v
+                .split(',')
+                .map(|p| {
+                    p.trim().parse().map_err(|_| {
+                        cfg_err(src, format!("RULEHOOK_HTTP_PORTS: `{p}` is not a port"))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = env("RULEHOOK_ALLOW_CIDRS") {
+            let list: Vec<String> = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            self.outbound.allow_cidrs = parse_cidrs(src, &list)?;
+        }
+        for (var, role) in [
+            ("RULEHOOK_ADMIN_KEY", Role::Admin),
+            ("RULEHOOK_INGEST_KEY", Role::Ingest),
+        ] {
+            if let Some(key) = env(var) {
+                if key.len() < 16 {
+                    return Err(cfg_err(
+                        src,
+                        format!("{var} is shorter than 16 characters; use a long random key"),
+                    ));
+                }
+                self.api_keys.push(ApiKey {
+                    name: var.to_lowercase(),
+                    role,
+                    key,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_cidrs(src: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    cfg_err(
+                        src,
+                        format!("`allow_cidrs`: `{s}` is not a CIDR such as 10.0.0.0/8"),
+                    )
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("rulehook-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(&file, "listen: 127.0.0.1:9999\ndata_dir: data\nallow_http: true\nhttp_ports: [8080]\nallow_cidrs: [127.0.0.0/8]\nretention: 2d\napi_keys:\n  - {name: ci, role: ingest, key: {env: CI_KEY}}\n").unwrap();
+        let env = |k: &str| match k {
+            "CI_KEY" => Some("0123456789abcdef-ci".to_string()),
+            "RULEHOOK_LISTEN" => Some("127.0.0.1:7000".to_string()),
+            _ => None,
+        };
+        let c = Config::load(Some(&file), &env).unwrap();
+        assert_eq!(c.listen.port(), 7000, "environment beats the file");
+        assert!(c.outbound.allow_http);
+        assert_eq!(c.outbound.http_ports, [8080]);
+        assert_eq!(c.retention, Duration::from_secs(2 * 86_400));
+        assert_eq!(c.api_keys[0].role, Role::Ingest);
+        assert_eq!(
+            c.data_dir,
+            dir.join("data"),
+            "paths are relative to the file"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("rulehook-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.yaml");
+        for (text, want) in [
+            ("alow_http: true\n", "unknown field `alow_http`"),
+            ("retention: soon\n", "`retention`: `soon` is not a duration"),
+            (
+                "allow_cidrs: [10.0.0.0/33]\n",
+                "`allow_cidrs`: `10.0.0.0/33` is not a CIDR",
+            ),
+            (
+                "api_keys: [{name: a, role: root, key: 0123456789abcdefg}]\n",
+                "role `root` is unknown",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(Some(&file), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

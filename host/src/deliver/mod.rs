@@ -1,0 +1,651 @@
+//! Sending: the dispatcher takes pending deliveries (handed over by ingest
+//! right after their commit, or found due in the store), sends them within
+//! concurrency limits, and records each attempt through the outbox.
+//!
+//! The store is the truth. The in-memory queue is a shortcut for latency:
+//! whatever is lost from it (a crash, an overflow) is still due in the
+//! store and is found by the next scan. A delivery id is in `active` from
+//! the moment it is queued until its attempt's record is committed, so a
+//! scan never starts a delivery twice.
+
+pub mod client;
+pub mod policy;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::rules::{RuleSet, Transport};
+use crate::store::{Attempt, DeliveryId, Endpoint, Next, Op, Store, now_ms};
+use client::{SendError, Sender};
+use policy::{Decision, EndpointChange};
+
+/// The delivery id header, the same on every attempt and redelivery.
+pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
+
+/// A delivery to attempt.
+#[derive(Clone, Debug)]
+pub struct Work {
+    pub id: DeliveryId,
+    pub rule: String,
+    pub event_id: String,
+    /// Attempts already made.
+    pub attempts: u32,
+    /// The body, when the caller has it at hand (fresh from ingest).
+    pub body: Option<Bytes>,
+}
+
+/// What the dispatcher and its attempts share.
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub outbox: Outbox,
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub sender: Sender,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    /// Deliveries queued or in flight (see the module docs).
+    pub active: Mutex<HashSet<DeliveryId>>,
+    /// Endpoint states, loaded at start and persisted on every change.
+    pub endpoints: Mutex<HashMap<String, Endpoint>>,
+}
+
+impl Shared {
+    pub fn is_active(&self, id: DeliveryId) -> bool {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+}
+
+/// The way into the dispatcher, for ingest and the admin API.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Work>,
+    kick: Arc<Notify>,
+    shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Hands over a committed delivery. If the queue is full it stays only
+    /// in the store, and the dispatcher is told to scan.
+    pub fn enqueue(&self, work: Work) {
+        let id = work.id;
+        self.shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        if self.tx.try_send(work).is_err() {
+            self.shared
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            self.kick.notify_one();
+        }
+    }
+
+    /// Asks for a scan of the store now (after a redelivery or an unblock).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+}
+
+/// The scheme://host:port an URL's deliveries are grouped, limited and
+/// blocked by.
+pub fn endpoint_key(url: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+struct Completion {
+    id: DeliveryId,
+    endpoint: String,
+    /// 429/502/503/504: the endpoint asks us to slow down.
+    slow_down: bool,
+    success: bool,
+}
+
+/// Starts the dispatcher; it runs until `shutdown` turns true, then lets
+/// in-flight attempts finish within the configured grace.
+pub fn start(
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> (Queue, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(8192);
+    let kick = Arc::new(Notify::new());
+    let queue = Queue {
+        tx,
+        kick: kick.clone(),
+        shared: shared.clone(),
+    };
+    let handle = tokio::spawn(Dispatcher::new(shared).run(rx, kick, shutdown));
+    (queue, handle)
+}
+
+struct Dispatcher {
+    shared: Arc<Shared>,
+    in_flight: usize,
+    per_endpoint: HashMap<String, usize>,
+    /// Per-endpoint concurrency, lowered when it asks to slow down.
+    limits: HashMap<String, usize>,
+    waiting: HashMap<String, VecDeque<Work>>,
+    waiting_total: usize,
+    /// More is due in the store than fitted in the last scan.
+    backlog: bool,
+    done_tx: mpsc::UnboundedSender<Completion>,
+    done_rx: Option<mpsc::UnboundedReceiver<Completion>>,
+}
+
+/// Deliveries held in memory while their endpoint is at its limit; past
+/// this they stay in the store only.
+const MAX_WAITING: usize = 10_000;
+
+impl Dispatcher {
+    fn new(shared: Arc<Shared>) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Dispatcher {
+            shared,
+            in_flight: 0,
+            per_endpoint: HashMap::new(),
+            limits: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_total: 0,
+            backlog: true,
+            done_tx,
+            done_rx: Some(done_rx),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Work>,
+        kick: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut done_rx = self.done_rx.take().expect("run once");
+        let max = self.shared.config.max_in_flight;
+        let mut next_scan = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(c) = done_rx.recv() => {
+                    self.completed(c);
+                    if self.backlog && self.in_flight < max / 2 {
+                        next_scan = tokio::time::Instant::now();
+                    }
+                }
+                Some(work) = rx.recv(), if self.in_flight < max => self.dispatch(work),
+                _ = tokio::time::sleep_until(next_scan) => {
+                    let wait = self.scan().await;
+                    next_scan = tokio::time::Instant::now() + wait;
+                }
+                _ = kick.notified() => next_scan = tokio::time::Instant::now(),
+            }
+        }
+        // Graceful stop: new attempts are not started; those in flight get
+        // the grace period to finish and record. The rest stays pending.
+        let deadline = Instant::now() + self.shared.config.shutdown_grace;
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, done_rx.recv()).await {
+                Ok(Some(c)) => self.completed(c),
+                _ => break,
+            }
+        }
+        tracing::info!(unfinished = self.in_flight, "dispatcher stopped");
+    }
+
+    fn completed(&mut self, c: Completion) {
+        self.in_flight -= 1;
+        if let Some(n) = self.per_endpoint.get_mut(&c.endpoint) {
+            *n = n.saturating_sub(1);
+        }
+        let max_ep = self.shared.config.max_in_flight_per_endpoint;
+        let limit = self.limits.entry(c.endpoint.clone()).or_insert(max_ep);
+        // Additive increase, multiplicative decrease, as TCP does: back off
+        // fast when the endpoint is overloaded, recover gradually.
+        if c.slow_down {
+            *limit = (*limit / 2).max(1);
+        } else if c.success && *limit < max_ep {
+            *limit += 1;
+        }
+        self.shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&c.id);
+        if let Some(queue) = self.waiting.get_mut(&c.endpoint)
+            && let Some(next) = queue.pop_front()
+        {
+            self.waiting_total -= 1;
+            self.start(next, c.endpoint);
+        }
+    }
+
+    fn dispatch(&mut self, work: Work) {
+        let endpoint = {
+            let rules = self.shared.rules.load();
+            rules
+                .get(&work.rule)
+                .and_then(|r| r.webhook.url.as_ref())
+                .map(endpoint_key)
+                .unwrap_or_default()
+        };
+        let limit = *self
+            .limits
+            .get(&endpoint)
+            .unwrap_or(&self.shared.config.max_in_flight_per_endpoint);
+        if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= limit {
+            if self.waiting_total >= MAX_WAITING {
+                // Still due in the store; a later scan finds it.
+                self.shared
+                    .active
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&work.id);
+                self.backlog = true;
+                return;
+            }
+            self.waiting_total += 1;
+            self.waiting.entry(endpoint).or_default().push_back(work);
+            return;
+        }
+        self.start(work, endpoint);
+    }
+
+    fn start(&mut self, work: Work, endpoint: String) {
+        self.in_flight += 1;
+        *self.per_endpoint.entry(endpoint.clone()).or_default() += 1;
+        let shared = self.shared.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let id = work.id;
+            let (slow_down, success) = match attempt(&shared, work).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
+                    (false, false)
+                }
+            };
+            let _ = done.send(Completion {
+                id,
+                endpoint,
+                slow_down,
+                success,
+            });
+        });
+    }
+
+    /// Unparks endpoints whose block expired, then starts due deliveries
+    /// while there is room. Returns how long until the next scan.
+    async fn scan(&mut self) -> Duration {
+        let now = now_ms();
+        self.unpark_expired(now).await;
+        let free = self.shared.config.max_in_flight.saturating_sub(
+            self.in_flight + self.waiting_total.min(self.shared.config.max_in_flight),
+        );
+        if free == 0 {
+            self.backlog = true;
+            return Duration::from_millis(50);
+        }
+        let store = self.shared.store.clone();
+        let shared = self.shared.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
+            let due = store.due(now, free, &active);
+            let next = store.next_due_after(now);
+            (due, next)
+        })
+        .await;
+        let (due, next) = match found {
+            Ok((Ok(due), next)) => (due, next.ok().flatten()),
+            Ok((Err(e), _)) => {
+                tracing::error!(error = %e, "scanning for due deliveries failed; trying again shortly");
+                return Duration::from_secs(1);
+            }
+            Err(_) => return Duration::from_secs(1),
+        };
+        self.backlog = due.len() >= free;
+        {
+            let mut active = self.shared.active.lock().unwrap_or_else(|e| e.into_inner());
+            for d in &due {
+                active.insert(d.id);
+            }
+        }
+        for d in due {
+            self.dispatch(Work {
+                id: d.id,
+                rule: d.rule,
+                event_id: d.event_id,
+                attempts: d.attempts,
+                body: None,
+            });
+        }
+        if self.backlog {
+            return Duration::from_millis(20);
+        }
+        // Wake for the next retry, but at least every second so blocks that
+        // expire and deliveries a failed hand-over left behind are found.
+        let until_next = next.map_or(1000, |at| at.saturating_sub(now_ms()).clamp(1, 1000));
+        Duration::from_millis(until_next)
+    }
+
+    async fn unpark_expired(&mut self, now: u64) {
+        let expired: Vec<Endpoint> = {
+            let mut eps = self
+                .shared
+                .endpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            eps.values_mut()
+                .filter(|ep| !ep.disabled && ep.blocked_until.is_some_and(|t| t <= now))
+                .map(|ep| {
+                    ep.blocked_until = None;
+                    ep.updated_at = now;
+                    ep.clone()
+                })
+                .collect()
+        };
+        for ep in expired {
+            tracing::info!(endpoint = %ep.endpoint, "endpoint block expired; resuming its parked deliveries");
+            let mut ops = vec![Op::PutEndpoint(ep.clone())];
+            ops.push(Op::Unpark {
+                endpoint: ep.endpoint.clone(),
+                limit: usize::MAX,
+            });
+            if let Err(e) = self.shared.outbox.write(ops).await {
+                tracing::error!(endpoint = %ep.endpoint, error = %e, "could not unpark");
+            }
+        }
+    }
+}
+
+/// Makes one attempt and records it. Returns (slow down, success).
+async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::outbox::OutboxError> {
+    let rules = shared.rules.load();
+    let finish = |attempt: Option<Attempt>, next: Next| {
+        vec![Op::Finish {
+            id: work.id,
+            attempt,
+            next,
+        }]
+    };
+    let Some(rule) = rules.get(&work.rule) else {
+        let why = format!(
+            "rule `{}` no longer exists; restore it and redeliver",
+            work.rule
+        );
+        shared.outbox.write(finish(None, Next::Failed(why))).await?;
+        shared
+            .metrics
+            .deliveries_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok((false, false));
+    };
+    let webhook = &rule.webhook;
+    let (Transport::Http, Some(url)) = (webhook.transport, webhook.url.as_ref()) else {
+        let why = "the websocket transport is not available in this version; use transport: http"
+            .to_string();
+        shared.outbox.write(finish(None, Next::Failed(why))).await?;
+        return Ok((false, false));
+    };
+    let endpoint = endpoint_key(url);
+    let now = now_ms();
+    let blocked = {
+        let eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        eps.get(&endpoint)
+            .and_then(|ep| policy::is_blocked(ep, now))
+    };
+    if let Some(reason) = blocked {
+        shared
+            .outbox
+            .write(finish(None, Next::Park { endpoint, reason }))
+            .await?;
+        shared
+            .metrics
+            .deliveries_parked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok((false, false));
+    }
+    let body = match work.body {
+        Some(b) => b,
+        None => {
+            let store = shared.store.clone();
+            let id = work.id;
+            match tokio::task::spawn_blocking(move || store.body(id)).await {
+                Ok(Ok(Some(b))) => Bytes::from(b),
+                _ => {
+                    shared
+                        .outbox
+                        .write(finish(
+                            None,
+                            Next::Failed("the delivery's body is missing from the store".into()),
+                        ))
+                        .await?;
+                    return Ok((false, false));
+                }
+            }
+        }
+    };
+    let number = work.attempts + 1;
+    let id_text = work.id.to_string();
+    let mut headers: Vec<(String, String)> = vec![
+        ("Content-Type".into(), "application/json".into()),
+        (
+            "User-Agent".into(),
+            concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        (DELIVERY_HEADER.into(), id_text.clone()),
+        ("X-Rulehook-Event".into(), work.event_id.clone()),
+        ("X-Rulehook-Rule".into(), rule.name.clone()),
+        ("X-Rulehook-Attempt".into(), number.to_string()),
+    ];
+    let mut redacted = headers.clone();
+    if let Some(c) = &webhook.credentials {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password.value));
+        headers.push(("Authorization".into(), format!("Basic {token}")));
+        redacted.push(("Authorization".into(), "Basic ***".into()));
+    }
+    for (k, v) in &webhook.headers {
+        headers.push((k.clone(), v.clone()));
+        redacted.push((k.clone(), v.clone()));
+    }
+    let signatures = crate::sign::headers(webhook, &id_text, now / 1000, &body);
+    headers.extend(signatures.iter().cloned());
+    redacted.extend(signatures);
+
+    let mut request = http::Request::builder()
+        .method(webhook.method.as_str())
+        .uri(url.as_str());
+    for (k, v) in &headers {
+        request = request.header(k.as_str(), v.as_str());
+    }
+    let started = Instant::now();
+    let sent = match request.body(Full::new(body)) {
+        Ok(req) => {
+            shared
+                .sender
+                .send(
+                    req,
+                    webhook.tls_verify,
+                    webhook.connect_timeout,
+                    webhook.reply_timeout,
+                    shared.config.response_body_cap,
+                )
+                .await
+        }
+        Err(e) => Err(SendError::Refused(format!("cannot build the request: {e}"))),
+    };
+    let elapsed = started.elapsed();
+    shared.metrics.observe_attempt(elapsed.as_secs_f64());
+    let mut record = Attempt {
+        number,
+        started_at: now,
+        duration_ms: elapsed.as_millis() as u64,
+        url: url.to_string(),
+        method: webhook.method.as_str().into(),
+        request_headers: redacted,
+        status: None,
+        reason_phrase: None,
+        response_headers: Vec::new(),
+        response_body: None,
+        response_truncated: false,
+        error: None,
+        outcome: String::new(),
+    };
+    let result = match sent {
+        Ok(r) => {
+            let retry_after = r
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                .and_then(|(_, v)| parse_retry_after(v, now));
+            record.status = Some(r.status);
+            record.reason_phrase = r.reason;
+            record.response_headers = r.headers;
+            record.response_body = Some(String::from_utf8_lossy(&r.body).into_owned());
+            record.response_truncated = r.truncated;
+            policy::Result::Status {
+                code: r.status,
+                retry_after,
+            }
+        }
+        Err(SendError::Refused(e)) => policy::Result::Refused(e),
+        Err(SendError::NoReply(e)) => policy::Result::NoReply(e),
+        Err(SendError::Timeout(e)) => policy::Result::Timeout(e),
+        Err(SendError::InvalidHttp(e)) => policy::Result::InvalidHttp(e),
+    };
+    if !matches!(result, policy::Result::Status { .. }) {
+        record.error = Some(result.describe());
+    }
+    let jitter = rand::random::<f64>() * 2.0 - 1.0;
+    let decision = policy::decide(
+        &webhook.retry,
+        number,
+        &result,
+        now_ms(),
+        jitter,
+        shared.config.retry_after_cap,
+    );
+    let (change, ep_state) = {
+        let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let ep = eps.entry(endpoint.clone()).or_insert_with(|| Endpoint {
+            endpoint: endpoint.clone(),
+            ..Default::default()
+        });
+        let before = ep.clone();
+        let change = policy::endpoint_after(ep, &result, now_ms(), &shared.config.protection);
+        (change, (*ep != before).then(|| ep.clone()))
+    };
+    let next = match (&decision, &change) {
+        (Decision::Succeeded, _) => Next::Succeeded,
+        (Decision::Gone, _) => Next::Park {
+            endpoint: endpoint.clone(),
+            reason: format!("endpoint {endpoint} answered 410 Gone"),
+        },
+        (Decision::Failed(why), _) => Next::Failed(why.clone()),
+        (Decision::Retry { .. }, EndpointChange::Blocked { .. }) => Next::Park {
+            endpoint: endpoint.clone(),
+            reason: format!(
+                "endpoint {endpoint} was blocked after repeated failures ({})",
+                result.describe()
+            ),
+        },
+        (Decision::Retry { at }, _) => Next::Retry { at: *at },
+    };
+    record.outcome = match &next {
+        Next::Succeeded => "succeeded".into(),
+        Next::Failed(why) => format!("failed: {why}"),
+        Next::Retry { at } => format!("retry in {} ms", at.saturating_sub(now_ms())),
+        Next::Park { reason, .. } => format!("parked: {reason}"),
+    };
+    let success = next == Next::Succeeded;
+    let m = &shared.metrics;
+    use std::sync::atomic::Ordering::Relaxed;
+    if success {
+        m.attempts_succeeded.fetch_add(1, Relaxed);
+        m.deliveries_succeeded.fetch_add(1, Relaxed);
+    } else {
+        m.attempts_failed.fetch_add(1, Relaxed);
+    }
+    match &next {
+        Next::Failed(_) => m.deliveries_failed.fetch_add(1, Relaxed),
+        Next::Park { .. } => m.deliveries_parked.fetch_add(1, Relaxed),
+        _ => 0,
+    };
+    if let EndpointChange::Blocked { until } = change {
+        m.endpoints_blocked.fetch_add(1, Relaxed);
+        tracing::warn!(endpoint = %endpoint, until, "endpoint blocked after repeated failures");
+    }
+    tracing::debug!(delivery = %work.id, rule = %rule.name, attempt = number, outcome = %record.outcome, "attempt");
+    let slow_down = matches!(
+        result,
+        policy::Result::Status {
+            code: 429 | 502 | 503 | 504,
+            ..
+        }
+    );
+    let mut ops = finish(Some(record), next);
+    if let Some(ep) = ep_state {
+        ops.push(Op::PutEndpoint(ep));
+    }
+    shared.outbox.write(ops).await?;
+    Ok((slow_down, success))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now_ms: u64) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64;
+    Some(Duration::from_millis(at_ms.saturating_sub(now_ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120", 0), Some(Duration::from_secs(120)));
+        let now = 1_445_412_480_000; // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", 0), None);
+    }
+
+    #[test]
+    fn endpoints_are_origins() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            endpoint_key(&u("https://ci.example.com/hooks/a?x=1")),
+            "https://ci.example.com:443"
+        );
+        assert_eq!(
+            endpoint_key(&u("http://127.0.0.1:9000/h")),
+            "http://127.0.0.1:9000"
+        );
+    }
+}

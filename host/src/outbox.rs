@@ -1,0 +1,113 @@
+//! The outbox: the one writer of the store, with group commit.
+//!
+//! Every write (accepted events with their deliveries, attempt records,
+//! endpoint state) is sent here. One thread takes whatever requests are
+//! waiting, applies them all in one redb transaction and commits once, so
+//! one fsync covers many events: redb commits about 3,750 times a second
+//! here, and batching is how ingest goes well past that. Callers wait for
+//! the commit before they answer (ingest's 202 means "on disk").
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{Done, Op, Store, StoreError};
+
+/// Upper bound on ops in one transaction, so one commit stays short and
+/// callers that arrive during it wait at most about one commit.
+const MAX_BATCH_OPS: usize = 4096;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum OutboxError {
+    #[error("storage failed, nothing of this request was stored: {0}")]
+    Store(Arc<StoreError>),
+    #[error("the outbox has stopped (shutting down)")]
+    Stopped,
+}
+
+struct Request {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<Done>, OutboxError>>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default, Debug)]
+pub struct OutboxStats {
+    pub commits: AtomicU64,
+    pub ops: AtomicU64,
+}
+
+/// A handle to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Request>,
+    pub stats: Arc<OutboxStats>,
+}
+
+impl Outbox {
+    /// Starts the writer thread. It ends when every `Outbox` handle is gone,
+    /// after writing what was already sent.
+    pub fn start(store: Arc<Store>) -> (Outbox, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(8192);
+        let stats = Arc::new(OutboxStats::default());
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("rulehook-outbox".into())
+            .spawn(move || writer(store, rx, thread_stats))
+            .expect("spawn the outbox writer thread");
+        (Outbox { tx, stats }, handle)
+    }
+
+    /// Writes `ops` durably, sharing a commit with other callers.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request { ops, reply })
+            .await
+            .map_err(|_| OutboxError::Stopped)?;
+        rx.await.map_err(|_| OutboxError::Stopped)?
+    }
+}
+
+fn writer(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, stats: Arc<OutboxStats>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        let mut n = batch[0].ops.len();
+        while n < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    n += req.ops.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let lens: Vec<usize> = batch.iter().map(|r| r.ops.len()).collect();
+        let mut ops = Vec::with_capacity(n);
+        let mut replies = Vec::with_capacity(batch.len());
+        for req in batch {
+            ops.extend(req.ops);
+            replies.push(req.reply);
+        }
+        match store.apply(ops) {
+            Ok(results) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+                let mut results = results.into_iter();
+                for (reply, len) in replies.into_iter().zip(lens) {
+                    let part: Vec<Done> = results.by_ref().take(len).collect();
+                    let _ = reply.send(Ok(part));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = n, "outbox commit failed; the batch was not stored");
+                let e = Arc::new(e);
+                for reply in replies {
+                    let _ = reply.send(Err(OutboxError::Store(e.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! `rulehook serve`: wires the stages together and runs them until told to
+//! stop. The entry point is [`run`], which takes a bound listener so tests
+//! can use port 0 and learn the address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::Api;
+use crate::config::{ApiKey, Config, Role};
+use crate::deliver::{self, Shared};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::reload::{self, RulesStatus};
+use crate::store::{Op, Store};
+
+/// The API keys file written when the config names none, so a fresh
+/// install is never open: `data/api-keys.json`, readable by the owner only.
+pub fn keys_file(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("api-keys.json")
+}
+
+/// Reads the generated keys, creating them on first use.
+pub fn generated_keys(data_dir: &Path) -> anyhow::Result<Vec<ApiKey>> {
+    let path = keys_file(data_dir);
+    if !path.exists() {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let key = |prefix: &str| {
+            let bytes: [u8; 24] = rand::random();
+            format!(
+                "{prefix}_{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )
+        };
+        let doc = serde_json::json!({"admin": key("rh_admin"), "ingest": key("rh_ingest")});
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
+        std::fs::rename(&tmp, &path)?;
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let get = |k: &str| {
+        doc[k]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("{} has no `{k}` key", path.display()))
+    };
+    Ok(vec![
+        ApiKey {
+            name: "generated admin".into(),
+            role: Role::Admin,
+            key: get("admin")?,
+        },
+        ApiKey {
+            name: "generated ingest".into(),
+            role: Role::Ingest,
+            key: get("ingest")?,
+        },
+    ])
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then stops
+/// gracefully: no new requests, in-flight attempts get the grace period,
+/// everything else stays pending in the store for the next start.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (rules, diagnostics) = reload::load(&config.rules_dir).map_err(|diagnostics| {
+        let text: Vec<String> = diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| d.to_string())
+            .collect();
+        anyhow::anyhow!(
+            "the rules in {} have errors; fix them (see `rulehook check`):\n{}",
+            config.rules_dir.display(),
+            text.join("\n")
+        )
+    })?;
+    for d in &diagnostics {
+        tracing::warn!(at = %d.location(), warning = %d.message, "rule file warning");
+    }
+    let status = Arc::new(RulesStatus::default());
+    let rules = Arc::new(ArcSwap::from_pointee(rules));
+    reload::reload(&config.rules_dir, &rules, &status);
+
+    let db_path = config.data_dir.join("rulehook.redb");
+    let cache = config.cache_bytes;
+    let store = tokio::task::spawn_blocking(move || Store::open(&db_path, cache)).await??;
+    let store = Arc::new(store);
+    let endpoints: HashMap<String, crate::store::Endpoint> = store
+        .endpoints()?
+        .into_iter()
+        .map(|e| (e.endpoint.clone(), e))
+        .collect();
+    let keys = if config.api_keys.is_empty() {
+        generated_keys(&config.data_dir)?
+    } else {
+        config.api_keys.clone()
+    };
+
+    let (outbox, writer) = Outbox::start(store.clone());
+    let metrics = Arc::new(Metrics::default());
+    let sender =
+        deliver::client::Sender::new(config.outbound.clone()).map_err(anyhow::Error::msg)?;
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        outbox: outbox.clone(),
+        rules: rules.clone(),
+        sender,
+        config: config.clone(),
+        metrics: metrics.clone(),
+        active: Mutex::new(Default::default()),
+        endpoints: Mutex::new(endpoints),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (queue, dispatcher) = deliver::start(shared.clone(), stop_rx.clone());
+    let retention = tokio::spawn(retention_loop(
+        outbox.clone(),
+        config.retention,
+        stop_rx.clone(),
+    ));
+    let api = Arc::new(Api {
+        ingest: Ingest {
+            rules: rules.clone(),
+            outbox: outbox.clone(),
+            queue: queue.clone(),
+            metrics,
+        },
+        shared: shared.clone(),
+        queue,
+        keys,
+        status,
+    });
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let api = api.clone();
+                let service = service_fn(move |req| api.clone().handle(req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("shutting down: no new requests; finishing in-flight work");
+    drop(listener);
+    let grace = config.shutdown_grace;
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    let _ = stop_tx.send(true);
+    let _ = dispatcher.await;
+    let _ = retention.await;
+    // The writer thread ends when the last outbox handle is gone.
+    drop(api);
+    drop(shared);
+    drop(outbox);
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Compacts old final deliveries now and then; events with pending
+/// deliveries are kept however old.
+async fn retention_loop(outbox: Outbox, retention: Duration, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_secs(3600)
+        .min(retention / 4)
+        .max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let before = crate::store::now_ms().saturating_sub(retention.as_millis() as u64);
+        loop {
+            match outbox
+                .write(vec![Op::Compact {
+                    before_ms: before,
+                    limit: 1000,
+                }])
+                .await
+            {
+                Ok(done) => {
+                    let n = match done.first() {
+                        Some(crate::store::Done::Compacted(n)) => *n,
+                        _ => 0,
+                    };
+                    if n > 0 {
+                        tracing::info!(events = n, "removed events past the retention period");
+                    }
+                    if n < 1000 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "retention compaction failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Binds the configured address.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}; is another rulehook running? change `listen` or --listen")
+    })
+}

@@ -1,0 +1,691 @@
+//! Durable state in redb, behind an API that speaks the domain: accept an
+//! event with its deliveries, record an attempt, park and unpark, list.
+//! No redb type leaves this module.
+//!
+//! Writes come in batches (`apply`) so the outbox can give many events and
+//! attempts one commit and one fsync: that is what makes durable ingest fast.
+//! Reads open their own read transaction and never block writes.
+
+pub mod records;
+pub mod schema;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    WriteTransaction,
+};
+
+pub use records::*;
+use schema::*;
+
+/// A storage failure; the message names the file and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: String,
+        source: redb::DatabaseError,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this rulehook ({SCHEMA_VERSION}); upgrade rulehook"
+    )]
+    TooNew { path: String, found: u64 },
+    #[error("storage error during {op}: {message}")]
+    Io { op: &'static str, message: String },
+    #[error("no delivery {0}")]
+    NoDelivery(DeliveryId),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn io<E: std::fmt::Display>(op: &'static str) -> impl Fn(E) -> StoreError {
+    move |e| StoreError::Io {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// A new event and the deliveries built for it, to be accepted atomically.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub id: String,
+    pub event: serde_json::Value,
+    pub deliveries: Vec<NewDelivery>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NewDelivery {
+    pub id: DeliveryId,
+    pub rule: String,
+    /// `Pending` to send, or `Skipped` / `Failed` when a plugin decided so.
+    pub state: State,
+    pub reason: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    Succeeded,
+    /// Retries exhausted, or a permanent error.
+    Failed(String),
+    Retry {
+        at: u64,
+    },
+    /// The endpoint is blocked or disabled; wait there without using up attempts.
+    Park {
+        endpoint: String,
+        reason: String,
+    },
+}
+
+/// One write in a batch.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Accept(NewEvent),
+    /// Record an attempt (if any: parking before sending records none) and move on.
+    Finish {
+        id: DeliveryId,
+        attempt: Option<Attempt>,
+        next: Next,
+    },
+    PutEndpoint(Endpoint),
+    /// Move up to `limit` deliveries parked on `endpoint` back to due now.
+    Unpark {
+        endpoint: String,
+        limit: usize,
+    },
+    /// Send again now, keeping the id (and so the receivers' dedupe key).
+    Redeliver {
+        id: DeliveryId,
+    },
+    /// Remove events accepted before `before_ms` whose deliveries are final.
+    Compact {
+        before_ms: u64,
+        limit: usize,
+    },
+}
+
+/// The result of one `Op`, in the order of the batch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Done {
+    /// `duplicate`: the event id was accepted before; these are its deliveries.
+    Accepted {
+        deliveries: Vec<DeliveryId>,
+        duplicate: bool,
+    },
+    Finished,
+    EndpointSaved,
+    Unparked(Vec<DeliveryId>),
+    Redelivered(Delivery),
+    /// How many events were removed.
+    Compacted(usize),
+    /// This op failed on its own (e.g. unknown delivery); the rest of the batch stands.
+    Rejected(String),
+}
+
+pub struct Store {
+    db: Database,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) the database file. `cache_bytes` bounds redb's
+    /// page cache, which is most of rulehook's memory with a large backlog.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let name = path.display().to_string();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                op: "create data directory",
+                message: format!("{}: {e}", dir.display()),
+            })?;
+        }
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: name.clone(),
+                source,
+            })?;
+        let store = Store { db };
+        let tx = store.db.begin_write().map_err(io("open"))?;
+        {
+            // Create every table so reads never meet a missing one.
+            tx.open_table(EVENTS).map_err(io("open"))?;
+            tx.open_table(EVENT_TIMES).map_err(io("open"))?;
+            tx.open_table(DELIVERIES).map_err(io("open"))?;
+            tx.open_table(BODIES).map_err(io("open"))?;
+            tx.open_table(DUE).map_err(io("open"))?;
+            tx.open_table(PARKED).map_err(io("open"))?;
+            tx.open_table(ATTEMPTS).map_err(io("open"))?;
+            tx.open_table(BY_RULE).map_err(io("open"))?;
+            tx.open_table(BY_EVENT).map_err(io("open"))?;
+            tx.open_table(BY_STATE).map_err(io("open"))?;
+            tx.open_table(ENDPOINTS).map_err(io("open"))?;
+            let mut meta = tx.open_table(META).map_err(io("open"))?;
+            let found = meta
+                .get("schema_version")
+                .map_err(io("open"))?
+                .map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::TooNew {
+                        path: name,
+                        found: v,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(io("open"))?;
+                }
+            }
+        }
+        tx.commit().map_err(io("open"))?;
+        Ok(store)
+    }
+
+    /// Applies a batch in one transaction with one durable commit. Either
+    /// every op's effect is stored, or (on a storage error) none is.
+    pub fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        let tx = self.db.begin_write().map_err(io("begin write"))?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(apply_one(&tx, op, now)?);
+        }
+        tx.commit().map_err(io("commit"))?;
+        Ok(out)
+    }
+
+    fn read(&self) -> Result<ReadTransaction, StoreError> {
+        self.db.begin_read().map_err(io("begin read"))
+    }
+
+    pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(DELIVERIES).map_err(io("read delivery"))?;
+        let found = t.get(id.0).map_err(io("read delivery"))?;
+        found.map(|v| from_json(v.value(), "delivery")).transpose()
+    }
+
+    pub fn body(&self, id: DeliveryId) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(BODIES).map_err(io("read body"))?;
+        Ok(t.get(id.0)
+            .map_err(io("read body"))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    pub fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
+        let mut out = Vec::new();
+        for item in t
+            .range((id.0, 0u32)..=(id.0, u32::MAX))
+            .map_err(io("read attempts"))?
+        {
+            let (_, v) = item.map_err(io("read attempts"))?;
+            out.push(from_json(v.value(), "attempt")?);
+        }
+        Ok(out)
+    }
+
+    pub fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(EVENTS).map_err(io("read event"))?;
+        let found = t.get(id).map_err(io("read event"))?;
+        found.map(|v| from_json(v.value(), "event")).transpose()
+    }
+
+    /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        before: Option<DeliveryId>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let tx = self.read()?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
+        let upper = before.map_or(u128::MAX, |b| b.0.saturating_sub(1));
+        let mut ids: Vec<u128> = Vec::new();
+        // Use the most selective index for the first filter given.
+        let (table, key) = match (&filter.event, &filter.rule, filter.state) {
+            (Some(e), _, _) => (Some(BY_EVENT), e.clone()),
+            (None, Some(r), _) => (Some(BY_RULE), r.clone()),
+            (None, None, Some(s)) => (Some(BY_STATE), s.as_str().to_string()),
+            _ => (None, String::new()),
+        };
+        let mut out = Vec::new();
+        let keep = |d: &Delivery| {
+            filter.rule.as_ref().is_none_or(|r| *r == d.rule)
+                && filter.event.as_ref().is_none_or(|e| *e == d.event_id)
+                && filter.state.is_none_or(|s| s == d.state)
+        };
+        match table {
+            Some(def) => {
+                let idx = tx.open_table(def).map_err(io("list"))?;
+                let range = idx
+                    .range((key.as_str(), 0u128)..=(key.as_str(), upper))
+                    .map_err(io("list"))?;
+                for item in range.rev() {
+                    let (k, _) = item.map_err(io("list"))?;
+                    ids.push(k.value().1);
+                    if ids.len() >= limit * 4 + 64 {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for item in deliveries.range(..=upper).map_err(io("list"))?.rev() {
+                    let (k, _) = item.map_err(io("list"))?;
+                    ids.push(k.value());
+                    if ids.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        for id in ids {
+            if let Some(v) = deliveries.get(id).map_err(io("list"))? {
+                let d: Delivery = from_json(v.value(), "delivery")?;
+                if keep(&d) {
+                    out.push(d);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` pending deliveries due at `now`, skipping `busy` ones
+    /// (already queued or in flight), oldest due first.
+    pub fn due(
+        &self,
+        now: u64,
+        limit: usize,
+        busy: &HashSet<DeliveryId>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let tx = self.read()?;
+        let due = tx.open_table(DUE).map_err(io("due"))?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("due"))?;
+        let mut out = Vec::new();
+        for item in due
+            .range((0u64, 0u128)..=(now, u128::MAX))
+            .map_err(io("due"))?
+        {
+            let (k, _) = item.map_err(io("due"))?;
+            let id = DeliveryId(k.value().1);
+            if busy.contains(&id) {
+                continue;
+            }
+            if let Some(v) = deliveries.get(id.0).map_err(io("due"))? {
+                out.push(from_json(v.value(), "delivery")?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the earliest pending delivery after `now` is due.
+    pub fn next_due_after(&self, now: u64) -> Result<Option<u64>, StoreError> {
+        let tx = self.read()?;
+        let due = tx.open_table(DUE).map_err(io("due"))?;
+        let mut range = due
+            .range((now.saturating_add(1), 0u128)..)
+            .map_err(io("due"))?;
+        Ok(range
+            .next()
+            .transpose()
+            .map_err(io("due"))?
+            .map(|(k, _)| k.value().0))
+    }
+
+    /// Pending and parked deliveries: the backlog.
+    pub fn backlog(&self) -> Result<(u64, u64), StoreError> {
+        let tx = self.read()?;
+        let due = tx
+            .open_table(DUE)
+            .map_err(io("count"))?
+            .len()
+            .map_err(io("count"))?;
+        let parked = tx
+            .open_table(PARKED)
+            .map_err(io("count"))?
+            .len()
+            .map_err(io("count"))?;
+        Ok((due, parked))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ENDPOINTS).map_err(io("endpoints"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(io("endpoints"))? {
+            let (_, v) = item.map_err(io("endpoints"))?;
+            out.push(from_json(v.value(), "endpoint")?);
+        }
+        Ok(out)
+    }
+
+    /// Endpoints that have parked deliveries, with how many (for the API).
+    pub fn parked_count(&self, endpoint: &str) -> Result<u64, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(PARKED).map_err(io("parked"))?;
+        let n = t
+            .range((endpoint, 0u128)..=(endpoint, u128::MAX))
+            .map_err(io("parked"))?
+            .count();
+        Ok(n as u64)
+    }
+}
+
+/// Filters for listing deliveries.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub rule: Option<String>,
+    pub event: Option<String>,
+    pub state: Option<State>,
+}
+
+fn load_delivery(tx: &WriteTransaction, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
+    let t = tx.open_table(DELIVERIES).map_err(io("read delivery"))?;
+    let found = t.get(id.0).map_err(io("read delivery"))?;
+    found.map(|v| from_json(v.value(), "delivery")).transpose()
+}
+
+/// Writes `new`, keeping the state, due and parked indexes in step with it.
+fn save_delivery(
+    tx: &WriteTransaction,
+    old: Option<&Delivery>,
+    new: &Delivery,
+) -> Result<(), StoreError> {
+    let id = new.id.0;
+    let mut by_state = tx.open_table(BY_STATE).map_err(io("save delivery"))?;
+    let mut due = tx.open_table(DUE).map_err(io("save delivery"))?;
+    let mut parked = tx.open_table(PARKED).map_err(io("save delivery"))?;
+    if let Some(old) = old {
+        if old.state != new.state {
+            by_state
+                .remove((old.state.as_str(), id))
+                .map_err(io("save delivery"))?;
+        }
+        if let (State::Pending, Some(at)) = (old.state, old.next_attempt_at) {
+            due.remove((at, id)).map_err(io("save delivery"))?;
+        }
+        if let Some(ep) = &old.parked_on {
+            parked
+                .remove((ep.as_str(), id))
+                .map_err(io("save delivery"))?;
+        }
+    }
+    by_state
+        .insert((new.state.as_str(), id), ())
+        .map_err(io("save delivery"))?;
+    if let (State::Pending, Some(at)) = (new.state, new.next_attempt_at) {
+        due.insert((at, id), ()).map_err(io("save delivery"))?;
+    }
+    if let (State::Parked, Some(ep)) = (new.state, &new.parked_on) {
+        parked
+            .insert((ep.as_str(), id), ())
+            .map_err(io("save delivery"))?;
+    }
+    tx.open_table(DELIVERIES)
+        .map_err(io("save delivery"))?
+        .insert(id, to_json(new).as_slice())
+        .map_err(io("save delivery"))?;
+    Ok(())
+}
+
+fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError> {
+    match op {
+        Op::Accept(ev) => {
+            {
+                let events = tx.open_table(EVENTS).map_err(io("accept"))?;
+                if let Some(v) = events.get(ev.id.as_str()).map_err(io("accept"))? {
+                    let existing: EventRecord = from_json(v.value(), "event")?;
+                    return Ok(Done::Accepted {
+                        deliveries: existing.deliveries,
+                        duplicate: true,
+                    });
+                }
+            }
+            let ids: Vec<DeliveryId> = ev.deliveries.iter().map(|d| d.id).collect();
+            let record = EventRecord {
+                id: ev.id.clone(),
+                accepted_at: now,
+                event: ev.event,
+                deliveries: ids.clone(),
+            };
+            tx.open_table(EVENTS)
+                .map_err(io("accept"))?
+                .insert(ev.id.as_str(), to_json(&record).as_slice())
+                .map_err(io("accept"))?;
+            tx.open_table(EVENT_TIMES)
+                .map_err(io("accept"))?
+                .insert((now, ev.id.as_str()), ())
+                .map_err(io("accept"))?;
+            let mut bodies = tx.open_table(BODIES).map_err(io("accept"))?;
+            let mut by_rule = tx.open_table(BY_RULE).map_err(io("accept"))?;
+            let mut by_event = tx.open_table(BY_EVENT).map_err(io("accept"))?;
+            for nd in ev.deliveries {
+                let d = Delivery {
+                    id: nd.id,
+                    event_id: ev.id.clone(),
+                    rule: nd.rule,
+                    state: nd.state,
+                    attempts: 0,
+                    next_attempt_at: (nd.state == State::Pending).then_some(now),
+                    created_at: now,
+                    updated_at: now,
+                    parked_on: None,
+                    reason: nd.reason,
+                    last_status: None,
+                };
+                bodies
+                    .insert(d.id.0, nd.body.as_slice())
+                    .map_err(io("accept"))?;
+                by_rule
+                    .insert((d.rule.as_str(), d.id.0), ())
+                    .map_err(io("accept"))?;
+                by_event
+                    .insert((d.event_id.as_str(), d.id.0), ())
+                    .map_err(io("accept"))?;
+                save_delivery(tx, None, &d)?;
+            }
+            Ok(Done::Accepted {
+                deliveries: ids,
+                duplicate: false,
+            })
+        }
+        Op::Finish { id, attempt, next } => {
+            let Some(old) = load_delivery(tx, id)? else {
+                return Ok(Done::Rejected(format!("no delivery {id}")));
+            };
+            let mut d = old.clone();
+            d.updated_at = now;
+            if let Some(a) = &attempt {
+                d.attempts = d.attempts.max(a.number);
+                d.last_status = a.status;
+                tx.open_table(ATTEMPTS)
+                    .map_err(io("record attempt"))?
+                    .insert((id.0, a.number), to_json(a).as_slice())
+                    .map_err(io("record attempt"))?;
+            }
+            d.parked_on = None;
+            d.next_attempt_at = None;
+            match next {
+                Next::Succeeded => {
+                    d.state = State::Succeeded;
+                    d.reason = None;
+                }
+                Next::Failed(why) => {
+                    d.state = State::Failed;
+                    d.reason = Some(why);
+                }
+                Next::Retry { at } => {
+                    d.state = State::Pending;
+                    d.next_attempt_at = Some(at);
+                    d.reason = attempt.as_ref().and_then(|a| a.error.clone());
+                }
+                Next::Park { endpoint, reason } => {
+                    d.state = State::Parked;
+                    d.parked_on = Some(endpoint);
+                    d.reason = Some(reason);
+                }
+            }
+            save_delivery(tx, Some(&old), &d)?;
+            Ok(Done::Finished)
+        }
+        Op::PutEndpoint(ep) => {
+            tx.open_table(ENDPOINTS)
+                .map_err(io("save endpoint"))?
+                .insert(ep.endpoint.as_str(), to_json(&ep).as_slice())
+                .map_err(io("save endpoint"))?;
+            Ok(Done::EndpointSaved)
+        }
+        Op::Unpark { endpoint, limit } => {
+            let ids: Vec<u128> = {
+                let parked = tx.open_table(PARKED).map_err(io("unpark"))?;
+                let range = parked
+                    .range((endpoint.as_str(), 0u128)..=(endpoint.as_str(), u128::MAX))
+                    .map_err(io("unpark"))?;
+                let mut ids = Vec::new();
+                for item in range.take(limit) {
+                    ids.push(item.map_err(io("unpark"))?.0.value().1);
+                }
+                ids
+            };
+            let mut moved = Vec::new();
+            for id in ids {
+                if let Some(old) = load_delivery(tx, DeliveryId(id))? {
+                    let mut d = old.clone();
+                    d.state = State::Pending;
+                    d.parked_on = None;
+                    d.next_attempt_at = Some(now);
+                    d.updated_at = now;
+                    save_delivery(tx, Some(&old), &d)?;
+                    moved.push(d.id);
+                } else {
+                    tx.open_table(PARKED)
+                        .map_err(io("unpark"))?
+                        .remove((endpoint.as_str(), id))
+                        .map_err(io("unpark"))?;
+                }
+            }
+            Ok(Done::Unparked(moved))
+        }
+        Op::Redeliver { id } => {
+            let Some(old) = load_delivery(tx, id)? else {
+                return Ok(Done::Rejected(format!("no delivery {id}")));
+            };
+            let mut d = old.clone();
+            d.state = State::Pending;
+            d.parked_on = None;
+            d.next_attempt_at = Some(now);
+            d.updated_at = now;
+            d.reason = Some("redelivery requested".into());
+            save_delivery(tx, Some(&old), &d)?;
+            Ok(Done::Redelivered(d))
+        }
+        Op::Compact { before_ms, limit } => compact(tx, before_ms, limit),
+    }
+}
+
+/// Deletes events accepted before `before_ms` whose deliveries are all in
+/// a final state, with their deliveries, bodies, attempts and index entries.
+/// Events with a pending or parked delivery stay, however old.
+fn compact(tx: &WriteTransaction, before_ms: u64, limit: usize) -> Result<Done, StoreError> {
+    let old: Vec<(u64, String)> = {
+        let t = tx.open_table(EVENT_TIMES).map_err(io("compact"))?;
+        let mut v = Vec::new();
+        for item in t
+            .range((0u64, "")..(before_ms, ""))
+            .map_err(io("compact"))?
+        {
+            let (k, _) = item.map_err(io("compact"))?;
+            let (at, id) = k.value();
+            v.push((at, id.to_string()));
+            if v.len() >= limit {
+                break;
+            }
+        }
+        v
+    };
+    let mut removed = 0;
+    for (at, event_id) in old {
+        let record: Option<EventRecord> = {
+            let events = tx.open_table(EVENTS).map_err(io("compact"))?;
+            let found = events.get(event_id.as_str()).map_err(io("compact"))?;
+            found.map(|v| from_json(v.value(), "event")).transpose()?
+        };
+        let deliveries: Vec<Delivery> = match &record {
+            Some(r) => r
+                .deliveries
+                .iter()
+                .filter_map(|id| load_delivery(tx, *id).transpose())
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        if deliveries.iter().any(|d| !d.state.is_final()) {
+            continue;
+        }
+        for d in &deliveries {
+            let id = d.id.0;
+            tx.open_table(DELIVERIES)
+                .map_err(io("compact"))?
+                .remove(id)
+                .map_err(io("compact"))?;
+            tx.open_table(BODIES)
+                .map_err(io("compact"))?
+                .remove(id)
+                .map_err(io("compact"))?;
+            tx.open_table(BY_STATE)
+                .map_err(io("compact"))?
+                .remove((d.state.as_str(), id))
+                .map_err(io("compact"))?;
+            tx.open_table(BY_RULE)
+                .map_err(io("compact"))?
+                .remove((d.rule.as_str(), id))
+                .map_err(io("compact"))?;
+            tx.open_table(BY_EVENT)
+                .map_err(io("compact"))?
+                .remove((d.event_id.as_str(), id))
+                .map_err(io("compact"))?;
+            tx.open_table(ATTEMPTS)
+                .map_err(io("compact"))?
+                .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
+                .map_err(io("compact"))?;
+        }
+        tx.open_table(EVENTS)
+            .map_err(io("compact"))?
+            .remove(event_id.as_str())
+            .map_err(io("compact"))?;
+        tx.open_table(EVENT_TIMES)
+            .map_err(io("compact"))?
+            .remove((at, event_id.as_str()))
+            .map_err(io("compact"))?;
+        removed += 1;
+    }
+    Ok(Done::Compacted(removed))
+}

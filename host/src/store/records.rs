@@ -1,0 +1,176 @@
+//! The records rulehook keeps, as they are stored (JSON inside redb values,
+//! so an operator can read them with any tool and fields can be added).
+
+use serde::{Deserialize, Serialize};
+
+/// A delivery id as shown to people and receivers: `dlv_` + 32 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeliveryId(pub u128);
+
+impl DeliveryId {
+    /// A new, time-ordered id (UUIDv7).
+    pub fn new() -> Self {
+        DeliveryId(uuid::Uuid::now_v7().as_u128())
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex = text.strip_prefix("dlv_")?;
+        (hex.len() == 32).then_some(())?;
+        u128::from_str_radix(hex, 16).ok().map(DeliveryId)
+    }
+
+    /// Milliseconds since the Unix epoch at which the id was made.
+    pub fn created_ms(self) -> u64 {
+        (self.0 >> 80) as u64
+    }
+}
+
+impl Default for DeliveryId {
+    fn default() -> Self {
+        DeliveryId::new()
+    }
+}
+
+impl std::fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dlv_{:032x}", self.0)
+    }
+}
+
+impl Serialize for DeliveryId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeliveryId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        DeliveryId::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("bad delivery id `{text}`")))
+    }
+}
+
+/// Where a delivery stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its next attempt (in `DUE`).
+    Pending,
+    /// Waiting for its endpoint to be unblocked or re-enabled (in `PARKED`).
+    Parked,
+    /// A 2xx answer was received.
+    Succeeded,
+    /// Every attempt failed; redeliver to try again.
+    Failed,
+    /// A plugin chose not to send it.
+    Skipped,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Parked => "parked",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<State> {
+        Some(match text {
+            "pending" => State::Pending,
+            "parked" => State::Parked,
+            "succeeded" => State::Succeeded,
+            "failed" => State::Failed,
+            "skipped" => State::Skipped,
+            _ => return None,
+        })
+    }
+
+    /// Final states are kept for the retention period, then compacted.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Succeeded | State::Failed | State::Skipped)
+    }
+}
+
+/// One delivery: an event, a rule, a fixed body, and its progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    pub event_id: String,
+    pub rule: String,
+    pub state: State,
+    /// Attempts made so far (the next one is `attempts + 1`).
+    pub attempts: u32,
+    /// When the next attempt is due (ms since the epoch), while pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// The endpoint it is parked on, while parked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parked_on: Option<String>,
+    /// Why it is skipped, failed or parked (plugin message, last error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+}
+
+/// One attempt to send a delivery, as sent and as answered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    pub started_at: u64,
+    pub duration_ms: u64,
+    pub url: String,
+    pub method: String,
+    /// Request headers with secrets redacted.
+    pub request_headers: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_phrase: Option<String>,
+    #[serde(default)]
+    pub response_headers: Vec<(String, String)>,
+    /// The response body, cut at the configured cap (UTF-8, lossy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+    #[serde(default)]
+    pub response_truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What rulehook decided: "succeeded", "retry at …", "failed", "parked …".
+    pub outcome: String,
+}
+
+/// The event as accepted, and the deliveries it produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: String,
+    pub accepted_at: u64,
+    /// The event as received, re-serialised (with its assigned id).
+    pub event: serde_json::Value,
+    pub deliveries: Vec<DeliveryId>,
+}
+
+/// What rulehook knows about an endpoint (scheme://host:port).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub endpoint: String,
+    /// Failures (no reply, timeout, invalid HTTP) in a row.
+    pub consecutive_failures: u32,
+    /// How many times it was blocked in a row (the cool-down doubles each time).
+    pub blocks: u32,
+    /// Blocked until this time (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_until: Option<u64>,
+    /// Answered 410 Gone: disabled until an admin re-enables it.
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub updated_at: u64,
+}
