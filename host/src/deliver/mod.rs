@@ -118,6 +118,8 @@ struct Completion {
     /// 429/502/503/504: the endpoint asks us to slow down.
     slow_down: bool,
     success: bool,
+    /// When it is due again, if it was scheduled for a retry.
+    retry_at: Option<u64>,
 }
 
 /// Starts the dispatcher; it runs until `shutdown` turns true, then lets
@@ -185,6 +187,11 @@ impl Dispatcher {
                 biased;
                 _ = shutdown.changed() => break,
                 Some(c) = done_rx.recv() => {
+                    if let Some(at) = c.retry_at {
+                        // Wake for this retry if it is due before the next scan.
+                        let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                        next_scan = next_scan.min(tokio::time::Instant::now() + wait);
+                    }
                     self.completed(c);
                     if self.backlog && self.in_flight < max / 2 {
                         next_scan = tokio::time::Instant::now();
@@ -276,11 +283,11 @@ impl Dispatcher {
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let id = work.id;
-            let (slow_down, success) = match attempt(&shared, work).await {
+            let (slow_down, success, retry_at) = match attempt(&shared, work).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
-                    (false, false)
+                    (false, false, None)
                 }
             };
             let _ = done.send(Completion {
@@ -288,6 +295,7 @@ impl Dispatcher {
                 endpoint,
                 slow_down,
                 success,
+                retry_at,
             });
         });
     }
@@ -376,8 +384,11 @@ impl Dispatcher {
     }
 }
 
-/// Makes one attempt and records it. Returns (slow down, success).
-async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::outbox::OutboxError> {
+/// Makes one attempt and records it. Returns (slow down, success, retry at).
+async fn attempt(
+    shared: &Shared,
+    work: Work,
+) -> Result<(bool, bool, Option<u64>), crate::outbox::OutboxError> {
     let rules = shared.rules.load();
     let finish = |attempt: Option<Attempt>, next: Next| {
         vec![Op::Finish {
@@ -396,14 +407,14 @@ async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::out
             .metrics
             .deliveries_failed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok((false, false));
+        return Ok((false, false, None));
     };
     let webhook = &rule.webhook;
     let (Transport::Http, Some(url)) = (webhook.transport, webhook.url.as_ref()) else {
         let why = "the websocket transport is not available in this version; use transport: http"
             .to_string();
         shared.outbox.write(finish(None, Next::Failed(why))).await?;
-        return Ok((false, false));
+        return Ok((false, false, None));
     };
     let endpoint = endpoint_key(url);
     let now = now_ms();
@@ -421,7 +432,7 @@ async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::out
             .metrics
             .deliveries_parked
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok((false, false));
+        return Ok((false, false, None));
     }
     let body = match work.body {
         Some(b) => b,
@@ -438,7 +449,7 @@ async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::out
                             Next::Failed("the delivery's body is missing from the store".into()),
                         ))
                         .await?;
-                    return Ok((false, false));
+                    return Ok((false, false, None));
                 }
             }
         }
@@ -602,12 +613,16 @@ async fn attempt(shared: &Shared, work: Work) -> Result<(bool, bool), crate::out
             ..
         }
     );
+    let retry_at = match next {
+        Next::Retry { at } => Some(at),
+        _ => None,
+    };
     let mut ops = finish(Some(record), next);
     if let Some(ep) = ep_state {
         ops.push(Op::PutEndpoint(ep));
     }
     shared.outbox.write(ops).await?;
-    Ok((slow_down, success))
+    Ok((slow_down, success, retry_at))
 }
 
 /// `Retry-After` as seconds or an HTTP date.
