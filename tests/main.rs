@@ -4,5 +4,7 @@
 
 mod support;
 
+mod cli_delivery;
 mod cli_rules;
 mod delivery;
+mod failure;

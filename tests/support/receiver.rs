@@ -78,14 +78,23 @@ impl Receiver {
         Receiver::start_inner(script, true)
     }
 
+    /// A plain HTTP receiver on a given port (to bring an endpoint back).
+    pub fn start_on(port: u16, script: Vec<Answer>) -> Receiver {
+        Receiver::start_at(port, script, false)
+    }
+
     fn start_inner(script: Vec<Answer>, tls: bool) -> Receiver {
+        Receiver::start_at(0, script, tls)
+    }
+
+    fn start_at(port: u16, script: Vec<Answer>, tls: bool) -> Receiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let got = Arc::new(Mutex::new(Vec::new()));
