@@ -64,7 +64,7 @@ fn delivers_the_payload_with_every_header_signed() {
     let rules = rule(
         "defect-reopened",
         &rx.url("/hooks/qa"),
-        &"      headers: {X-Team: qa}\n      credentials: {username: octane, password: {env: TEST_HOOK_PASSWORD}}\n      secret: [{env: TEST_HOOK_SECRET}, {env: TEST_OLD_SECRET}]\n      signature: [hmac-sha256, standard-webhooks]\n".to_string(),
+        "      headers: {X-Team: qa}\n      credentials: {username: octane, password: {env: TEST_HOOK_PASSWORD}}\n      secret: [{env: TEST_HOOK_SECRET}, {env: TEST_OLD_SECRET}]\n      signature: [hmac-sha256, standard-webhooks]\n",
     );
     let (dir, config) = setup(
         "happy",
