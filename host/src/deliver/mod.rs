@@ -112,14 +112,32 @@ pub fn endpoint_key(url: &url::Url) -> String {
     )
 }
 
-struct Completion {
-    id: DeliveryId,
-    endpoint: String,
-    /// 429/502/503/504: the endpoint asks us to slow down.
+/// What an attempt's task tells the dispatcher, in this order.
+enum Completion {
+    /// The request is over: its concurrency slot is free. Sent before the
+    /// record is committed, so the endpoint's throughput does not wait on
+    /// the disk.
+    Freed {
+        endpoint: String,
+        /// 429/502/503/504: the endpoint asks us to slow down.
+        slow_down: bool,
+        success: bool,
+    },
+    /// The attempt's record is committed (or failed to be): the delivery
+    /// may be picked up again, at `retry_at` if it was scheduled.
+    Recorded {
+        id: DeliveryId,
+        retry_at: Option<u64>,
+    },
+}
+
+/// What one attempt decided, for the dispatcher and for the store.
+struct Outcome {
     slow_down: bool,
     success: bool,
-    /// When it is due again, if it was scheduled for a retry.
     retry_at: Option<u64>,
+    /// The record of the attempt and the delivery's next state.
+    ops: Vec<Op>,
 }
 
 /// Starts the dispatcher; it runs until `shutdown` turns true, then lets
@@ -142,6 +160,8 @@ pub fn start(
 struct Dispatcher {
     shared: Arc<Shared>,
     in_flight: usize,
+    /// Attempts whose record is not committed yet (includes `in_flight`).
+    recording: usize,
     per_endpoint: HashMap<String, usize>,
     /// Per-endpoint concurrency, lowered when it asks to slow down.
     limits: HashMap<String, usize>,
@@ -163,6 +183,7 @@ impl Dispatcher {
         Dispatcher {
             shared,
             in_flight: 0,
+            recording: 0,
             per_endpoint: HashMap::new(),
             limits: HashMap::new(),
             waiting: HashMap::new(),
@@ -187,7 +208,7 @@ impl Dispatcher {
                 biased;
                 _ = shutdown.changed() => break,
                 Some(c) = done_rx.recv() => {
-                    if let Some(at) = c.retry_at {
+                    if let Completion::Recorded { retry_at: Some(at), .. } = c {
                         // Wake for this retry if it is due before the next scan.
                         let wait = Duration::from_millis(at.saturating_sub(now_ms()));
                         next_scan = next_scan.min(tokio::time::Instant::now() + wait);
@@ -208,7 +229,7 @@ impl Dispatcher {
         // Graceful stop: new attempts are not started; those in flight get
         // the grace period to finish and record. The rest stays pending.
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
-        while self.in_flight > 0 {
+        while self.recording > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, done_rx.recv()).await {
                 Ok(Some(c)) => self.completed(c),
@@ -219,29 +240,42 @@ impl Dispatcher {
     }
 
     fn completed(&mut self, c: Completion) {
+        match c {
+            Completion::Freed {
+                endpoint,
+                slow_down,
+                success,
+            } => self.freed(endpoint, slow_down, success),
+            Completion::Recorded { id, .. } => {
+                self.recording -= 1;
+                self.shared
+                    .active
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+        }
+    }
+
+    fn freed(&mut self, endpoint: String, slow_down: bool, success: bool) {
         self.in_flight -= 1;
-        if let Some(n) = self.per_endpoint.get_mut(&c.endpoint) {
+        if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
             *n = n.saturating_sub(1);
         }
         let max_ep = self.shared.config.max_in_flight_per_endpoint;
-        let limit = self.limits.entry(c.endpoint.clone()).or_insert(max_ep);
+        let limit = self.limits.entry(endpoint.clone()).or_insert(max_ep);
         // Additive increase, multiplicative decrease, as TCP does: back off
         // fast when the endpoint is overloaded, recover gradually.
-        if c.slow_down {
+        if slow_down {
             *limit = (*limit / 2).max(1);
-        } else if c.success && *limit < max_ep {
+        } else if success && *limit < max_ep {
             *limit += 1;
         }
-        self.shared
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&c.id);
-        if let Some(queue) = self.waiting.get_mut(&c.endpoint)
+        if let Some(queue) = self.waiting.get_mut(&endpoint)
             && let Some(next) = queue.pop_front()
         {
             self.waiting_total -= 1;
-            self.start(next, c.endpoint);
+            self.start(next, endpoint);
         }
     }
 
@@ -278,25 +312,28 @@ impl Dispatcher {
 
     fn start(&mut self, work: Work, endpoint: String) {
         self.in_flight += 1;
+        self.recording += 1;
         *self.per_endpoint.entry(endpoint.clone()).or_default() += 1;
         let shared = self.shared.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let id = work.id;
-            let (slow_down, success, retry_at) = match attempt(&shared, work).await {
-                Ok(r) => r,
+            let outcome = attempt(&shared, work).await;
+            let _ = done.send(Completion::Freed {
+                endpoint,
+                slow_down: outcome.slow_down,
+                success: outcome.success,
+            });
+            // The delivery stays in `active` until this commit, so no scan
+            // starts it again on the strength of its old state.
+            let retry_at = match shared.outbox.write(outcome.ops).await {
+                Ok(_) => outcome.retry_at,
                 Err(e) => {
                     tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
-                    (false, false, None)
+                    None
                 }
             };
-            let _ = done.send(Completion {
-                id,
-                endpoint,
-                slow_down,
-                success,
-                retry_at,
-            });
+            let _ = done.send(Completion::Recorded { id, retry_at });
         });
     }
 
@@ -384,37 +421,34 @@ impl Dispatcher {
     }
 }
 
-/// Makes one attempt and records it. Returns (slow down, success, retry at).
-async fn attempt(
-    shared: &Shared,
-    work: Work,
-) -> Result<(bool, bool, Option<u64>), crate::outbox::OutboxError> {
+/// Makes one attempt and decides what to record; the caller commits it.
+async fn attempt(shared: &Shared, work: Work) -> Outcome {
     let rules = shared.rules.load();
-    let finish = |attempt: Option<Attempt>, next: Next| {
-        vec![Op::Finish {
+    // An attempt that could not be made: nothing was sent.
+    let not_sent = |next: Next| Outcome {
+        slow_down: false,
+        success: false,
+        retry_at: None,
+        ops: vec![Op::Finish {
             id: work.id,
-            attempt,
+            attempt: None,
             next,
-        }]
+        }],
     };
+    use std::sync::atomic::Ordering::Relaxed;
     let Some(rule) = rules.get(&work.rule) else {
-        let why = format!(
+        shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+        return not_sent(Next::Failed(format!(
             "rule `{}` no longer exists; restore it and redeliver",
             work.rule
-        );
-        shared.outbox.write(finish(None, Next::Failed(why))).await?;
-        shared
-            .metrics
-            .deliveries_failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok((false, false, None));
+        )));
     };
     let webhook = &rule.webhook;
     let (Transport::Http, Some(url)) = (webhook.transport, webhook.url.as_ref()) else {
-        let why = "the websocket transport is not available in this version; use transport: http"
-            .to_string();
-        shared.outbox.write(finish(None, Next::Failed(why))).await?;
-        return Ok((false, false, None));
+        shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+        return not_sent(Next::Failed(
+            "the websocket transport is not available in this version; use transport: http".into(),
+        ));
     };
     let endpoint = endpoint_key(url);
     let now = now_ms();
@@ -424,17 +458,10 @@ async fn attempt(
             .and_then(|ep| policy::is_blocked(ep, now))
     };
     if let Some(reason) = blocked {
-        shared
-            .outbox
-            .write(finish(None, Next::Park { endpoint, reason }))
-            .await?;
-        shared
-            .metrics
-            .deliveries_parked
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok((false, false, None));
+        shared.metrics.deliveries_parked.fetch_add(1, Relaxed);
+        return not_sent(Next::Park { endpoint, reason });
     }
-    let body = match work.body {
+    let body = match work.body.clone() {
         Some(b) => b,
         None => {
             let store = shared.store.clone();
@@ -442,14 +469,10 @@ async fn attempt(
             match tokio::task::spawn_blocking(move || store.body(id)).await {
                 Ok(Ok(Some(b))) => Bytes::from(b),
                 _ => {
-                    shared
-                        .outbox
-                        .write(finish(
-                            None,
-                            Next::Failed("the delivery's body is missing from the store".into()),
-                        ))
-                        .await?;
-                    return Ok((false, false, None));
+                    shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+                    return not_sent(Next::Failed(
+                        "the delivery's body is missing from the store".into(),
+                    ));
                 }
             }
         }
@@ -589,7 +612,6 @@ async fn attempt(
     };
     let success = next == Next::Succeeded;
     let m = &shared.metrics;
-    use std::sync::atomic::Ordering::Relaxed;
     if success {
         m.attempts_succeeded.fetch_add(1, Relaxed);
         m.deliveries_succeeded.fetch_add(1, Relaxed);
@@ -617,12 +639,20 @@ async fn attempt(
         Next::Retry { at } => Some(at),
         _ => None,
     };
-    let mut ops = finish(Some(record), next);
+    let mut ops = vec![Op::Finish {
+        id: work.id,
+        attempt: Some(record),
+        next,
+    }];
     if let Some(ep) = ep_state {
         ops.push(Op::PutEndpoint(ep));
     }
-    shared.outbox.write(ops).await?;
-    Ok((slow_down, success, retry_at))
+    Outcome {
+        slow_down,
+        success,
+        retry_at,
+        ops,
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date.

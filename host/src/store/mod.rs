@@ -207,8 +207,11 @@ impl Store {
         let tx = self.db.begin_write().map_err(io("begin write"))?;
         let now = now_ms();
         let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            out.push(apply_one(&tx, op, now)?);
+        {
+            let mut tables = Tables::open(&tx)?;
+            for op in ops {
+                out.push(apply_one(&mut tables, op, now)?);
+            }
         }
         tx.commit().map_err(io("commit"))?;
         Ok(out)
@@ -408,22 +411,56 @@ pub struct Filter {
     pub state: Option<State>,
 }
 
-fn load_delivery(tx: &WriteTransaction, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-    let t = tx.open_table(DELIVERIES).map_err(io("read delivery"))?;
+/// Every table of a write transaction, opened once: opening a table costs
+/// more than an insert, and one commit covers thousands of operations.
+struct Tables<'t> {
+    events: redb::Table<'t, &'static str, &'static [u8]>,
+    event_times: redb::Table<'t, (u64, &'static str), ()>,
+    deliveries: redb::Table<'t, DeliveryKey, &'static [u8]>,
+    bodies: redb::Table<'t, DeliveryKey, &'static [u8]>,
+    due: redb::Table<'t, (u64, DeliveryKey), ()>,
+    parked: redb::Table<'t, (&'static str, DeliveryKey), ()>,
+    attempts: redb::Table<'t, (DeliveryKey, u32), &'static [u8]>,
+    by_rule: redb::Table<'t, (&'static str, DeliveryKey), ()>,
+    by_event: redb::Table<'t, (&'static str, DeliveryKey), ()>,
+    by_state: redb::Table<'t, (&'static str, DeliveryKey), ()>,
+    endpoints: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            events: tx.open_table(EVENTS).map_err(io("open tables"))?,
+            event_times: tx.open_table(EVENT_TIMES).map_err(io("open tables"))?,
+            deliveries: tx.open_table(DELIVERIES).map_err(io("open tables"))?,
+            bodies: tx.open_table(BODIES).map_err(io("open tables"))?,
+            due: tx.open_table(DUE).map_err(io("open tables"))?,
+            parked: tx.open_table(PARKED).map_err(io("open tables"))?,
+            attempts: tx.open_table(ATTEMPTS).map_err(io("open tables"))?,
+            by_rule: tx.open_table(BY_RULE).map_err(io("open tables"))?,
+            by_event: tx.open_table(BY_EVENT).map_err(io("open tables"))?,
+            by_state: tx.open_table(BY_STATE).map_err(io("open tables"))?,
+            endpoints: tx.open_table(ENDPOINTS).map_err(io("open tables"))?,
+        })
+    }
+}
+
+fn load_delivery(t: &mut Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
+    let t = &mut t.deliveries;
     let found = t.get(id.0).map_err(io("read delivery"))?;
     found.map(|v| from_json(v.value(), "delivery")).transpose()
 }
 
 /// Writes `new`, keeping the state, due and parked indexes in step with it.
 fn save_delivery(
-    tx: &WriteTransaction,
+    t: &mut Tables<'_>,
     old: Option<&Delivery>,
     new: &Delivery,
 ) -> Result<(), StoreError> {
     let id = new.id.0;
-    let mut by_state = tx.open_table(BY_STATE).map_err(io("save delivery"))?;
-    let mut due = tx.open_table(DUE).map_err(io("save delivery"))?;
-    let mut parked = tx.open_table(PARKED).map_err(io("save delivery"))?;
+    let by_state = &mut t.by_state;
+    let due = &mut t.due;
+    let parked = &mut t.parked;
     if let Some(old) = old {
         if old.state != new.state {
             by_state
@@ -450,18 +487,17 @@ fn save_delivery(
             .insert((ep.as_str(), id), ())
             .map_err(io("save delivery"))?;
     }
-    tx.open_table(DELIVERIES)
-        .map_err(io("save delivery"))?
+    t.deliveries
         .insert(id, to_json(new).as_slice())
         .map_err(io("save delivery"))?;
     Ok(())
 }
 
-fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError> {
+fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
     match op {
         Op::Accept(ev) => {
             {
-                let events = tx.open_table(EVENTS).map_err(io("accept"))?;
+                let events = &mut t.events;
                 if let Some(v) = events.get(ev.id.as_str()).map_err(io("accept"))? {
                     let existing: EventRecord = from_json(v.value(), "event")?;
                     return Ok(Done::Accepted {
@@ -477,17 +513,12 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
                 event: ev.event,
                 deliveries: ids.clone(),
             };
-            tx.open_table(EVENTS)
-                .map_err(io("accept"))?
+            t.events
                 .insert(ev.id.as_str(), to_json(&record).as_slice())
                 .map_err(io("accept"))?;
-            tx.open_table(EVENT_TIMES)
-                .map_err(io("accept"))?
+            t.event_times
                 .insert((now, ev.id.as_str()), ())
                 .map_err(io("accept"))?;
-            let mut bodies = tx.open_table(BODIES).map_err(io("accept"))?;
-            let mut by_rule = tx.open_table(BY_RULE).map_err(io("accept"))?;
-            let mut by_event = tx.open_table(BY_EVENT).map_err(io("accept"))?;
             for nd in ev.deliveries {
                 let d = Delivery {
                     id: nd.id,
@@ -502,16 +533,16 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
                     reason: nd.reason,
                     last_status: None,
                 };
-                bodies
+                t.bodies
                     .insert(d.id.0, nd.body.as_slice())
                     .map_err(io("accept"))?;
-                by_rule
+                t.by_rule
                     .insert((d.rule.as_str(), d.id.0), ())
                     .map_err(io("accept"))?;
-                by_event
+                t.by_event
                     .insert((d.event_id.as_str(), d.id.0), ())
                     .map_err(io("accept"))?;
-                save_delivery(tx, None, &d)?;
+                save_delivery(t, None, &d)?;
             }
             Ok(Done::Accepted {
                 deliveries: ids,
@@ -519,7 +550,7 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
             })
         }
         Op::Finish { id, attempt, next } => {
-            let Some(old) = load_delivery(tx, id)? else {
+            let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
             let mut d = old.clone();
@@ -527,8 +558,7 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
             if let Some(a) = &attempt {
                 d.attempts = d.attempts.max(a.number);
                 d.last_status = a.status;
-                tx.open_table(ATTEMPTS)
-                    .map_err(io("record attempt"))?
+                t.attempts
                     .insert((id.0, a.number), to_json(a).as_slice())
                     .map_err(io("record attempt"))?;
             }
@@ -554,19 +584,18 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
                     d.reason = Some(reason);
                 }
             }
-            save_delivery(tx, Some(&old), &d)?;
+            save_delivery(t, Some(&old), &d)?;
             Ok(Done::Finished)
         }
         Op::PutEndpoint(ep) => {
-            tx.open_table(ENDPOINTS)
-                .map_err(io("save endpoint"))?
+            t.endpoints
                 .insert(ep.endpoint.as_str(), to_json(&ep).as_slice())
                 .map_err(io("save endpoint"))?;
             Ok(Done::EndpointSaved)
         }
         Op::Unpark { endpoint, limit } => {
             let ids: Vec<u128> = {
-                let parked = tx.open_table(PARKED).map_err(io("unpark"))?;
+                let parked = &mut t.parked;
                 let range = parked
                     .range((endpoint.as_str(), 0u128)..=(endpoint.as_str(), u128::MAX))
                     .map_err(io("unpark"))?;
@@ -578,17 +607,16 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
             };
             let mut moved = Vec::new();
             for id in ids {
-                if let Some(old) = load_delivery(tx, DeliveryId(id))? {
+                if let Some(old) = load_delivery(t, DeliveryId(id))? {
                     let mut d = old.clone();
                     d.state = State::Pending;
                     d.parked_on = None;
                     d.next_attempt_at = Some(now);
                     d.updated_at = now;
-                    save_delivery(tx, Some(&old), &d)?;
+                    save_delivery(t, Some(&old), &d)?;
                     moved.push(d.id);
                 } else {
-                    tx.open_table(PARKED)
-                        .map_err(io("unpark"))?
+                    t.parked
                         .remove((endpoint.as_str(), id))
                         .map_err(io("unpark"))?;
                 }
@@ -596,7 +624,7 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
             Ok(Done::Unparked(moved))
         }
         Op::Redeliver { id } => {
-            let Some(old) = load_delivery(tx, id)? else {
+            let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
             let mut d = old.clone();
@@ -605,19 +633,19 @@ fn apply_one(tx: &WriteTransaction, op: Op, now: u64) -> Result<Done, StoreError
             d.next_attempt_at = Some(now);
             d.updated_at = now;
             d.reason = Some("redelivery requested".into());
-            save_delivery(tx, Some(&old), &d)?;
+            save_delivery(t, Some(&old), &d)?;
             Ok(Done::Redelivered(d))
         }
-        Op::Compact { before_ms, limit } => compact(tx, before_ms, limit),
+        Op::Compact { before_ms, limit } => compact(t, before_ms, limit),
     }
 }
 
 /// Deletes events accepted before `before_ms` whose deliveries are all in
 /// a final state, with their deliveries, bodies, attempts and index entries.
 /// Events with a pending or parked delivery stay, however old.
-fn compact(tx: &WriteTransaction, before_ms: u64, limit: usize) -> Result<Done, StoreError> {
+fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, StoreError> {
     let old: Vec<(u64, String)> = {
-        let t = tx.open_table(EVENT_TIMES).map_err(io("compact"))?;
+        let t = &mut t.event_times;
         let mut v = Vec::new();
         for item in t
             .range((0u64, "")..(before_ms, ""))
@@ -635,7 +663,7 @@ fn compact(tx: &WriteTransaction, before_ms: u64, limit: usize) -> Result<Done, 
     let mut removed = 0;
     for (at, event_id) in old {
         let record: Option<EventRecord> = {
-            let events = tx.open_table(EVENTS).map_err(io("compact"))?;
+            let events = &mut t.events;
             let found = events.get(event_id.as_str()).map_err(io("compact"))?;
             found.map(|v| from_json(v.value(), "event")).transpose()?
         };
@@ -643,7 +671,7 @@ fn compact(tx: &WriteTransaction, before_ms: u64, limit: usize) -> Result<Done, 
             Some(r) => r
                 .deliveries
                 .iter()
-                .filter_map(|id| load_delivery(tx, *id).transpose())
+                .filter_map(|id| load_delivery(t, *id).transpose())
                 .collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
@@ -652,37 +680,23 @@ fn compact(tx: &WriteTransaction, before_ms: u64, limit: usize) -> Result<Done, 
         }
         for d in &deliveries {
             let id = d.id.0;
-            tx.open_table(DELIVERIES)
-                .map_err(io("compact"))?
-                .remove(id)
-                .map_err(io("compact"))?;
-            tx.open_table(BODIES)
-                .map_err(io("compact"))?
-                .remove(id)
-                .map_err(io("compact"))?;
-            tx.open_table(BY_STATE)
-                .map_err(io("compact"))?
+            t.deliveries.remove(id).map_err(io("compact"))?;
+            t.bodies.remove(id).map_err(io("compact"))?;
+            t.by_state
                 .remove((d.state.as_str(), id))
                 .map_err(io("compact"))?;
-            tx.open_table(BY_RULE)
-                .map_err(io("compact"))?
+            t.by_rule
                 .remove((d.rule.as_str(), id))
                 .map_err(io("compact"))?;
-            tx.open_table(BY_EVENT)
-                .map_err(io("compact"))?
+            t.by_event
                 .remove((d.event_id.as_str(), id))
                 .map_err(io("compact"))?;
-            tx.open_table(ATTEMPTS)
-                .map_err(io("compact"))?
+            t.attempts
                 .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
                 .map_err(io("compact"))?;
         }
-        tx.open_table(EVENTS)
-            .map_err(io("compact"))?
-            .remove(event_id.as_str())
-            .map_err(io("compact"))?;
-        tx.open_table(EVENT_TIMES)
-            .map_err(io("compact"))?
+        t.events.remove(event_id.as_str()).map_err(io("compact"))?;
+        t.event_times
             .remove((at, event_id.as_str()))
             .map_err(io("compact"))?;
         removed += 1;

@@ -1,0 +1,435 @@
+//! End-to-end benchmarks of the delivery pipeline with the real binary:
+//!
+//! - `throughput`: raw hyper POSTs/s on loopback, then durable ingest →
+//!   signed POST deliveries/s through `rulehook serve`, in the same run.
+//! - `latency`: ingest → first attempt latency (p50/p99) at half that load.
+//! - `backlog`: RSS with N pending deliveries while the receiver is down,
+//!   and the time a restart takes to serve again with that backlog.
+//!
+//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|backlog] [--backlog N]`
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const KEY: &str = "bench-admin-key-0123456789";
+
+/// Counts requests; records when each event id first arrived.
+struct Sink {
+    count: AtomicU64,
+    first_seen: Mutex<HashMap<String, Instant>>,
+    track: bool,
+}
+
+async fn receiver(sink: Arc<Sink>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let sink = sink.clone();
+                    async move {
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        sink.count.fetch_add(1, Relaxed);
+                        if sink.track {
+                            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                                if let Some(id) = v["event_id"].as_str() {
+                                    sink.first_seen
+                                        .lock()
+                                        .unwrap()
+                                        .entry(id.to_string())
+                                        .or_insert_with(Instant::now);
+                                }
+                            }
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn body_1k() -> Bytes {
+    Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1000)))
+}
+
+/// Bare hyper client → server POSTs for `secs`, with `conns` in parallel.
+async fn raw_throughput(conns: usize, secs: u64) -> f64 {
+    let sink = Arc::new(Sink {
+        count: AtomicU64::new(0),
+        first_seen: Mutex::new(HashMap::new()),
+        track: false,
+    });
+    let addr = receiver(sink.clone()).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let body = body_1k();
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let client = client.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let req = http::Request::post(format!("http://{addr}/raw"))
+                        .body(Full::new(body.clone()))
+                        .unwrap();
+                    if let Ok(r) = client.request(req).await {
+                        let _ = r.into_body().collect().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    sink.count.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &std::path::Path) -> (Server, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rulehook"))
+        .args([
+            "serve",
+            "--config",
+            dir.join("rulehook.yaml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RULEHOOK_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start rulehook");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    (Server { child, addr }, started.elapsed())
+}
+
+fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("rulehook-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(
+        dir.join("rules/bench.yaml"),
+        format!("rules:\n  - name: all-stories\n    events: [create]\n    webhook:\n      url: {url}\n      secret: bench-secret\n      retry: {{policy: fixed, interval: 60s, retries: 3}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("rulehook.yaml"),
+        format!("rules_dir: rules\ndata_dir: data\nallow_http: true\nhttp_ports: [{port}]\nallow_cidrs: [127.0.0.0/8]\nmax_body: 8MiB\napi_keys:\n  - {{name: a, role: admin, key: {KEY}}}\n"),
+    )
+    .unwrap();
+    dir
+}
+
+fn event(id: &str) -> String {
+    format!(
+        "{{\"id\":\"{id}\",\"event_type\":\"create\",\"entity_type\":\"story\",\"scope\":{{\"workspace_id\":1002}},\"entity\":{{\"id\":\"{id}\",\"name\":\"A story\",\"description\":\"{}\"}}}}",
+        "d".repeat(600)
+    )
+}
+
+async fn post(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    body: String,
+    ndjson: bool,
+) -> u16 {
+    let req = http::Request::post(format!("http://{addr}/v1/events"))
+        .header("Authorization", format!("Bearer {KEY}"))
+        .header(
+            "Content-Type",
+            if ndjson {
+                "application/x-ndjson"
+            } else {
+                "application/json"
+            },
+        )
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    match client.request(req).await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let _ = r.into_body().collect().await;
+            s
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Posts single events from `conns` connections for `secs`; returns
+/// (accepted/s, delivered/s) over the window.
+async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64) {
+    let sink = Arc::new(Sink {
+        count: AtomicU64::new(0),
+        first_seen: Mutex::new(HashMap::new()),
+        track: false,
+    });
+    let rx = receiver(sink.clone()).await;
+    let dir = setup("e2e", &format!("http://{rx}/hook"), rx.port());
+    let (server, _) = start_server(&dir);
+    let addr = server.addr;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let stop = start + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let client = client.clone();
+            let accepted = accepted.clone();
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < stop {
+                    let body: String = (0..batch)
+                        .map(|k| event(&format!("c{c}-{i}-{k}")) + "\n")
+                        .collect();
+                    if post(&client, addr, body, batch > 1).await == 202 {
+                        accepted.fetch_add(batch as u64, Relaxed);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let ingest_secs = start.elapsed().as_secs_f64();
+    let total = accepted.load(Relaxed);
+    // Deliveries keep going after ingest stops; measure until all arrived.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sink.count.load(Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delivered = sink.count.load(Relaxed);
+    let all_secs = start.elapsed().as_secs_f64();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    (total as f64 / ingest_secs, delivered as f64 / all_secs)
+}
+
+/// Posts at `rate` events/s for `secs`; returns ingest→first-attempt latencies.
+async fn latency(rate: f64, secs: u64) -> Vec<Duration> {
+    let sink = Arc::new(Sink {
+        count: AtomicU64::new(0),
+        first_seen: Mutex::new(HashMap::new()),
+        track: true,
+    });
+    let rx = receiver(sink.clone()).await;
+    let dir = setup("latency", &format!("http://{rx}/hook"), rx.port());
+    let (server, _) = start_server(&dir);
+    let addr = server.addr;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let n = (rate * secs as f64) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        let client = client.clone();
+        let sent = sent.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("lat-{i}");
+            sent.lock().unwrap().insert(id.clone(), Instant::now());
+            post(&client, addr, event(&id), false).await
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (sink.count.load(Relaxed) as u64) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let sent = sent.lock().unwrap();
+    let seen = sink.first_seen.lock().unwrap();
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t)| seen.get(id).map(|s| s.saturating_duration_since(*t)))
+        .collect();
+    lat.sort();
+    lat
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn backlog(n: usize) {
+    // A port with nothing listening: every delivery stays pending.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = setup("backlog", &format!("http://127.0.0.1:{dead}/down"), dead);
+    let (server, _) = start_server(&dir);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    let batch = 2000;
+    let conns = 4;
+    let per_conn = n / batch / conns;
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let client = client.clone();
+            let addr = server.addr;
+            tokio::spawn(async move {
+                for b in 0..per_conn {
+                    let body: String = (0..batch)
+                        .map(|k| event(&format!("bl-{c}-{b}-{k}")) + "\n")
+                        .collect();
+                    assert_eq!(post(&client, addr, body, true).await, 202, "backlog ingest");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = per_conn * batch * conns;
+    println!(
+        "backlog: ingested {total} events in {:.1} s ({:.0}/s)",
+        started.elapsed().as_secs_f64(),
+        total as f64 / started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kib(server.child.id());
+    println!(
+        "backlog: RSS with {total} pending deliveries (receiver down): {:.0} MiB",
+        rss as f64 / 1024.0
+    );
+    let data = dir.join("data/rulehook.redb");
+    println!(
+        "backlog: database file {:.0} MiB",
+        std::fs::metadata(&data).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status();
+    let mut server = server;
+    let _ = server.child.wait();
+    // Restart: time until it answers /healthz and accepts an event.
+    let t0 = Instant::now();
+    let (server, listening) = start_server(&dir);
+    let mut ok = false;
+    while t0.elapsed() < Duration::from_secs(30) {
+        if post(&client, server.addr, event("after-restart"), false).await == 202 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(ok, "serving again after restart");
+    println!(
+        "backlog: restart with {total} pending: listening after {:.0} ms, first event accepted after {:.0} ms",
+        listening.as_secs_f64() * 1000.0,
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "backlog: RSS 2 s after the restart: {:.0} MiB",
+        rss_kib(server.child.id()) as f64 / 1024.0
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let want = |m: &str| {
+        !args
+            .iter()
+            .any(|a| ["throughput", "latency", "backlog"].contains(&a.as_str()))
+            || args.iter().any(|a| a == m)
+    };
+    let backlog_n: usize = args
+        .iter()
+        .position(|a| a == "--backlog")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut e2e_rate = 0.0;
+        if want("throughput") || want("latency") {
+            let raw = raw_throughput(64, 5).await;
+            println!("throughput: raw hyper POST (1 KiB, keep-alive, 64 connections): {raw:.0}/s");
+            let (accepted, delivered) = e2e_throughput(64, 10, 1).await;
+            println!("throughput: single-event ingest, 64 connections: accepted {accepted:.0}/s, delivered {delivered:.0}/s = {:.0} % of raw", delivered / raw * 100.0);
+            let (accepted_b, delivered_b) = e2e_throughput(8, 10, 50).await;
+            println!("throughput: NDJSON batches of 50, 8 connections: accepted {accepted_b:.0}/s, delivered {delivered_b:.0}/s = {:.0} % of raw", delivered_b / raw * 100.0);
+            e2e_rate = delivered;
+        }
+        if want("latency") {
+            let rate = (e2e_rate / 2.0).max(100.0);
+            let lat = latency(rate, 10).await;
+            let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
+            println!("latency: ingest → first attempt at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} events)", pct(0.5), pct(0.99), pct(1.0), lat.len());
+        }
+        if want("backlog") {
+            backlog(backlog_n).await;
+        }
+    });
+}
