@@ -8,7 +8,7 @@ use crate::support::{rulehook, stdout};
 fn check_passes_on_the_example_rules() {
     let out = rulehook(&["check", "rules"]);
     assert!(out.status.success(), "{}", stdout(&out));
-    assert!(stdout(&out).contains("5 rules ok"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("6 rules ok"), "{}", stdout(&out));
 }
 
 #[test]

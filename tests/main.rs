@@ -8,3 +8,5 @@ mod cli_delivery;
 mod cli_rules;
 mod delivery;
 mod failure;
+mod plugins;
+mod reload;

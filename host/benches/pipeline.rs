@@ -52,16 +52,15 @@ async fn receiver(sink: Arc<Sink>) -> SocketAddr {
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
                         sink.count.fetch_add(1, Relaxed);
-                        if sink.track {
-                            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                                if let Some(id) = v["event_id"].as_str() {
-                                    sink.first_seen
-                                        .lock()
-                                        .unwrap()
-                                        .entry(id.to_string())
-                                        .or_insert_with(Instant::now);
-                                }
-                            }
+                        if sink.track
+                            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body)
+                            && let Some(id) = v["event_id"].as_str()
+                        {
+                            sink.first_seen
+                                .lock()
+                                .unwrap()
+                                .entry(id.to_string())
+                                .or_insert_with(Instant::now);
                         }
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             Bytes::from_static(b"ok"),
@@ -288,7 +287,7 @@ async fn latency(rate: f64, secs: u64) -> Vec<Duration> {
         let _ = t.await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while (sink.count.load(Relaxed) as u64) < n && Instant::now() < deadline {
+    while sink.count.load(Relaxed) < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(server);

@@ -14,15 +14,16 @@ use serde_json::{Value, json};
 use crate::config::{ApiKey, Role};
 use crate::deliver::{Queue, Shared};
 use crate::ingest::{Ingest, IngestError};
-use crate::reload::RulesStatus;
-use crate::store::{DeliveryId, Done, Filter, Op, State};
+use crate::plugins::ChainOutcome;
+use crate::reload::Loader;
+use crate::store::{DeliveryId, Done, Filter, Op, Rebuilt, State};
 
 pub struct Api {
     pub ingest: Ingest,
     pub shared: Arc<Shared>,
     pub queue: Queue,
     pub keys: Vec<ApiKey>,
-    pub status: Arc<RulesStatus>,
+    pub loader: Arc<Loader>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -102,6 +103,7 @@ impl Api {
             (Method::GET, ["v1", "deliveries", id]) => self.show_delivery(id).await,
             (Method::POST, ["v1", "deliveries", id, "redeliver"]) => self.redeliver(id).await,
             (Method::GET, ["v1", "rules"]) => self.rules(),
+            (Method::POST, ["v1", "rules", "reload"]) => self.reload().await,
             (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
             (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
             (Method::GET, ["metrics"]) => self.metrics().await,
@@ -311,7 +313,16 @@ impl Api {
                 None,
             );
         }
-        match self.shared.outbox.write(vec![Op::Redeliver { id }]).await {
+        let body = match self.rebuild(id).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        match self
+            .shared
+            .outbox
+            .write(vec![Op::Redeliver { id, body }])
+            .await
+        {
             Ok(done) => match done.into_iter().next() {
                 Some(Done::Redelivered(d)) => {
                     self.queue.kick();
@@ -334,6 +345,105 @@ impl Api {
         }
     }
 
+    /// For a delivery whose plugin chain failed, runs the chain again with
+    /// the rule and plugins running now, so a fixed plugin takes effect.
+    async fn rebuild(&self, id: DeliveryId) -> Result<Rebuilt, Resp> {
+        let store = self.shared.store.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let d = store.delivery(id)?;
+            let body = store.body(id)?;
+            Ok::<_, crate::store::StoreError>((d, body))
+        })
+        .await;
+        let (delivery, body) = match found {
+            Ok(Ok((Some(d), body))) => (d, body),
+            Ok(Ok((None, _))) => return Ok(Rebuilt::Same),
+            Ok(Err(e)) => {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage",
+                    e.to_string(),
+                    None,
+                ));
+            }
+            Err(e) => {
+                return Err(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    e.to_string(),
+                    None,
+                ));
+            }
+        };
+        if !delivery.unbuilt {
+            return Ok(Rebuilt::Same);
+        }
+        let snapshot = self.ingest.rules.load_full();
+        if snapshot.get(&delivery.rule).is_none() {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "rule_gone",
+                format!(
+                    "delivery {id} was never built and its rule `{}` no longer exists; restore the rule to redeliver it",
+                    delivery.rule
+                ),
+                None,
+            ));
+        }
+        let input: Value = body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or(Value::Null);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let rule = snapshot.get(&delivery.rule).expect("checked above");
+            let text = |k: &str| input[k].as_str().unwrap_or_default().to_string();
+            let ctx = crate::plugins::CallContext {
+                rule: rule.name.clone(),
+                event_id: delivery.event_id.clone(),
+                event_type: text("event_type"),
+                entity_type: text("entity_type"),
+            };
+            snapshot.plugins.run_chain(rule, &ctx, &input)
+        })
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            )
+        })?;
+        Ok(match outcome {
+            ChainOutcome::Send(b) => Rebuilt::Body(b),
+            ChainOutcome::Skip(why) => Rebuilt::Skipped(why),
+            ChainOutcome::Failed(why) => Rebuilt::Failed(why),
+        })
+    }
+
+    /// Reloads now and answers with the outcome: 200 when the new set
+    /// runs, 422 with every diagnostic when the old one keeps running.
+    async fn reload(&self) -> Resp {
+        let loader = self.loader.clone();
+        let running = self.ingest.rules.clone();
+        match tokio::task::spawn_blocking(move || loader.reload(&running, "api")).await {
+            Ok(report) => {
+                let status = if report.ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                };
+                json_response(status, &json!({ "reload": report }))
+            }
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+
     fn rules(&self) -> Resp {
         let rules = self.ingest.rules.load();
         let list: Vec<Value> = rules
@@ -348,9 +458,15 @@ impl Api {
                 })
             })
             .collect();
+        let plugins: Vec<Value> = rules
+            .plugins
+            .list()
+            .into_iter()
+            .map(|(name, source, sha256)| json!({"name": name, "source": source, "sha256": sha256}))
+            .collect();
         json_response(
             StatusCode::OK,
-            &json!({"rules": list, "last_reload": self.status.snapshot()}),
+            &json!({"rules": list, "plugins": plugins, "last_reload": self.loader.report()}),
         )
     }
 
@@ -484,6 +600,11 @@ impl Api {
                 "rulehook_rules_loaded",
                 "Rules in the running set.",
                 self.ingest.rules.load().len() as u64,
+            ),
+            (
+                "rulehook_rules_last_reload_ok",
+                "1 when the last rule/plugin load succeeded, 0 when it failed and the previous set kept running.",
+                u64::from(self.loader.report().ok),
             ),
         ]);
         let mut r = Response::new(Full::new(Bytes::from(text)));

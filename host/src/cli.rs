@@ -29,6 +29,9 @@ pub enum Command {
         /// The rules directory.
         #[arg(default_value = "rules")]
         dir: PathBuf,
+        /// A directory of extra plugins (`NAME.wasm`) the rules may name.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
@@ -41,6 +44,9 @@ pub enum Command {
         /// The rules directory.
         #[arg(long, default_value = "rules")]
         rules: PathBuf,
+        /// A directory of extra plugins (`NAME.wasm`) the rules may name.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },
@@ -86,6 +92,11 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Write and try plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// POST a test request to a rule's URL (with ?test=true) and show the answer.
     TestConnection {
         rule: String,
@@ -130,6 +141,38 @@ pub enum DeliveriesCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Create a ready-to-build plugin crate NAME (in DIR/NAME) using the SDK.
+    New {
+        name: String,
+        /// Where to create it.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The plugin-sdk directory to depend on (default: the one this
+        /// rulehook was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Run a plugin on an event the way the server does and print the
+    /// outcome, the timing and the plugin's logs.
+    Run {
+        /// The component (`.wasm`), or the name of a bundled plugin.
+        plugin: String,
+        /// A JSON file holding one event; the plugin gets its payload.
+        #[arg(long)]
+        event: PathBuf,
+        /// The plugin's config, as JSON.
+        #[arg(long, default_value = "null")]
+        config: String,
+        /// The rule name the payload and context carry.
+        #[arg(long, default_value = "plugin-run")]
+        rule: String,
+        #[arg(long, value_enum, default_value_t = Format::Human)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum EndpointsCommand {
     List,
     /// Unblock (or re-enable after 410) an endpoint such as https://host:443.
@@ -147,12 +190,18 @@ pub enum Format {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { dir, format } => check(&dir, format),
+        Command::Check {
+            dir,
+            plugins,
+            format,
+        } => check(&dir, plugins.as_deref(), format),
         Command::Explain {
             event,
             rules,
+            plugins,
             format,
-        } => explain(&event, &rules, format),
+        } => explain(&event, &rules, plugins.as_deref(), format),
+        Command::Plugin { command } => crate::plugin_cli::run(command),
         Command::Schema => {
             println!("{}", pretty(&rules::schema::json_schema()));
             ExitCode::SUCCESS
@@ -242,22 +291,6 @@ fn serve(config: Option<&Path>, listen: Option<std::net::SocketAddr>) -> ExitCod
             config.listen = addr;
         }
         let listener = crate::serve::bind(config.listen).await?;
-        let addr = listener.local_addr()?;
-        println!(
-            "rulehook listening on http://{addr} (rules: {}, data: {}{})",
-            config.rules_dir.display(),
-            config.data_dir.display(),
-            if config.api_keys.is_empty() {
-                format!(
-                    ", API keys: {}",
-                    crate::serve::keys_file(&config.data_dir).display()
-                )
-            } else {
-                String::new()
-            }
-        );
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
         crate::serve::run(listener, config, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
@@ -513,8 +546,12 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
-fn check(dir: &Path, format: Format) -> ExitCode {
-    let (set, diagnostics) = rules::load::load_dir(dir);
+fn check(dir: &Path, plugins: Option<&Path>, format: Format) -> ExitCode {
+    let runtime = match plugin_runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let (set, _, diagnostics) = crate::reload::assemble(&runtime, dir, plugins, None);
     let errors = diagnostics.iter().filter(|d| d.is_error()).count();
     let warnings = diagnostics.len() - errors;
     match format {
@@ -546,7 +583,7 @@ fn check(dir: &Path, format: Format) -> ExitCode {
     }
 }
 
-fn explain(event_file: &Path, dir: &Path, format: Format) -> ExitCode {
+fn explain(event_file: &Path, dir: &Path, plugins: Option<&Path>, format: Format) -> ExitCode {
     let event = match std::fs::read_to_string(event_file)
         .map_err(|e| format!("cannot read {}: {e}", event_file.display()))
         .and_then(|text| {
@@ -558,7 +595,11 @@ fn explain(event_file: &Path, dir: &Path, format: Format) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (set, diagnostics) = rules::load::load_dir(dir);
+    let runtime = match plugin_runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let (set, plugin_set, diagnostics) = crate::reload::assemble(&runtime, dir, plugins, None);
     report_rule_errors(&diagnostics);
     let event_id = event
         .id
@@ -571,8 +612,24 @@ fn explain(event_file: &Path, dir: &Path, format: Format) -> ExitCode {
         if v.matched
             && let Some(rule) = set.get(&v.rule)
         {
-            let payload = crate::payload::build(rule, &event, &event_id);
-            entry["payload"] = payload;
+            let payload = crate::payload::build(&rule.name, &event, &event_id);
+            if crate::plugins::PluginSet::has_chain(rule) {
+                let ctx = crate::plugins::CallContext {
+                    rule: rule.name.clone(),
+                    event_id: event_id.clone(),
+                    event_type: event.event_type.clone(),
+                    entity_type: event.entity_type.clone(),
+                };
+                match plugin_set.run_chain(rule, &ctx, &payload) {
+                    crate::plugins::ChainOutcome::Send(body) => {
+                        entry["payload"] = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    }
+                    crate::plugins::ChainOutcome::Skip(why) => entry["skipped"] = json!(why),
+                    crate::plugins::ChainOutcome::Failed(why) => entry["failed"] = json!(why),
+                }
+            } else {
+                entry["payload"] = payload;
+            }
             entry["headers"] = json!(preview_headers(rule));
             entry["plugins"] = json!(plugin_chain(rule));
         }
@@ -599,6 +656,19 @@ fn explain(event_file: &Path, dir: &Path, format: Format) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// A plugin runtime for one-shot commands: default limits, the user's
+/// compile cache.
+pub(crate) fn plugin_runtime() -> Result<std::sync::Arc<crate::plugins::Runtime>, ExitCode> {
+    crate::plugins::Runtime::new(
+        crate::plugins::Limits::default(),
+        crate::config::user_plugin_cache(),
+    )
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn report_rule_errors(diagnostics: &[Diagnostic]) {
@@ -629,9 +699,15 @@ fn print_verdict(entry: &Value) {
                 h[1].as_str().unwrap_or_default()
             );
         }
-        println!("  payload (before plugins):");
-        for line in pretty(&entry["payload"]).lines() {
-            println!("    {line}");
+        if let Some(why) = entry["skipped"].as_str() {
+            println!("  skipped: {why}");
+        } else if let Some(why) = entry["failed"].as_str() {
+            println!("  failed: {why}");
+        } else {
+            println!("  payload:");
+            for line in pretty(&entry["payload"]).lines() {
+                println!("    {line}");
+            }
         }
     } else {
         let r = &entry["reason"];
@@ -652,7 +728,9 @@ fn print_verdict(entry: &Value) {
 
 /// The chain a rule's payload goes through, in order.
 fn plugin_chain(rule: &Rule) -> Vec<String> {
-    std::iter::once("select-fields".to_string())
+    let fields = (!rule.fields.is_empty()).then(|| crate::plugins::SELECT_FIELDS.to_string());
+    fields
+        .into_iter()
         .chain(rule.plugins.iter().map(|p| p.name.clone()))
         .collect()
 }

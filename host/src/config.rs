@@ -20,6 +20,8 @@ pub struct Config {
     pub rules_dir: PathBuf,
     /// Extra plugins (`NAME.wasm`), besides the bundled ones.
     pub plugins_dir: Option<PathBuf>,
+    /// Compiled plugins (`.cwasm`); default `data_dir/plugin-cache`.
+    pub plugin_cache: Option<PathBuf>,
     pub api_keys: Vec<ApiKey>,
     /// Ingest bodies above this get 413.
     pub max_body_bytes: usize,
@@ -38,6 +40,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// redb page cache; most of the memory a large backlog costs.
     pub cache_bytes: usize,
+    /// Per-call plugin limits: CPU deadline, memory, output and log size.
+    pub plugin_limits: crate::plugins::Limits,
+    /// Reload on file changes (off: only SIGHUP and `POST /v1/rules/reload`,
+    /// e.g. on network file systems without change notifications).
+    pub watch: bool,
 }
 
 /// Where deliveries may go.
@@ -91,6 +98,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             rules_dir: PathBuf::from("rules"),
             plugins_dir: None,
+            plugin_cache: None,
             api_keys: Vec::new(),
             max_body_bytes: 1 << 20,
             response_body_cap: 64 << 10,
@@ -111,6 +119,8 @@ impl Default for Config {
             retry_after_cap: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
             cache_bytes: 64 << 20,
+            plugin_limits: crate::plugins::Limits::default(),
+            watch: true,
         }
     }
 }
@@ -137,6 +147,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     rules_dir: Option<PathBuf>,
     plugins_dir: Option<PathBuf>,
+    plugin_cache: Option<PathBuf>,
     api_keys: Option<Vec<FileKey>>,
     max_body: Option<String>,
     response_body_cap: Option<String>,
@@ -151,6 +162,11 @@ struct FileConfig {
     retry_after_cap: Option<String>,
     shutdown_grace: Option<String>,
     cache_size: Option<String>,
+    plugin_timeout: Option<String>,
+    plugin_memory: Option<String>,
+    plugin_output_max: Option<String>,
+    plugin_log_max: Option<String>,
+    watch: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -268,6 +284,9 @@ impl Config {
         if let Some(p) = f.plugins_dir {
             self.plugins_dir = Some(rel(p));
         }
+        if let Some(p) = f.plugin_cache {
+            self.plugin_cache = Some(rel(p));
+        }
         if let Some(p) = f.ca_file {
             self.outbound.ca_file = Some(rel(p));
         }
@@ -336,6 +355,21 @@ impl Config {
         if let Some(s) = f.cache_size {
             self.cache_bytes = size(src, "cache_size", &s)?;
         }
+        if let Some(w) = f.watch {
+            self.watch = w;
+        }
+        if let Some(s) = f.plugin_timeout {
+            self.plugin_limits.timeout = duration(src, "plugin_timeout", &s)?;
+        }
+        if let Some(s) = f.plugin_memory {
+            self.plugin_limits.memory_bytes = size(src, "plugin_memory", &s)?;
+        }
+        if let Some(s) = f.plugin_output_max {
+            self.plugin_limits.output_bytes = size(src, "plugin_output_max", &s)?;
+        }
+        if let Some(s) = f.plugin_log_max {
+            self.plugin_limits.log_bytes = size(src, "plugin_log_max", &s)?;
+        }
         if let Some(s) = f.retention {
             self.retention = duration(src, "retention", &s)?;
         }
@@ -389,6 +423,9 @@ impl Config {
         }
         if let Some(v) = env("RULEHOOK_PLUGINS_DIR") {
             self.plugins_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("RULEHOOK_PLUGIN_CACHE") {
+            self.plugin_cache = Some(PathBuf::from(v));
         }
         if let Some(v) = env("RULEHOOK_ALLOW_HTTP") {
             self.outbound.allow_http = matches!(v.as_str(), "1" | "true" | "yes");
@@ -446,6 +483,30 @@ fn parse_cidrs(src: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
                 })
         })
         .collect()
+}
+
+impl Config {
+    /// Where compiled plugins are cached: `plugin_cache`, else
+    /// `data_dir/plugin-cache`.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugin_cache
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugin-cache"))
+    }
+}
+
+/// The compile cache of one-shot commands (`check`, `explain`, `plugin
+/// run`), which have no data directory: `RULEHOOK_PLUGIN_CACHE`, else the
+/// user's cache directory (`$XDG_CACHE_HOME` or `~/.cache`)
+/// `/rulehook/plugin-cache`; none if neither is known.
+pub fn user_plugin_cache() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("RULEHOOK_PLUGIN_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("rulehook").join("plugin-cache"))
 }
 
 #[cfg(test)]

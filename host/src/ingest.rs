@@ -20,14 +20,15 @@ use crate::deliver::{Queue, Work};
 use crate::event::{Event, EventError};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError};
-use crate::rules::RuleSet;
+use crate::plugins::{CallContext, ChainOutcome, PluginSet};
+use crate::reload::Snapshot;
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, Op, State};
 
 /// The deliveries of one event to hand to the dispatcher after the commit.
 type Handover = Vec<(DeliveryId, String, Bytes)>;
 
 pub struct Ingest {
-    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub rules: Arc<ArcSwap<crate::reload::Snapshot>>,
     pub outbox: Outbox,
     pub queue: Queue,
     pub metrics: Arc<Metrics>,
@@ -92,45 +93,21 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<(Event, Value)>, Inge
 }
 
 impl Ingest {
-    /// Matches, builds and durably stores the events (all in one commit),
-    /// then hands their deliveries to the dispatcher.
+    /// Matches, builds, transforms and durably stores the events (all in
+    /// one commit), then hands their deliveries to the dispatcher.
     pub async fn accept(&self, events: Vec<(Event, Value)>) -> Result<Vec<Accepted>, IngestError> {
-        // One rule set for the whole batch: a reload in the middle never
-        // splits an event between old and new rules.
-        let rules = self.rules.load_full();
-        let mut ops = Vec::with_capacity(events.len());
-        let mut handovers: Vec<(String, Handover)> = Vec::with_capacity(events.len());
-        for (mut event, mut raw) in events {
-            let id = event
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple()));
-            event.id = Some(id.clone());
-            if let Value::Object(m) = &mut raw {
-                m.insert("id".into(), Value::String(id.clone()));
-            }
-            let mut deliveries = Vec::new();
-            let mut handover = Vec::new();
-            for rule in rules.matching(&event) {
-                let payload = crate::payload::build(rule, &event, &id);
-                let body = Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
-                let did = DeliveryId::new();
-                deliveries.push(NewDelivery {
-                    id: did,
-                    rule: rule.name.clone(),
-                    state: State::Pending,
-                    reason: None,
-                    body: body.to_vec(),
-                });
-                handover.push((did, rule.name.clone(), body));
-            }
-            ops.push(Op::Accept(NewEvent {
-                id: id.clone(),
-                event: raw,
-                deliveries,
-            }));
-            handovers.push((id, handover));
-        }
+        // One snapshot for the whole batch: a reload in the middle never
+        // splits an event between old and new rules, or old and new plugins.
+        let snapshot = self.rules.load_full();
+        let (ops, handovers) = if snapshot.chains {
+            // Plugin calls are CPU-bound and may run up to their deadline:
+            // keep them off the reactor threads.
+            tokio::task::spawn_blocking(move || prepare(&snapshot, events))
+                .await
+                .expect("preparing events does not panic")
+        } else {
+            prepare(&snapshot, events)
+        };
         let results = self.outbox.write(ops).await?;
         let mut out = Vec::with_capacity(results.len());
         for (done, (event_id, handover)) in results.into_iter().zip(handovers) {
@@ -166,4 +143,65 @@ impl Ingest {
         }
         Ok(out)
     }
+}
+
+/// Matches each event, builds each matching rule's payload and runs its
+/// plugin chain: the store operations to commit, and what to hand over.
+fn prepare(snapshot: &Snapshot, events: Vec<(Event, Value)>) -> (Vec<Op>, Vec<(String, Handover)>) {
+    let mut ops = Vec::with_capacity(events.len());
+    let mut handovers: Vec<(String, Handover)> = Vec::with_capacity(events.len());
+    for (mut event, mut raw) in events {
+        let id = event
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple()));
+        event.id = Some(id.clone());
+        if let Value::Object(m) = &mut raw {
+            m.insert("id".into(), Value::String(id.clone()));
+        }
+        let mut deliveries = Vec::new();
+        let mut handover = Vec::new();
+        for rule in snapshot.matching(&event) {
+            let payload = crate::payload::build(&rule.name, &event, &id);
+            let did = DeliveryId::new();
+            let outcome = if PluginSet::has_chain(rule) {
+                let ctx = CallContext {
+                    rule: rule.name.clone(),
+                    event_id: id.clone(),
+                    event_type: event.event_type.clone(),
+                    entity_type: event.entity_type.clone(),
+                };
+                snapshot.plugins.run_chain(rule, &ctx, &payload)
+            } else {
+                ChainOutcome::Send(serde_json::to_vec(&payload).unwrap_or_default())
+            };
+            let base = || serde_json::to_vec(&payload).unwrap_or_default();
+            let (state, reason, body, unbuilt) = match outcome {
+                ChainOutcome::Send(body) => (State::Pending, None, body, false),
+                ChainOutcome::Skip(why) => (State::Skipped, Some(why), Vec::new(), false),
+                ChainOutcome::Failed(why) => {
+                    tracing::warn!(rule = %rule.name, event = %id, delivery = %did, error = %why, "plugin chain failed; the delivery is recorded as failed and can be redelivered");
+                    (State::Failed, Some(why), base(), true)
+                }
+            };
+            if state == State::Pending {
+                handover.push((did, rule.name.clone(), Bytes::from(body.clone())));
+            }
+            deliveries.push(NewDelivery {
+                id: did,
+                rule: rule.name.clone(),
+                state,
+                reason,
+                body,
+                unbuilt,
+            });
+        }
+        ops.push(Op::Accept(NewEvent {
+            id: id.clone(),
+            event: raw,
+            deliveries,
+        }));
+        handovers.push((id, handover));
+    }
+    (ops, handovers)
 }

@@ -7,6 +7,10 @@
 //! - [`rules`]: rule files parsed, validated and indexed; which rules match
 //!   an event and why not. Pure: no I/O, clock or randomness.
 //! - [`payload`]: the payload a matching rule starts from.
+//! - [`plugins`]: the rule's WASM plugin chain that reshapes it (wasmtime).
+//! - [`ingest`], [`outbox`], [`store`]: matched, built and durably stored.
+//! - [`deliver`], [`sign`]: signed and sent, retried, every attempt recorded.
+//! - [`api`], [`serve`], [`reload`]: the server around them.
 //! - [`cli`]: the `rulehook` command line.
 //!
 //! See ARCHITECTURE.md for the whole flow and the invariants.
@@ -22,6 +26,8 @@ pub mod listen;
 pub mod metrics;
 pub mod outbox;
 pub mod payload;
+pub mod plugin_cli;
+pub mod plugins;
 pub mod reload;
 pub mod rules;
 pub mod serve;

@@ -11,9 +11,9 @@ use serde_json::{Map, Value, json};
 use crate::event::{Change, Event};
 use crate::rules::Rule;
 
-/// Builds the chain input for `rule` and `event`; `event_id` is the id the
-/// event was accepted under (the sender's, or the one ingest gave it).
-pub fn build(rule: &Rule, event: &Event, event_id: &str) -> Value {
+/// Builds the chain input for the rule named `rule` and `event`; `event_id`
+/// is the id the event was accepted under (the sender's, or ingest's).
+pub fn build(rule: &str, event: &Event, event_id: &str) -> Value {
     let mut p = Map::new();
     p.insert("event_id".into(), Value::String(event_id.to_string()));
     p.insert("event_type".into(), Value::String(event.event_type.clone()));
@@ -24,7 +24,7 @@ pub fn build(rule: &Rule, event: &Event, event_id: &str) -> Value {
     if let Some(t) = &event.occurred_at {
         p.insert("occurred_at".into(), Value::String(t.clone()));
     }
-    p.insert("rule".into(), Value::String(rule.name.clone()));
+    p.insert("rule".into(), Value::String(rule.to_string()));
     p.insert("scope".into(), Value::Object(event.scope.clone()));
     if let Some(user) = &event.user {
         p.insert("user".into(), Value::Object(user.clone()));

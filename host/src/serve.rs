@@ -21,7 +21,7 @@ use crate::deliver::{self, Shared};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::reload::{self, RulesStatus};
+use crate::reload::{self, Loader, Snapshot};
 use crate::store::{Op, Store};
 
 /// The API keys file written when the config names none, so a fresh
@@ -84,7 +84,23 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (rules, diagnostics) = reload::load(&config.rules_dir).map_err(|diagnostics| {
+    let runtime = crate::plugins::Runtime::new(
+        config.plugin_limits.clone(),
+        Some(config.plugin_cache_dir()),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(Metrics::default());
+    let loader = Arc::new(Loader::new(
+        runtime,
+        config.rules_dir.clone(),
+        config.plugins_dir.clone(),
+        metrics.clone(),
+    ));
+    let started = {
+        let loader = loader.clone();
+        tokio::task::spawn_blocking(move || loader.load(None)).await?
+    };
+    let (snapshot, diagnostics) = started.map_err(|diagnostics| {
         let text: Vec<String> = diagnostics
             .iter()
             .filter(|d| d.is_error())
@@ -99,9 +115,22 @@ pub async fn run(
     for d in &diagnostics {
         tracing::warn!(at = %d.location(), warning = %d.message, "rule file warning");
     }
-    let status = Arc::new(RulesStatus::default());
-    let rules = Arc::new(ArcSwap::from_pointee(rules));
-    reload::reload(&config.rules_dir, &rules, &status);
+    loader.started(&snapshot, diagnostics);
+    let rules = Arc::new(ArcSwap::from_pointee(snapshot));
+    // Edits to rule and plugin files apply on their own; SIGHUP and
+    // `POST /v1/rules/reload` ask for the same reload.
+    let _watcher = match config
+        .watch
+        .then(|| reload::watch(loader.clone(), rules.clone()))
+        .transpose()
+    {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "rule files are not watched; reload with SIGHUP or POST /v1/rules/reload");
+            None
+        }
+    };
+    let hangups = tokio::spawn(reload_on_sighup(loader.clone(), rules.clone()));
 
     let db_path = config.data_dir.join("rulehook.redb");
     let cache = config.cache_bytes;
@@ -119,7 +148,6 @@ pub async fn run(
     };
 
     let (outbox, writer) = Outbox::start(store.clone());
-    let metrics = Arc::new(Metrics::default());
     let sender =
         deliver::client::Sender::new(config.outbound.clone()).map_err(anyhow::Error::msg)?;
     let shared = Arc::new(Shared {
@@ -149,11 +177,29 @@ pub async fn run(
         shared: shared.clone(),
         queue,
         keys,
-        status,
+        loader: loader.clone(),
     });
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // Announced only now, with the rules loaded and the store open: a
+    // caller that waits for this line (an operator, a test, a supervisor)
+    // finds a server that answers with the configured rules.
+    println!(
+        "rulehook listening on http://{} (rules: {}, data: {}{})",
+        listener.local_addr()?,
+        config.rules_dir.display(),
+        config.data_dir.display(),
+        if config.api_keys.is_empty() {
+            format!(", API keys: {}", keys_file(&config.data_dir).display())
+        } else {
+            String::new()
+        }
+    );
+    {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -189,6 +235,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     let _ = retention.await;
+    hangups.abort();
     // The writer thread ends when the last outbox handle is gone.
     drop(api);
     drop(shared);
@@ -196,6 +243,23 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads rules and plugins on each SIGHUP, the daemon convention.
+async fn reload_on_sighup(loader: Arc<Loader>, rules: Arc<ArcSwap<Snapshot>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let (loader, rules) = (loader.clone(), rules.clone());
+            let _ = tokio::task::spawn_blocking(move || loader.reload(&rules, "signal")).await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (loader, rules);
 }
 
 /// Compacts old final deliveries now and then; events with pending

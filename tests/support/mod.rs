@@ -24,8 +24,17 @@ pub fn rulehook(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rulehook"))
         .args(args)
         .current_dir(repo())
+        .env("RULEHOOK_PLUGIN_CACHE", plugin_cache())
         .output()
         .expect("the rulehook binary runs")
+}
+
+/// One compile cache for every test's server and command: a debug build
+/// of wasmtime compiles a component in seconds, and each test would
+/// otherwise pay that again in its fresh data directory. Entries are keyed
+/// by content and engine, so sharing cannot mix up plugins.
+pub fn plugin_cache() -> PathBuf {
+    repo().join("target/test-plugin-cache")
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -46,6 +46,7 @@ impl Server {
                 "127.0.0.1:0",
             ])
             .env("RULEHOOK_LOG", "warn")
+            .env("RULEHOOK_PLUGIN_CACHE", super::plugin_cache())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

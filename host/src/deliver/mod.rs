@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::rules::{RuleSet, Transport};
+use crate::rules::Transport;
 use crate::store::{Attempt, DeliveryId, Endpoint, Next, Op, Store, now_ms};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
@@ -48,7 +48,7 @@ pub struct Work {
 pub struct Shared {
     pub store: Arc<Store>,
     pub outbox: Outbox,
-    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub rules: Arc<ArcSwap<crate::reload::Snapshot>>,
     pub sender: Sender,
     pub config: Config,
     pub metrics: Arc<Metrics>,

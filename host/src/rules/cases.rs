@@ -132,7 +132,7 @@ fn check_case(path: &Path) -> Vec<String> {
                 problems.push(format!("checks[{i}]: no rule `{rule}` for payload"));
                 continue;
             };
-            let got = crate::payload::build(r, &event, event.id.as_deref().unwrap_or("evt"));
+            let got = crate::payload::build(&r.name, &event, event.id.as_deref().unwrap_or("evt"));
             if got != *want {
                 problems.push(format!(
                     "checks[{i}]: payload of `{rule}`\n  got:  {got}\n  want: {want}"

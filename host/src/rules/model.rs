@@ -53,7 +53,10 @@ pub struct Rule {
 pub struct PluginRef {
     pub name: String,
     pub config: Value,
+    /// The `{name, config}` entry, where config problems are reported.
     pub origin: Origin,
+    /// The name itself, where an unknown plugin is reported.
+    pub name_origin: Origin,
 }
 
 /// A condition node. `path` says where it sits in the rule (`when.all[1]`)

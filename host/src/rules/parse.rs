@@ -537,6 +537,7 @@ impl<'a> Decoder<'a> {
                 ok = false;
                 continue;
             };
+            let name_span = e.get("name").map_or(item.span, |n| n.span);
             let Some(name) = e.get("name").and_then(|n| self.string(n, &context)) else {
                 if e.get("name").is_none() {
                     self.sink.error(item.span, format!("{context}: missing `name`"), Some("name a bundled plugin (select-fields, udf-labels, redact, octane-format, slack) or a .wasm file in the plugins directory".into()));
@@ -551,6 +552,7 @@ impl<'a> Decoder<'a> {
                 name,
                 config,
                 origin: self.origin(item.span),
+                name_origin: self.origin(name_span),
             });
         }
         ok.then_some(out)

@@ -62,7 +62,19 @@ pub struct NewDelivery {
     /// `Pending` to send, or `Skipped` / `Failed` when a plugin decided so.
     pub state: State,
     pub reason: Option<String>,
+    /// The final body, or for `unbuilt` the chain's input (see `Delivery`).
     pub body: Vec<u8>,
+    pub unbuilt: bool,
+}
+
+/// A redelivery's body: the stored one, or the outcome of running an
+/// unbuilt delivery's plugin chain again.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rebuilt {
+    Same,
+    Body(Vec<u8>),
+    Skipped(String),
+    Failed(String),
 }
 
 /// What happens to a delivery after an attempt.
@@ -100,6 +112,8 @@ pub enum Op {
     /// Send again now, keeping the id (and so the receivers' dedupe key).
     Redeliver {
         id: DeliveryId,
+        /// For an unbuilt delivery, what running its chain again gave.
+        body: Rebuilt,
     },
     /// Remove events accepted before `before_ms` whose deliveries are final.
     Compact {
@@ -532,6 +546,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     parked_on: None,
                     reason: nd.reason,
                     last_status: None,
+                    unbuilt: nd.unbuilt,
                 };
                 t.bodies
                     .insert(d.id.0, nd.body.as_slice())
@@ -623,15 +638,38 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             }
             Ok(Done::Unparked(moved))
         }
-        Op::Redeliver { id } => {
+        Op::Redeliver { id, body } => {
             let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
             let mut d = old.clone();
-            d.state = State::Pending;
             d.parked_on = None;
-            d.next_attempt_at = Some(now);
+            d.next_attempt_at = None;
             d.updated_at = now;
+            match body {
+                Rebuilt::Same => {}
+                Rebuilt::Body(bytes) => {
+                    t.bodies
+                        .insert(id.0, bytes.as_slice())
+                        .map_err(io("redeliver"))?;
+                    d.unbuilt = false;
+                }
+                Rebuilt::Skipped(why) => {
+                    d.state = State::Skipped;
+                    d.reason = Some(why);
+                    d.unbuilt = false;
+                    save_delivery(t, Some(&old), &d)?;
+                    return Ok(Done::Redelivered(d));
+                }
+                Rebuilt::Failed(why) => {
+                    d.state = State::Failed;
+                    d.reason = Some(why);
+                    save_delivery(t, Some(&old), &d)?;
+                    return Ok(Done::Redelivered(d));
+                }
+            }
+            d.state = State::Pending;
+            d.next_attempt_at = Some(now);
             d.reason = Some("redelivery requested".into());
             save_delivery(t, Some(&old), &d)?;
             Ok(Done::Redelivered(d))

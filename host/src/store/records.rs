@@ -117,6 +117,11 @@ pub struct Delivery {
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_status: Option<u16>,
+    /// Its plugin chain failed: the stored body is the chain's input, and a
+    /// redelivery runs the chain again (with the plugins then loaded)
+    /// before sending. Once built, a body never changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unbuilt: bool,
 }
 
 /// One attempt to send a delivery, as sent and as answered.

@@ -1,0 +1,345 @@
+//! The plugin stage: the set of plugins a rule set can name (bundled ones
+//! and `*.wasm` files in the plugins directory), checking rules against it,
+//! and running a rule's chain on a payload.
+//!
+//! A chain is the rule's `fields` (the bundled `select-fields` plugin) and
+//! then its `plugins`, in order, each getting the previous one's output.
+//! Every failure becomes a message that names the plugin and the cause;
+//! nothing a plugin does can take the host down.
+
+pub mod runtime;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::rules::{Diagnostic, Rule, RuleSet, Severity};
+pub use runtime::{Call, CallContext, CallError, Compiled, Limits, LogLine, Outcome, Runtime};
+
+mod bundled {
+    include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
+}
+
+/// The plugin a rule's `fields` runs.
+pub const SELECT_FIELDS: &str = "select-fields";
+
+/// Where a plugin came from, for messages and `GET /v1/rules`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Bundled,
+    File(PathBuf),
+}
+
+struct Entry {
+    source: Source,
+    /// SHA-256 of the component's bytes, hex.
+    hash: String,
+    /// `None` for a plugin no rule names: it is listed but not compiled.
+    compiled: Option<Arc<Compiled>>,
+}
+
+/// Every plugin a rule set may name; the ones its rules do name compiled
+/// and pre-instantiated.
+#[derive(Default)]
+pub struct PluginSet {
+    entries: HashMap<String, Entry>,
+}
+
+/// A problem with one plugin file (it could not be read or compiled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl PluginError {
+    /// As a rule-file diagnostic, so `check`, the log and `GET /v1/rules`
+    /// report it like any other mistake.
+    pub fn diagnostic(&self) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            file: self.file.clone(),
+            line: 1,
+            column: 1,
+            message: self.message.clone(),
+            fix: Some(
+                "rebuild the plugin for wasm32-wasip2 with the rulehook plugin SDK, or remove the file"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// What running a chain decided for one delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainOutcome {
+    /// The body to store and send.
+    Send(Vec<u8>),
+    /// A plugin chose not to send; the reason names it.
+    Skip(String),
+    /// A plugin failed; the message names it and the cause.
+    Failed(String),
+}
+
+impl PluginSet {
+    /// Loads the bundled plugins and every `*.wasm` in `dir`. A file with a
+    /// bundled plugin's name replaces it. Only plugins for which `wanted`
+    /// says yes (the ones the rules name) are compiled: compiling is the
+    /// expensive part of a load, and a plugin no rule uses needs none.
+    /// Components whose bytes did not change since `previous` are taken
+    /// from it, warm instances and all, so a reload recompiles only what
+    /// changed.
+    pub fn load(
+        runtime: &Arc<Runtime>,
+        dir: Option<&Path>,
+        previous: Option<&PluginSet>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> (PluginSet, Vec<PluginError>) {
+        let mut set = PluginSet::default();
+        let mut errors = Vec::new();
+        let mut sources: Vec<(String, Source, Vec<u8>)> = bundled::BUNDLED
+            .iter()
+            .map(|(name, bytes)| (name.to_string(), Source::Bundled, bytes.to_vec()))
+            .collect();
+        if let Some(dir) = dir {
+            match std::fs::read_dir(dir) {
+                Ok(entries) => {
+                    let mut files: Vec<PathBuf> = entries
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                        .collect();
+                    files.sort();
+                    for path in files {
+                        let name = path
+                            .file_stem()
+                            .map(|s| s.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        match std::fs::read(&path) {
+                            Ok(bytes) => {
+                                sources.retain(|(n, _, _)| *n != name);
+                                sources.push((name, Source::File(path), bytes));
+                            }
+                            Err(e) => errors.push(PluginError {
+                                file: path.clone(),
+                                message: format!("cannot read plugin {}: {e}", path.display()),
+                            }),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(PluginError {
+                    file: dir.to_path_buf(),
+                    message: format!("cannot read the plugins directory {}: {e}", dir.display()),
+                }),
+            }
+        }
+        for (name, source, bytes) in sources {
+            let hash = runtime::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if !wanted(&name) {
+                let compiled = None;
+                set.entries.insert(
+                    name,
+                    Entry {
+                        source,
+                        hash,
+                        compiled,
+                    },
+                );
+                continue;
+            }
+            let reused = previous
+                .and_then(|p| p.get(&name))
+                .filter(|c| c.hash == hash)
+                .cloned();
+            let compiled = match reused {
+                Some(c) => c,
+                None => match runtime.load(&name, &bytes) {
+                    Ok(c) => Arc::new(c),
+                    Err(message) => {
+                        let file = match &source {
+                            Source::File(p) => p.clone(),
+                            Source::Bundled => PathBuf::from(format!("<bundled {name}>")),
+                        };
+                        errors.push(PluginError { file, message });
+                        continue;
+                    }
+                },
+            };
+            let compiled = Some(compiled);
+            set.entries.insert(
+                name,
+                Entry {
+                    source,
+                    hash,
+                    compiled,
+                },
+            );
+        }
+        (set, errors)
+    }
+
+    /// The compiled plugin `name`, if it exists and was wanted at load.
+    pub fn get(&self, name: &str) -> Option<&Arc<Compiled>> {
+        self.entries.get(name).and_then(|e| e.compiled.as_ref())
+    }
+
+    /// The plugin names `rules` refer to: their `plugins` and, for rules
+    /// with `fields`, select-fields.
+    pub fn referenced(rules: &RuleSet) -> std::collections::HashSet<String> {
+        let mut names = std::collections::HashSet::new();
+        for rule in rules.rules() {
+            if !rule.fields.is_empty() {
+                names.insert(SELECT_FIELDS.to_string());
+            }
+            names.extend(rule.plugins.iter().map(|p| p.name.clone()));
+        }
+        names
+    }
+
+    /// Names and sources, sorted, for listings.
+    pub fn list(&self) -> Vec<(String, Source, String)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.source.clone(), e.hash.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every plugin reference of `rules` that names no plugin, and every
+    /// config its plugin rejects, at the place it is written.
+    pub fn check(&self, rules: &RuleSet) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        let mut known: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        known.sort();
+        for rule in rules.rules() {
+            if !rule.fields.is_empty() {
+                let config = crate::payload::select_fields_config(rule).to_string();
+                match self.get(SELECT_FIELDS) {
+                    None => out.push(diag(
+                        &rule.origin,
+                        "the bundled select-fields plugin, which runs `fields`, is missing".into(),
+                        None,
+                    )),
+                    Some(p) => {
+                        if let Err(e) = p.validate_config(&config) {
+                            out.push(diag(
+                                &rule.origin,
+                                format!(
+                                    "`fields` rejected by the select-fields plugin: {}",
+                                    plain(&e)
+                                ),
+                                Some("fix the entry the message names".into()),
+                            ));
+                        }
+                    }
+                }
+            }
+            for p in &rule.plugins {
+                let Some(compiled) = self.get(&p.name) else {
+                    let near = known
+                        .iter()
+                        .min_by_key(|k| strsim::levenshtein(k, &p.name))
+                        .filter(|k| strsim::levenshtein(k, &p.name) <= 3);
+                    out.push(diag(
+                        &p.name_origin,
+                        format!("unknown plugin `{}`", p.name),
+                        Some(match near {
+                            Some(k) => {
+                                format!("did you mean `{k}`? known plugins: {}", known.join(", "))
+                            }
+                            None => format!(
+                                "put {}.wasm in the plugins directory; known plugins: {}",
+                                p.name,
+                                known.join(", ")
+                            ),
+                        }),
+                    ));
+                    continue;
+                };
+                if let Err(e) = compiled.validate_config(&p.config.to_string()) {
+                    out.push(diag(
+                        &p.origin,
+                        format!("plugin `{}` rejects its config: {}", p.name, plain(&e)),
+                        None,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `rule` has anything for the plugin stage to do.
+    pub fn has_chain(rule: &Rule) -> bool {
+        !rule.fields.is_empty() || !rule.plugins.is_empty()
+    }
+
+    /// Runs `rule`'s chain on `payload`. Blocking and CPU-bound: call it
+    /// off the async reactor.
+    pub fn run_chain(&self, rule: &Rule, ctx: &CallContext, payload: &Value) -> ChainOutcome {
+        let mut text = payload.to_string();
+        let mut steps: Vec<(&str, String)> = Vec::with_capacity(rule.plugins.len() + 1);
+        if !rule.fields.is_empty() {
+            steps.push((
+                SELECT_FIELDS,
+                crate::payload::select_fields_config(rule).to_string(),
+            ));
+        }
+        for p in &rule.plugins {
+            steps.push((p.name.as_str(), p.config.to_string()));
+        }
+        for (name, config) in steps {
+            let Some(plugin) = self.get(name) else {
+                return ChainOutcome::Failed(format!(
+                    "plugin {name} is not loaded; add it to the plugins directory and redeliver"
+                ));
+            };
+            let call = plugin.transform(ctx, &text, &config);
+            for line in &call.logs {
+                tracing::info!(plugin = name, rule = %rule.name, event = %ctx.event_id, level = line.level, "plugin log: {}", line.message);
+            }
+            if call.logs_dropped > 0 {
+                tracing::warn!(
+                    plugin = name,
+                    dropped_bytes = call.logs_dropped,
+                    "plugin log volume over the cap; lines dropped"
+                );
+            }
+            match call.result {
+                Ok(Outcome::Send(out)) => text = out,
+                Ok(Outcome::Skip(reason)) => {
+                    return ChainOutcome::Skip(format!("plugin {name} skipped it: {reason}"));
+                }
+                Err(e) => return ChainOutcome::Failed(format!("plugin {name} {e}")),
+            }
+        }
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+            return ChainOutcome::Failed(format!("the plugin chain's output is not JSON: {e}"));
+        }
+        ChainOutcome::Send(text.into_bytes())
+    }
+}
+
+/// A call error as a clause ("timed out after 50 ms", or the plugin's own message).
+fn plain(e: &CallError) -> String {
+    match e {
+        CallError::Plugin(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn diag(origin: &crate::rules::Origin, message: String, fix: Option<String>) -> Diagnostic {
+    Diagnostic {
+        severity: Severity::Error,
+        file: origin.file.clone(),
+        line: origin.span.line,
+        column: origin.span.column,
+        message,
+        fix,
+    }
+}

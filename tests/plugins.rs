@@ -1,0 +1,358 @@
+//! Plugins through the real runtime: hostile plugins fail their delivery
+//! with a clear message and harm nothing else; bundled plugins produce the
+//! documented shapes; `check` reports bad plugin references; a plugin from
+//! `rulehook plugin new` builds and runs; a delivery failed by a broken
+//! plugin is redelivered once the plugin is fixed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::receiver::{Answer, Receiver};
+use crate::support::server::{Server, setup};
+use crate::support::{TempDir, repo, rulehook, stdout, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+/// The components the build made from `plugins/*` and `tests/plugins/*`.
+fn wasm(name: &str) -> PathBuf {
+    Path::new(env!("RULEHOOK_WASM_DIR")).join(format!("{name}.wasm"))
+}
+
+fn story_created(id: &str) -> Value {
+    json!({"id": id, "event_type": "create", "entity_type": "story",
+        "scope": {"sharedspace_id": 1001, "workspace_id": 1002},
+        "user": {"id": "1001", "email": "admin@example.com"},
+        "entity": {"id": "77", "name": "Checkout page", "story_points": 5, "owner": {"id": "9", "email": "dev@example.com"}}})
+}
+
+/// (plugin, final state, text the delivery's reason must contain).
+const HOSTILE: &[(&str, &str, &str)] = &[
+    ("spin", "failed", "plugin spin timed out after 50 ms"),
+    (
+        "membomb",
+        "failed",
+        "plugin membomb exceeded its memory limit of 32 MiB",
+    ),
+    ("panic", "failed", "boom: test panic"),
+    ("huge", "failed", "more than the 1048576-byte output limit"),
+    ("read-file", "failed", "plugin read-file returned an error"),
+];
+
+#[test]
+fn hostile_plugins_fail_their_delivery_and_harm_nothing_else() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let mut rules = String::from("rules:\n");
+    for (name, _, _) in HOSTILE
+        .iter()
+        .chain(&[("read-env", "", ""), ("log-flood", "", "")])
+    {
+        rules.push_str(&format!(
+            "  - name: hostile-{name}\n    events: [create]\n    plugins: [{{name: {name}}}]\n    webhook: {{url: \"{}\"}}\n",
+            rx.url(&format!("/{name}"))
+        ));
+    }
+    rules.push_str(&format!(
+        "  - name: plain\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/plain")
+    ));
+    let (dir, config) = setup(
+        "hostile",
+        &rules,
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    for name in [
+        "spin",
+        "membomb",
+        "panic",
+        "huge",
+        "read-file",
+        "read-env",
+        "log-flood",
+    ] {
+        std::fs::copy(wasm(name), dir.path().join(format!("plugins/{name}.wasm"))).unwrap();
+    }
+    let server = Server::start(&dir, &config);
+
+    for round in 0..2 {
+        let event_id = format!("hostile-{round}");
+        let r = server.post_event(&story_created(&event_id));
+        assert_eq!(r.status, 202, "{}", r.text());
+        for (name, state, reason) in HOSTILE {
+            let list = server.deliveries(&format!("rule=hostile-{name}&event={event_id}"));
+            assert_eq!(list.len(), 1, "{name}: {list:?}");
+            assert_eq!(list[0]["state"], *state, "{name}: {}", list[0]);
+            let why = list[0]["reason"].as_str().unwrap_or_default();
+            assert!(
+                why.contains(reason),
+                "{name}: reason {why:?} lacks {reason:?}"
+            );
+        }
+        // Nothing the hostile plugins did stopped the others.
+        let got = rx.wait_for(3 * (round + 1), T);
+        let at = |path: &str| {
+            got.iter()
+                .rfind(|g| g.path == path)
+                .unwrap_or_else(|| panic!("nothing at {path}"))
+                .json()
+        };
+        assert_eq!(at("/plain")["event_id"], event_id);
+        // WASI granted nothing: no environment variables at all.
+        assert_eq!(at("/read-env"), json!({"home": null, "vars": 0}));
+        assert_eq!(at("/log-flood")["event_id"], event_id);
+    }
+    // The file the read-file plugin tried to read never left the sandbox.
+    let failed = server.deliveries("rule=hostile-read-file");
+    assert!(
+        failed
+            .iter()
+            .all(|d| !d["reason"].as_str().unwrap_or_default().contains("root:")),
+        "{failed:?}"
+    );
+    assert_eq!(server.admin("GET", "/healthz", None).status, 200);
+}
+
+#[test]
+fn a_delivery_failed_by_a_plugin_is_redelivered_after_the_fix() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - name: shaped\n    events: [create]\n    fields: [name]\n    plugins: [{{name: shaper}}]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/shaped")
+    );
+    let (dir, config) = setup(
+        "redeliver-plugin",
+        &rules,
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let shaper = dir.path().join("plugins/shaper.wasm");
+    std::fs::copy(wasm("panic"), &shaper).unwrap();
+    let server = Server::start(&dir, &config);
+    assert_eq!(server.post_event(&story_created("fixme-1")).status, 202);
+    let failed = server.deliveries("rule=shaped");
+    assert_eq!(failed[0]["state"], "failed", "{failed:?}");
+    let id = failed[0]["id"].as_str().unwrap().to_string();
+    assert!(rx.received().is_empty());
+
+    // The integrator ships a fixed plugin; the server restarts with it.
+    server.stop();
+    std::fs::copy(wasm("noop"), &shaper).unwrap();
+    let server = Server::start(&dir, &config);
+    let r = server.admin("POST", &format!("/v1/deliveries/{id}/redeliver"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let got = rx.wait_for(1, T);
+    // Built now, by the chain as it is now: `fields` kept only the name.
+    let body = got[0].json();
+    assert_eq!(
+        body["entity"],
+        json!({"id": "77", "type": "story", "name": "Checkout page"})
+    );
+    assert_eq!(got[0].header("x-rulehook-delivery"), Some(id.as_str()));
+    wait_for(T, "the redelivery to succeed", || {
+        (server.delivery(&id)["delivery"]["state"] == "succeeded").then_some(())
+    });
+}
+
+fn plugin_run(plugin: &str, event: &Value, config: &Value) -> Value {
+    let dir = TempDir::new("plugin-run");
+    let event_file = dir.write("event.json", &event.to_string());
+    let out = rulehook(&[
+        "plugin",
+        "run",
+        plugin,
+        "--event",
+        event_file.to_str().unwrap(),
+        "--config",
+        &config.to_string(),
+        "--format",
+        "json",
+    ]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn defect_update() -> Value {
+    json!({"id": "evt-9", "event_type": "update", "entity_type": "defect",
+        "scope": {"sharedspace_id": 1001, "workspace_id": 1002},
+        "user": {"id": "1001", "email": "admin@example.com"},
+        "entity": {"id": "2013", "name": "Login fails", "severity": "high",
+            "phase": {"id": "phase.defect.opened"}, "rework_counter_udf": 3, "root_cause_udf": "config", "notes": "x"},
+        "before": {"id": "2013", "name": "Login fails", "severity": "high",
+            "phase": {"id": "phase.defect.fixed"}, "rework_counter_udf": 2, "root_cause_udf": "config", "notes": "x"}})
+}
+
+#[test]
+fn select_fields_keeps_names_patterns_and_labels() {
+    // (fields, labels, the entity keys expected besides id and type)
+    let cases: &[(Value, Value, &[&str])] = &[
+        (json!(["name"]), json!({}), &["name"]),
+        (
+            json!(["*_udf"]),
+            json!({}),
+            &["rework_counter_udf", "root_cause_udf"],
+        ),
+        (
+            json!([{"label": "Root Cause"}]),
+            json!({"Root Cause": "root_cause_udf"}),
+            &["root_cause_udf"],
+        ),
+        (
+            json!(["severity", "phase.id"]),
+            json!({}),
+            &["severity", "phase"],
+        ),
+    ];
+    for (fields, labels, expected) in cases {
+        let out = plugin_run(
+            "select-fields",
+            &defect_update(),
+            &json!({"fields": fields, "labels": labels}),
+        );
+        assert_eq!(out["outcome"], "send", "{fields}: {out}");
+        let entity = out["payload"]["entity"].as_object().expect("entity");
+        let mut keys: Vec<&str> = entity.keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want: Vec<&str> = ["id", "type"]
+            .iter()
+            .chain(expected.iter())
+            .copied()
+            .collect();
+        want.sort();
+        assert_eq!(keys, want, "{fields}: {out}");
+    }
+}
+
+#[test]
+fn octane_format_emits_the_documented_shape() {
+    let config = json!({"server_url": "https://alm.example.com"});
+    let update = plugin_run("octane-format", &defect_update(), &config);
+    assert_eq!(update["outcome"], "send", "{update}");
+    let p = &update["payload"];
+    assert_eq!(p["server_url"], "https://alm.example.com");
+    assert_eq!(p["event_type"], "update");
+    assert_eq!(p["sharedspace_id"], 1001);
+    assert_eq!(p["workspace_id"], 1002);
+    assert_eq!(
+        p["username"],
+        json!({"id": "1001", "email": "admin@example.com"})
+    );
+    let data = p["data"].as_array().expect("data");
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["entity"]["type"], "defect");
+    assert_eq!(data[0]["entity"]["id"], "2013");
+    assert_eq!(
+        data[0]["changes"],
+        json!({"phase": {"oldValue": {"id": "phase.defect.fixed"}, "newValue": {"id": "phase.defect.opened"}},
+               "rework_counter_udf": {"oldValue": 2, "newValue": 3}})
+    );
+    for kind in ["create", "delete"] {
+        let mut ev = defect_update();
+        ev["event_type"] = json!(kind);
+        ev.as_object_mut().unwrap().remove("before");
+        let out = plugin_run("octane-format", &ev, &config);
+        assert_eq!(out["payload"]["event_type"], kind, "{out}");
+        assert!(
+            out["payload"]["data"][0].get("changes").is_none(),
+            "{kind}: {out}"
+        );
+        assert_eq!(out["payload"]["data"][0]["entity"]["name"], "Login fails");
+    }
+}
+
+#[test]
+fn check_reports_unknown_plugins_and_rejected_configs() {
+    let dir = TempDir::new("check-plugins");
+    dir.write(
+        "rules/r.yaml",
+        "rules:\n  - name: a\n    events: [create]\n    plugins: [{name: slak}]\n    webhook: {url: \"https://example.com/a\"}\n  - name: b\n    events: [create]\n    plugins:\n      - name: octane-format\n        config: {}\n    webhook: {url: \"https://example.com/b\"}\n",
+    );
+    let out = rulehook(&["check", dir.path().join("rules").to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let file = dir.path().join("rules/r.yaml");
+    assert!(
+        text.contains(&format!(
+            "{}:4:22: error: unknown plugin `slak`",
+            file.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `slack`?"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{}:9:9: error: plugin `octane-format` rejects its config",
+            file.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("server_url"), "{text}");
+}
+
+#[test]
+fn a_plugin_from_the_template_builds_and_runs() {
+    let dir = TempDir::new("template");
+    let out = rulehook(&[
+        "plugin",
+        "new",
+        "my-filter",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let krate = dir.path().join("my-filter");
+    // A target directory that outlives the test keeps the rebuild short.
+    let target = repo().join("target/template-plugin");
+    let build = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(&krate)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let component = target.join("wasm32-wasip2/release/my_filter.wasm");
+    let result = plugin_run(
+        component.to_str().unwrap(),
+        &story_created("tpl-1"),
+        &json!({}),
+    );
+    assert_eq!(result["outcome"], "send", "{result}");
+    assert_eq!(result["payload"]["source"], "rulehook", "{result}");
+    assert_eq!(result["payload"]["event_id"], "tpl-1");
+    // And the template's own native tests pass.
+    let test = Command::new(env!("CARGO"))
+        .args(["test", "--target-dir"])
+        .arg(repo().join("target/template-plugin-native"))
+        .current_dir(&krate)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .expect("cargo runs");
+    assert!(
+        test.status.success(),
+        "{}",
+        String::from_utf8_lossy(&test.stderr)
+    );
+}

@@ -1,0 +1,273 @@
+//! Hot reload under a running server: files edited the ways editors and
+//! deploys do while events are posted; every accepted event is matched by
+//! one rule set, old or new, never a mix, and none is lost; a broken file
+//! keeps the old rules and is reported with its location; SIGHUP, the API
+//! and replaced plugins.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::receiver::{Answer, Receiver};
+use crate::support::server::{Server, setup};
+use crate::support::wait_for;
+
+const T: Duration = Duration::from_secs(30);
+
+fn event(id: &str) -> Value {
+    json!({"id": id, "event_type": "create", "entity_type": "story",
+        "scope": {"workspace_id": 1002}, "entity": {"id": id, "name": "A story"}})
+}
+
+/// A rules file with one rule per name, all matching story creations.
+fn rules_yaml(names: &[&str], rx: &Receiver) -> String {
+    let mut s = String::from("rules:\n");
+    for n in names {
+        s.push_str(&format!(
+            "  - name: {n}\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+            rx.url(&format!("/{n}"))
+        ));
+    }
+    s
+}
+
+fn rule_names(server: &Server) -> BTreeSet<String> {
+    let r = server.admin("GET", "/v1/rules", None);
+    r.json()["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn wait_rules(server: &Server, names: &[&str]) {
+    let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+    wait_for(T, &format!("rules {want:?} to run"), || {
+        (rule_names(server) == want).then_some(())
+    });
+}
+
+fn last_reload(server: &Server) -> Value {
+    server.admin("GET", "/v1/rules", None).json()["last_reload"].clone()
+}
+
+/// Replaces `path` the way most editors save: write a temp file, rename.
+fn save_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Truncates then writes in two halves with a pause, as a slow in-place
+/// save does: the half-written file is briefly on disk.
+fn save_in_place_slowly(path: &Path, text: &str) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let (a, b) = text.split_at(text.len() / 2);
+    f.write_all(a.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    f.write_all(b.as_bytes()).unwrap();
+}
+
+#[test]
+fn edits_under_load_match_old_or_new_rules_never_a_mix() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "reload-load",
+        &rules_yaml(&["v1-x", "v1-y"], &rx),
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Arc::new(Server::start(&dir, &config));
+    let file = dir.path().join("rules/rules.yaml");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poster = {
+        let (server, stop) = (server.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            let mut i = 0;
+            // Bounded: stops when told, or after 5,000 events.
+            while !stop.load(Ordering::Relaxed) && i < 5000 {
+                let id = format!("ev-{i}");
+                let r = server.post_event(&event(&id));
+                assert_eq!(r.status, 202, "{}", r.text());
+                accepted.push(id);
+                i += 1;
+            }
+            accepted
+        })
+    };
+
+    std::thread::sleep(Duration::from_millis(300));
+    save_by_rename(&file, &rules_yaml(&["v2-x", "v2-y"], &rx));
+    wait_rules(&server, &["v2-x", "v2-y"]);
+    save_in_place_slowly(&file, &rules_yaml(&["v3-x", "v3-y"], &rx));
+    wait_rules(&server, &["v3-x", "v3-y"]);
+    dir.write("rules/extra.yaml", &rules_yaml(&["extra-z"], &rx));
+    wait_rules(&server, &["v3-x", "v3-y", "extra-z"]);
+    std::fs::remove_file(dir.path().join("rules/extra.yaml")).unwrap();
+    wait_rules(&server, &["v3-x", "v3-y"]);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let accepted = poster.join().unwrap();
+    assert!(accepted.len() > 20, "only {} events posted", accepted.len());
+
+    // The slow in-place save is not left reported as broken.
+    assert_eq!(last_reload(&server)["ok"], true, "{}", last_reload(&server));
+
+    let sets: [&[&str]; 4] = [
+        &["v1-x", "v1-y"],
+        &["v2-x", "v2-y"],
+        &["v3-x", "v3-y"],
+        &["extra-z", "v3-x", "v3-y"],
+    ];
+    let mut seen = BTreeSet::new();
+    for id in &accepted {
+        let rules: BTreeSet<String> = server
+            .deliveries(&format!("event={id}"))
+            .iter()
+            .map(|d| d["rule"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let names: Vec<&str> = rules.iter().map(String::as_str).collect();
+        let which = sets.iter().position(|s| *s == names.as_slice());
+        assert!(
+            which.is_some(),
+            "event {id} was matched by {names:?}: a mix or a loss"
+        );
+        seen.insert(which.unwrap());
+    }
+    // The posting overlapped the changes: old and new sets both matched.
+    assert!(
+        seen.contains(&0) && seen.contains(&2),
+        "sets seen: {seen:?}"
+    );
+}
+
+#[test]
+fn a_broken_file_keeps_the_old_rules_and_is_reported() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "reload-broken",
+        &rules_yaml(&["good"], &rx),
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    let file = dir.path().join("rules/rules.yaml");
+    save_by_rename(
+        &file,
+        "rules:\n  - name: changed\n    events: [create]\n    entity_type: [story]\n    webhook: {url: \"https://example.com\"}\n",
+    );
+    let report = wait_for(T, "the failed reload to be reported", || {
+        let r = last_reload(&server);
+        (r["ok"] == false).then_some(r)
+    });
+    let d = &report["diagnostics"][0];
+    assert_eq!(d["file"], file.display().to_string(), "{report}");
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(4), Some(5)),
+        "{report}"
+    );
+    assert!(
+        d["message"].as_str().unwrap().contains("entity_type"),
+        "{report}"
+    );
+    let metrics = server.admin("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("rulehook_rules_last_reload_ok 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rulehook_rule_reloads_total{outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
+
+    // The old rules still serve.
+    assert_eq!(server.post_event(&event("while-broken")).status, 202);
+    let got = rx.wait_for(1, T);
+    assert_eq!(got[0].path, "/good");
+
+    // Fixing the file reloads on its own.
+    save_by_rename(&file, &rules_yaml(&["fixed"], &rx));
+    wait_rules(&server, &["fixed"]);
+    assert_eq!(last_reload(&server)["ok"], true);
+    assert_eq!(server.post_event(&event("after-fix")).status, 202);
+    let got = rx.wait_for(2, T);
+    assert_eq!(got[1].path, "/fixed");
+}
+
+#[test]
+fn sighup_and_the_api_reload_when_watching_is_off() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "reload-signal",
+        &rules_yaml(&["first"], &rx),
+        &format!("watch: false\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    let file = dir.path().join("rules/rules.yaml");
+
+    save_by_rename(&file, &rules_yaml(&["second"], &rx));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(rule_names(&server), BTreeSet::from(["first".to_string()]));
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status();
+    wait_rules(&server, &["second"]);
+    assert_eq!(last_reload(&server)["trigger"], "signal");
+
+    save_by_rename(&file, &rules_yaml(&["third"], &rx));
+    let r = server.admin("POST", "/v1/rules/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["reload"]["ok"], true);
+    assert_eq!(r.json()["reload"]["trigger"], "api");
+    assert_eq!(rule_names(&server), BTreeSet::from(["third".to_string()]));
+
+    save_by_rename(&file, "rules: [oops");
+    let r = server.admin("POST", "/v1/rules/reload", None);
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.json()["reload"]["ok"], false);
+    assert_eq!(rule_names(&server), BTreeSet::from(["third".to_string()]));
+}
+
+#[test]
+fn a_plugin_replaced_on_disk_is_recompiled_and_used() {
+    let wasm = |name: &str| Path::new(env!("RULEHOOK_WASM_DIR")).join(format!("{name}.wasm"));
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - name: shaped\n    events: [create]\n    plugins: [{{name: shape}}]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/shaped")
+    );
+    let (dir, config) = setup(
+        "reload-plugin",
+        &rules,
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let shape = dir.path().join("plugins/shape.wasm");
+    std::fs::copy(wasm("noop"), &shape).unwrap();
+    let server = Server::start(&dir, &config);
+    assert_eq!(server.post_event(&event("before")).status, 202);
+    assert_eq!(rx.wait_for(1, T)[0].json()["event_id"], "before");
+
+    let old_hash = last_reload(&server);
+    let tmp = dir.path().join("plugins/shape.wasm.part");
+    std::fs::copy(wasm("read-env"), &tmp).unwrap();
+    std::fs::rename(&tmp, &shape).unwrap();
+    wait_for(T, "the new plugin to load", || {
+        let r = server.admin("GET", "/v1/rules", None).json();
+        (r["last_reload"]["loads"] != old_hash["loads"] && r["last_reload"]["ok"] == true)
+            .then_some(())
+    });
+    assert_eq!(server.post_event(&event("after")).status, 202);
+    assert_eq!(
+        rx.wait_for(2, T)[1].json(),
+        json!({"home": null, "vars": 0})
+    );
+}
