@@ -34,7 +34,15 @@ fn main() {
         .expect("host/ sits in the workspace")
         .to_path_buf();
     let out = PathBuf::from(env("OUT_DIR"));
-    for dir in ["plugins", "tests/plugins", "plugin-sdk"] {
+    // The workspace manifest holds the `plugin` profile and the shared
+    // dependency versions, so a change there rebuilds the plugins too.
+    for dir in [
+        "plugins",
+        "tests/plugins",
+        "plugin-sdk",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 

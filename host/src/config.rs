@@ -535,6 +535,14 @@ mod tests {
             dir.join("data"),
             "paths are relative to the file"
         );
+        assert_eq!(c.plugin_cache_dir(), dir.join("data/plugin-cache"));
+        let with_cache = |k: &str| match k {
+            "CI_KEY" => Some("0123456789abcdef-ci".to_string()),
+            "RULEHOOK_PLUGIN_CACHE" => Some("/var/cache/rulehook".to_string()),
+            _ => None,
+        };
+        let c = Config::load(Some(&file), &with_cache).unwrap();
+        assert_eq!(c.plugin_cache_dir(), PathBuf::from("/var/cache/rulehook"));
         std::fs::remove_dir_all(&dir).ok();
     }
 

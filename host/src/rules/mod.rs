@@ -57,12 +57,12 @@ impl RuleSet {
     pub fn compile(sources: &[Source], secrets: &dyn SecretResolver) -> (RuleSet, Vec<Diagnostic>) {
         let mut diagnostics = Vec::new();
         let mut rules: Vec<Rule> = Vec::new();
-        for source in sources {
-            let mut sink = diag::Sink::new(&source.path);
-            let parsed = parse::parse_file(&source.path, &source.text, secrets, &mut sink);
-            diagnostics.extend(sink.diagnostics);
+        // Rule name → index in `rules`, for the duplicate check across files.
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (parsed, file_diagnostics) in parse_all(sources, secrets) {
+            diagnostics.extend(file_diagnostics);
             for rule in parsed {
-                if let Some(first) = rules.iter().find(|r| r.name == rule.name) {
+                if let Some(&first) = names.get(&rule.name) {
                     diagnostics.push(Diagnostic {
                         severity: Severity::Error,
                         file: rule.origin.file.clone(),
@@ -70,7 +70,7 @@ impl RuleSet {
                         column: rule.origin.span.column,
                         message: format!(
                             "duplicate rule name `{}`: also defined at {}",
-                            rule.name, first.origin
+                            rule.name, rules[first].origin
                         ),
                         fix: Some(
                             "rule names are unique across the rules directory; rename one of them"
@@ -79,6 +79,7 @@ impl RuleSet {
                     });
                     continue;
                 }
+                names.insert(rule.name.clone(), rules.len());
                 rules.push(rule);
             }
         }
@@ -300,4 +301,35 @@ pub fn check_whsec(secret: &str) -> Result<Vec<u8>, String> {
         return Err(format!("the key is {} bytes long", key.len()));
     }
     Ok(key)
+}
+
+/// Parses every source, on as many threads as there are cores: a file's
+/// parse depends on nothing but its text and the secrets, and compiling
+/// the regexes and JSONPaths of thousands of rules is most of a reload.
+/// Results come back in source order, so the outcome does not depend on
+/// the scheduling.
+fn parse_all(
+    sources: &[Source],
+    secrets: &dyn SecretResolver,
+) -> Vec<(Vec<Rule>, Vec<Diagnostic>)> {
+    let parse_one = |source: &Source| {
+        let mut sink = diag::Sink::new(&source.path);
+        let parsed = parse::parse_file(&source.path, &source.text, secrets, &mut sink);
+        (parsed, sink.diagnostics)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads == 1 || sources.len() < 2 {
+        return sources.iter().map(parse_one).collect();
+    }
+    let chunk = sources.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = sources
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(parse_one).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("rule parsing does not panic"))
+            .collect()
+    })
 }

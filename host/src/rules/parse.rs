@@ -6,6 +6,7 @@
 //! It does no I/O: secrets are resolved through the [`SecretResolver`] the
 //! caller passes in.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,11 +18,40 @@ use super::yaml::{self, Node, Scalar, Span};
 
 /// Looks up the value of a secret reference (`{env: NAME}`, `{file: PATH}`).
 /// The error says what is missing, e.g. "environment variable X is not set".
-pub trait SecretResolver {
+/// A compiled regex for `pattern`, from a process-wide memo when an earlier
+/// load compiled the same pattern. Compiling regexes is most of the cost
+/// of parsing a large rule set (perf: ~60 % of `check` on 10,000 rules),
+/// and a reload re-parses every file while most patterns are unchanged.
+/// The memo is invisible to callers: the same pattern always compiles to
+/// an equivalent `Regex`, and clones share the compiled program.
+fn compile_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    use std::sync::{LazyLock, Mutex, PoisonError};
+    static MEMO: LazyLock<Mutex<HashMap<String, regex::Regex>>> = LazyLock::new(Default::default);
+    // Bounded, so a long-running server whose patterns keep changing does
+    // not keep every pattern it ever saw.
+    const MAX: usize = 50_000;
+    if let Some(re) = MEMO
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(pattern)
+    {
+        return Ok(re.clone());
+    }
+    let re = regex::Regex::new(pattern)?;
+    let mut memo = MEMO.lock().unwrap_or_else(PoisonError::into_inner);
+    if memo.len() >= MAX {
+        memo.clear();
+    }
+    memo.insert(pattern.to_string(), re.clone());
+    Ok(re)
+}
+
+/// `Sync`: the files of a directory are parsed on several threads.
+pub trait SecretResolver: Sync {
     fn resolve(&self, secret: &SecretRef) -> Result<String, String>;
 }
 
-impl<F: Fn(&SecretRef) -> Result<String, String>> SecretResolver for F {
+impl<F: Fn(&SecretRef) -> Result<String, String> + Sync> SecretResolver for F {
     fn resolve(&self, secret: &SecretRef) -> Result<String, String> {
         self(secret)
     }
@@ -767,7 +797,7 @@ impl<'a> Decoder<'a> {
             }
             "matches" => {
                 let pattern = self.string(value, &context)?;
-                match regex::Regex::new(&pattern) {
+                match compile_regex(&pattern) {
                     Ok(re) => Op::Matches(re),
                     Err(e) => {
                         let detail = e
