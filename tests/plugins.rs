@@ -156,6 +156,37 @@ fn a_delivery_failed_by_a_plugin_is_redelivered_after_the_fix() {
     });
 }
 
+#[test]
+fn a_skip_records_the_delivery_as_skipped_and_sends_nothing() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - name: skipped\n    events: [create]\n    plugins: [{{name: skip, config: {{reason: not for this team}}}}]\n    webhook: {{url: \"{}\"}}\n  - name: sent\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/skipped"),
+        rx.url("/sent")
+    );
+    let (dir, config) = setup(
+        "skip",
+        &rules,
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(wasm("skip"), dir.path().join("plugins/skip.wasm")).unwrap();
+    let server = Server::start(&dir, &config);
+    assert_eq!(server.post_event(&story_created("skip-1")).status, 202);
+    let skipped = server.deliveries("rule=skipped");
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert_eq!(skipped[0]["state"], "skipped", "{}", skipped[0]);
+    assert_eq!(
+        skipped[0]["reason"],
+        "plugin skip skipped it: not for this team"
+    );
+    // The other rule's delivery goes out; the skipped one never does.
+    let got = rx.wait_for(1, T);
+    std::thread::sleep(Duration::from_millis(300));
+    let paths: Vec<String> = rx.received().iter().map(|g| g.path.clone()).collect();
+    assert_eq!(paths, ["/sent"], "{got:?}");
+}
+
 fn plugin_run(plugin: &str, event: &Value, config: &Value) -> Value {
     let dir = TempDir::new("plugin-run");
     let event_file = dir.write("event.json", &event.to_string());

@@ -256,6 +256,33 @@ fn a_plugin_replaced_on_disk_is_recompiled_and_used() {
     assert_eq!(server.post_event(&event("before")).status, 202);
     assert_eq!(rx.wait_for(1, T)[0].json()["event_id"], "before");
 
+    // A plugin that does not compile is refused; the old one keeps serving.
+    let before_broken = last_reload(&server);
+    std::fs::write(&shape, b"\0asm but not really").unwrap();
+    let report = wait_for(T, "the broken plugin to be reported", || {
+        let r = last_reload(&server);
+        (r["loads"] != before_broken["loads"] && r["ok"] == false).then_some(r)
+    });
+    assert_eq!(
+        report["diagnostics"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(
+        report["diagnostics"][0]["file"],
+        shape.display().to_string(),
+        "{report}"
+    );
+    assert!(
+        report["diagnostics"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("plugin shape is not a valid component"),
+        "{report}"
+    );
+    assert_eq!(server.post_event(&event("while-broken")).status, 202);
+    assert_eq!(rx.wait_for(2, T)[1].json()["event_id"], "while-broken");
+
     let old_hash = last_reload(&server);
     let tmp = dir.path().join("plugins/shape.wasm.part");
     std::fs::copy(wasm("read-env"), &tmp).unwrap();
@@ -267,7 +294,31 @@ fn a_plugin_replaced_on_disk_is_recompiled_and_used() {
     });
     assert_eq!(server.post_event(&event("after")).status, 202);
     assert_eq!(
-        rx.wait_for(2, T)[1].json(),
+        rx.wait_for(3, T)[2].json(),
         json!({"home": null, "vars": 0})
     );
+}
+
+#[test]
+fn many_changes_at_once_are_one_reload() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "reload-burst",
+        &rules_yaml(&["base"], &rx),
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    let before = last_reload(&server)["loads"].as_u64().expect("loads");
+    // A deploy copying twelve files, well within the 300 ms quiet period.
+    let mut names = vec!["base".to_string()];
+    for i in 0..12 {
+        let name = format!("burst-{i}");
+        dir.write(&format!("rules/{name}.yaml"), &rules_yaml(&[&name], &rx));
+        names.push(name);
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    wait_rules(&server, &names);
+    // Quiet long enough for a second, stray reload to have happened.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(last_reload(&server)["loads"].as_u64(), Some(before + 1));
 }

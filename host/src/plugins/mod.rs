@@ -46,6 +46,9 @@ struct Entry {
 #[derive(Default)]
 pub struct PluginSet {
     entries: HashMap<String, Entry>,
+    /// Plugins whose file could not be read or compiled: already reported
+    /// as such, so a rule naming one is not reported again as unknown.
+    failed: std::collections::HashSet<String>,
 }
 
 /// A problem with one plugin file (it could not be read or compiled).
@@ -123,10 +126,13 @@ impl PluginSet {
                                 sources.retain(|(n, _, _)| *n != name);
                                 sources.push((name, Source::File(path), bytes));
                             }
-                            Err(e) => errors.push(PluginError {
-                                file: path.clone(),
-                                message: format!("cannot read plugin {}: {e}", path.display()),
-                            }),
+                            Err(e) => {
+                                errors.push(PluginError {
+                                    file: path.clone(),
+                                    message: format!("cannot read plugin {}: {e}", path.display()),
+                                });
+                                set.failed.insert(name);
+                            }
                         }
                     }
                 }
@@ -165,6 +171,7 @@ impl PluginSet {
                             Source::Bundled => PathBuf::from(format!("<bundled {name}>")),
                         };
                         errors.push(PluginError { file, message });
+                        set.failed.insert(name);
                         continue;
                     }
                 },
@@ -241,6 +248,9 @@ impl PluginSet {
                 }
             }
             for p in &rule.plugins {
+                if self.failed.contains(&p.name) {
+                    continue;
+                }
                 let Some(compiled) = self.get(&p.name) else {
                     let near = known
                         .iter()
