@@ -838,7 +838,16 @@ impl<'a> Decoder<'a> {
             None => Some(Transport::Http),
             Some(n) => match n.as_str() {
                 Some("http") => Some(Transport::Http),
-                Some("websocket") => Some(Transport::WebSocket),
+                Some("websocket") => {
+                    // Accepted so rule files written for it stay valid, but
+                    // said plainly: every delivery of such a rule fails.
+                    self.sink.warning(
+                        n.span,
+                        "webhook transport `websocket` is not available in this version: deliveries of this rule will fail",
+                        Some("use `transport: http` with a reachable `url` until it is".into()),
+                    );
+                    Some(Transport::WebSocket)
+                }
                 _ => {
                     self.sink.error(
                         n.span,
