@@ -322,3 +322,38 @@ fn many_changes_at_once_are_one_reload() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(last_reload(&server)["loads"].as_u64(), Some(before + 1));
 }
+
+#[test]
+fn a_plugin_dropped_into_a_new_plugins_directory_is_picked_up() {
+    let wasm = |name: &str| Path::new(env!("RULEHOOK_WASM_DIR")).join(format!("{name}.wasm"));
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "reload-new-plugin-dir",
+        &rules_yaml(&["plain"], &rx),
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    // The directory does not exist yet: the server creates and watches it.
+    let plugins = dir.path().join("plugins");
+    assert!(!plugins.exists());
+    let server = Server::start(&dir, &config);
+    assert!(plugins.is_dir());
+
+    // A rule naming a plugin that is not there yet is refused...
+    let rules = format!(
+        "rules:\n  - name: late\n    events: [create]\n    plugins: [{{name: late}}]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/late")
+    );
+    save_by_rename(&dir.path().join("rules/rules.yaml"), &rules);
+    wait_for(T, "the unknown plugin to be reported", || {
+        (last_reload(&server)["ok"] == false).then_some(())
+    });
+    assert_eq!(rule_names(&server), BTreeSet::from(["plain".to_string()]));
+
+    // ...until the plugin arrives: its own change reloads, and the rule runs.
+    let tmp = plugins.join("late.wasm.part");
+    std::fs::copy(wasm("read-env"), &tmp).unwrap();
+    std::fs::rename(&tmp, plugins.join("late.wasm")).unwrap();
+    wait_rules(&server, &["late"]);
+    assert_eq!(server.post_event(&event("late-1")).status, 202);
+    assert_eq!(rx.wait_for(1, T)[0].json(), json!({"home": null, "vars": 0}));
+}

@@ -90,6 +90,13 @@ pub async fn run(
     )
     .map_err(anyhow::Error::msg)?;
     let metrics = Arc::new(Metrics::default());
+    // A configured plugins directory that does not exist yet is created, so
+    // the watcher covers it from the start and the first plugin copied in
+    // is picked up without a restart.
+    if let Some(dir) = &config.plugins_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the plugins directory {}", dir.display()))?;
+    }
     let loader = Arc::new(Loader::new(
         runtime,
         config.rules_dir.clone(),
