@@ -355,5 +355,8 @@ fn a_plugin_dropped_into_a_new_plugins_directory_is_picked_up() {
     std::fs::rename(&tmp, plugins.join("late.wasm")).unwrap();
     wait_rules(&server, &["late"]);
     assert_eq!(server.post_event(&event("late-1")).status, 202);
-    assert_eq!(rx.wait_for(1, T)[0].json(), json!({"home": null, "vars": 0}));
+    assert_eq!(
+        rx.wait_for(1, T)[0].json(),
+        json!({"home": null, "vars": 0})
+    );
 }
