@@ -565,14 +565,15 @@ fn check(dir: &Path, plugins: Option<&Path>, format: Format) -> ExitCode {
             for d in &diagnostics {
                 println!("{d}");
             }
+            let warnings = count(warnings, "warning");
             if errors == 0 {
                 println!(
-                    "{}: {} rules ok, {warnings} warnings",
+                    "{}: {} ok, {warnings}",
                     dir.display(),
-                    set.len()
+                    count(set.len(), "rule")
                 );
             } else {
-                println!("{}: {errors} errors, {warnings} warnings", dir.display());
+                println!("{}: {}, {warnings}", dir.display(), count(errors, "error"));
             }
         }
     }
@@ -772,4 +773,13 @@ pub fn preview_headers(rule: &Rule) -> Vec<(String, String)> {
         }
     }
     h
+}
+
+/// `1 error`, `2 errors`: counts in human output read as English.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
