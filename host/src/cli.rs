@@ -614,22 +614,13 @@ fn explain(event_file: &Path, dir: &Path, plugins: Option<&Path>, format: Format
             && let Some(rule) = set.get(&v.rule)
         {
             let payload = crate::payload::build(&rule.name, &event, &event_id);
-            if crate::plugins::PluginSet::has_chain(rule) {
-                let ctx = crate::plugins::CallContext {
-                    rule: rule.name.clone(),
-                    event_id: event_id.clone(),
-                    event_type: event.event_type.clone(),
-                    entity_type: event.entity_type.clone(),
-                };
-                match plugin_set.run_chain(rule, &ctx, &payload) {
-                    crate::plugins::ChainOutcome::Send(body) => {
-                        entry["payload"] = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    }
-                    crate::plugins::ChainOutcome::Skip(why) => entry["skipped"] = json!(why),
-                    crate::plugins::ChainOutcome::Failed(why) => entry["failed"] = json!(why),
+            let ctx = crate::plugins::CallContext::for_event(&rule.name, &event_id, &event);
+            match plugin_set.run_chain(rule, &ctx, &payload) {
+                crate::plugins::ChainOutcome::Send(body) => {
+                    entry["payload"] = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 }
-            } else {
-                entry["payload"] = payload;
+                crate::plugins::ChainOutcome::Skip(why) => entry["skipped"] = json!(why),
+                crate::plugins::ChainOutcome::Failed(why) => entry["failed"] = json!(why),
             }
             entry["headers"] = json!(preview_headers(rule));
             entry["plugins"] = json!(plugin_chain(rule));

@@ -20,7 +20,7 @@ use crate::deliver::{Queue, Work};
 use crate::event::{Event, EventError};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError};
-use crate::plugins::{CallContext, ChainOutcome, PluginSet};
+use crate::plugins::{CallContext, ChainOutcome};
 use crate::reload::Snapshot;
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, Op, State};
 
@@ -164,17 +164,8 @@ fn prepare(snapshot: &Snapshot, events: Vec<(Event, Value)>) -> (Vec<Op>, Vec<(S
         for rule in snapshot.matching(&event) {
             let payload = crate::payload::build(&rule.name, &event, &id);
             let did = DeliveryId::new();
-            let outcome = if PluginSet::has_chain(rule) {
-                let ctx = CallContext {
-                    rule: rule.name.clone(),
-                    event_id: id.clone(),
-                    event_type: event.event_type.clone(),
-                    entity_type: event.entity_type.clone(),
-                };
-                snapshot.plugins.run_chain(rule, &ctx, &payload)
-            } else {
-                ChainOutcome::Send(serde_json::to_vec(&payload).unwrap_or_default())
-            };
+            let ctx = CallContext::for_event(&rule.name, &id, &event);
+            let outcome = snapshot.plugins.run_chain(rule, &ctx, &payload);
             let base = || serde_json::to_vec(&payload).unwrap_or_default();
             let (state, reason, body, unbuilt) = match outcome {
                 ChainOutcome::Send(body) => (State::Pending, None, body, false),

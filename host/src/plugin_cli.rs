@@ -145,12 +145,7 @@ fn run_once(
         print_outcome(&out, format);
         return Ok(ExitCode::from(1));
     }
-    let ctx = CallContext {
-        rule: rule.to_string(),
-        event_id,
-        event_type: event.event_type.clone(),
-        entity_type: event.entity_type.clone(),
-    };
+    let ctx = CallContext::for_event(rule, &event_id, &event);
     let input = payload.to_string();
     let call = compiled.transform(&ctx, &input, &config_value.to_string());
     // A second call on the now-warm instance shows what the server pays

@@ -191,6 +191,18 @@ pub fn is_glob(pattern: &str) -> bool {
 /// Whether `text` matches `pattern`, where `*` matches any run of characters (also none) and `?`
 /// exactly one; everything else matches itself. `*_udf` matches every UDF name.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    // The shapes nearly every rule uses (`*_udf`, `custom_*`, a plain name) need no scan state;
+    // plugins match every field of an entity against them, so they skip the general case's
+    // allocations.
+    if !is_glob(pattern) {
+        return pattern == text;
+    }
+    if let Some(suffix) = pattern.strip_prefix('*').filter(|s| !is_glob(s)) {
+        return text.ends_with(suffix);
+    }
+    if let Some(prefix) = pattern.strip_suffix('*').filter(|s| !is_glob(s)) {
+        return text.starts_with(prefix);
+    }
     let pattern: Vec<char> = pattern.chars().collect();
     let text: Vec<char> = text.chars().collect();
     let (mut p, mut t) = (0, 0);
@@ -265,6 +277,10 @@ mod tests {
             ("**x", "yyx", true),
             ("name", "name", true),
             ("name", "names", false),
+            ("rework*", "rework_counter_udf", true),
+            ("rework*", "name", false),
+            ("r?ot_*_udf", "root_cause_udf", true),
+            ("r?ot_*_udf", "rework_counter_udf", false),
         ];
         for (pattern, text, expected) in cases {
             assert_eq!(glob_match(pattern, text), expected, "{pattern} vs {text}");

@@ -9,6 +9,7 @@
 
 pub mod runtime;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -103,9 +104,10 @@ impl PluginSet {
     ) -> (PluginSet, Vec<PluginError>) {
         let mut set = PluginSet::default();
         let mut errors = Vec::new();
-        let mut sources: Vec<(String, Source, Vec<u8>)> = bundled::BUNDLED
+        // Bundled bytes are borrowed from the binary, not copied per reload.
+        let mut sources: Vec<(String, Source, Cow<'static, [u8]>)> = bundled::BUNDLED
             .iter()
-            .map(|(name, bytes)| (name.to_string(), Source::Bundled, bytes.to_vec()))
+            .map(|(name, bytes)| (name.to_string(), Source::Bundled, Cow::Borrowed(*bytes)))
             .collect();
         if let Some(dir) = dir {
             match std::fs::read_dir(dir) {
@@ -124,7 +126,7 @@ impl PluginSet {
                         match std::fs::read(&path) {
                             Ok(bytes) => {
                                 sources.retain(|(n, _, _)| *n != name);
-                                sources.push((name, Source::File(path), bytes));
+                                sources.push((name, Source::File(path), Cow::Owned(bytes)));
                             }
                             Err(e) => {
                                 errors.push(PluginError {
@@ -145,26 +147,16 @@ impl PluginSet {
         }
         for (name, source, bytes) in sources {
             let hash = runtime::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-            if !wanted(&name) {
-                let compiled = None;
-                set.entries.insert(
-                    name,
-                    Entry {
-                        source,
-                        hash,
-                        compiled,
-                    },
-                );
-                continue;
-            }
-            let reused = previous
-                .and_then(|p| p.get(&name))
-                .filter(|c| c.hash == hash)
-                .cloned();
-            let compiled = match reused {
-                Some(c) => c,
-                None => match runtime.load(&name, &bytes) {
-                    Ok(c) => Arc::new(c),
+            let compiled = if wanted(&name) {
+                let reused = previous
+                    .and_then(|p| p.get(&name))
+                    .filter(|c| c.hash == hash)
+                    .cloned();
+                match reused.map_or_else(
+                    || runtime.load_hashed(&name, &bytes, &hash).map(Arc::new),
+                    Ok,
+                ) {
+                    Ok(c) => Some(c),
                     Err(message) => {
                         let file = match &source {
                             Source::File(p) => p.clone(),
@@ -174,9 +166,10 @@ impl PluginSet {
                         set.failed.insert(name);
                         continue;
                     }
-                },
+                }
+            } else {
+                None
             };
-            let compiled = Some(compiled);
             set.entries.insert(
                 name,
                 Entry {
@@ -291,7 +284,11 @@ impl PluginSet {
 
     /// Runs `rule`'s chain on `payload`. Blocking and CPU-bound: call it
     /// off the async reactor.
+    /// A rule without a chain sends the payload as built.
     pub fn run_chain(&self, rule: &Rule, ctx: &CallContext, payload: &Value) -> ChainOutcome {
+        if !Self::has_chain(rule) {
+            return ChainOutcome::Send(serde_json::to_vec(payload).unwrap_or_default());
+        }
         let mut text = payload.to_string();
         let mut steps: Vec<(&str, String)> = Vec::with_capacity(rule.plugins.len() + 1);
         if !rule.fields.is_empty() {

@@ -224,7 +224,18 @@ impl Runtime {
     /// Compiles (or loads from the disk cache) and pre-instantiates a
     /// component. `name` is only for messages.
     pub fn load(self: &Arc<Self>, name: &str, bytes: &[u8]) -> Result<Compiled, String> {
-        let hash = hex(&Sha256::digest(bytes));
+        self.load_hashed(name, bytes, &hex(&Sha256::digest(bytes)))
+    }
+
+    /// [`Runtime::load`] for a caller that already has the bytes' SHA-256
+    /// (hex), which keys the disk cache.
+    pub fn load_hashed(
+        self: &Arc<Self>,
+        name: &str,
+        bytes: &[u8],
+        hash: &str,
+    ) -> Result<Compiled, String> {
+        let hash = hash.to_string();
         let component = self.component(name, bytes, &hash)?;
         let pre = self
             .linker
@@ -344,6 +355,18 @@ pub struct CallContext {
     pub event_id: String,
     pub event_type: String,
     pub entity_type: String,
+}
+
+impl CallContext {
+    /// The context of `rule`'s chain for `event`, accepted as `event_id`.
+    pub fn for_event(rule: &str, event_id: &str, event: &crate::event::Event) -> Self {
+        CallContext {
+            rule: rule.to_string(),
+            event_id: event_id.to_string(),
+            event_type: event.event_type.clone(),
+            entity_type: event.entity_type.clone(),
+        }
+    }
 }
 
 impl Compiled {

@@ -118,8 +118,8 @@ struct Selection<'a> {
     /// Dotted paths of two or more segments. Whether a segment is a key or an index depends on
     /// the entity, so they are resolved against each entity.
     paths: Vec<&'a str>,
-    /// Patterns over top-level field names.
-    patterns: Vec<Pattern<'a>>,
+    /// Globs over top-level field names, matched with [`udf::glob_match`].
+    patterns: Vec<&'a str>,
     /// JSONPaths over the entity.
     jsonpaths: Vec<JsonPath>,
 }
@@ -229,7 +229,7 @@ impl<'a> Selection<'a> {
                      names only; select nested values with a JSONPath such as \"$.phase.*\""
                 ));
             }
-            self.patterns.push(Pattern::new(selector));
+            self.patterns.push(selector);
         } else if path::segments(selector).map_err(|e| e.to_string())?.len() == 1 {
             self.names.push(selector);
         } else {
@@ -240,7 +240,7 @@ impl<'a> Selection<'a> {
 
     /// Whether the top-level entity field `key` is selected whole, by name or pattern.
     fn keeps_whole(&self, key: &str) -> bool {
-        self.names.contains(&key) || self.patterns.iter().any(|p| p.matches(key))
+        self.names.contains(&key) || self.patterns.iter().any(|p| udf::glob_match(p, key))
     }
 
     /// Whether a dotted path selects something inside the top-level entity field `key`.
@@ -302,7 +302,7 @@ impl<'a> Selection<'a> {
         entity.retain(|key, value| {
             if keep.all
                 || ALWAYS_KEPT.contains(&key.as_str())
-                || self.patterns.iter().any(|p| p.matches(key))
+                || self.patterns.iter().any(|p| udf::glob_match(p, key))
             {
                 return true;
             }
@@ -425,39 +425,6 @@ fn locate_path(entity: &Value, dotted: &str) -> Option<Vec<Step>> {
         };
     }
     Some(steps)
-}
-
-/// A top-level field name pattern such as `*_udf`.
-#[derive(Debug)]
-enum Pattern<'a> {
-    /// `*xyz` with no other wildcard. By far the most common pattern (`*_udf`), and
-    /// [`udf::glob_match`] collects both strings into character vectors on every call, which adds
-    /// up over an entity of a hundred fields.
-    Suffix(&'a str),
-    /// `xyz*` with no other wildcard, for the same reason.
-    Prefix(&'a str),
-    /// Anything else.
-    Glob(&'a str),
-}
-
-impl<'a> Pattern<'a> {
-    fn new(pattern: &'a str) -> Self {
-        if let Some(suffix) = pattern.strip_prefix('*').filter(|s| !udf::is_glob(s)) {
-            Pattern::Suffix(suffix)
-        } else if let Some(prefix) = pattern.strip_suffix('*').filter(|s| !udf::is_glob(s)) {
-            Pattern::Prefix(prefix)
-        } else {
-            Pattern::Glob(pattern)
-        }
-    }
-
-    fn matches(&self, name: &str) -> bool {
-        match self {
-            Pattern::Suffix(suffix) => name.ends_with(suffix),
-            Pattern::Prefix(prefix) => name.starts_with(prefix),
-            Pattern::Glob(pattern) => udf::glob_match(pattern, name),
-        }
-    }
 }
 
 /// What to keep of a value: all of it, or some of its members or elements.
@@ -923,26 +890,6 @@ mod tests {
             assert_eq!(validate::<SelectFields>(&config).0, Ok(()), "{config}");
             let text = config.to_string();
             assert_eq!(SelectFields::validate_config_raw(&text), Ok(()), "{config}");
-        }
-    }
-
-    #[test]
-    fn patterns_match_like_globs() {
-        let cases = [
-            ("*_udf", "rework_counter_udf", true),
-            ("*_udf", "name", false),
-            ("rework*", "rework_counter_udf", true),
-            ("rework*", "name", false),
-            ("r?ot_*_udf", "root_cause_udf", true),
-            ("r?ot_*_udf", "rework_counter_udf", false),
-            ("*", "anything", true),
-        ];
-        for (pattern, name, expected) in cases {
-            assert_eq!(
-                Pattern::new(pattern).matches(name),
-                expected,
-                "{pattern} vs {name}"
-            );
         }
     }
 
