@@ -56,14 +56,12 @@ pub struct Accepted {
 }
 
 /// Parses one JSON event (`line` for NDJSON batches, 1-based).
-pub fn parse_event(value: Value, line: Option<usize>) -> Result<(Event, Value), IngestError> {
-    let raw = value.clone();
-    let event = Event::from_value(value).map_err(|error| IngestError::BadEvent { line, error })?;
-    Ok((event, raw))
+pub fn parse_event(value: Value, line: Option<usize>) -> Result<Event, IngestError> {
+    Event::from_value(value).map_err(|error| IngestError::BadEvent { line, error })
 }
 
 /// Parses a request body: one JSON event, or NDJSON (one per line).
-pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<(Event, Value)>, IngestError> {
+pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Event>, IngestError> {
     let bad = |line, problem: String| IngestError::BadEvent {
         line,
         error: EventError {
@@ -95,7 +93,7 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<(Event, Value)>, Inge
 impl Ingest {
     /// Matches, builds, transforms and durably stores the events (all in
     /// one commit), then hands their deliveries to the dispatcher.
-    pub async fn accept(&self, events: Vec<(Event, Value)>) -> Result<Vec<Accepted>, IngestError> {
+    pub async fn accept(&self, events: Vec<Event>) -> Result<Vec<Accepted>, IngestError> {
         // One snapshot for the whole batch: a reload in the middle never
         // splits an event between old and new rules, or old and new plugins.
         let snapshot = self.rules.load_full();
@@ -147,18 +145,15 @@ impl Ingest {
 
 /// Matches each event, builds each matching rule's payload and runs its
 /// plugin chain: the store operations to commit, and what to hand over.
-fn prepare(snapshot: &Snapshot, events: Vec<(Event, Value)>) -> (Vec<Op>, Vec<(String, Handover)>) {
+fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Handover)>) {
     let mut ops = Vec::with_capacity(events.len());
     let mut handovers: Vec<(String, Handover)> = Vec::with_capacity(events.len());
-    for (mut event, mut raw) in events {
+    for mut event in events {
         let id = event
             .id
             .clone()
             .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple()));
         event.id = Some(id.clone());
-        if let Value::Object(m) = &mut raw {
-            m.insert("id".into(), Value::String(id.clone()));
-        }
         let mut deliveries = Vec::new();
         let mut handover = Vec::new();
         for rule in snapshot.matching(&event) {
@@ -166,17 +161,17 @@ fn prepare(snapshot: &Snapshot, events: Vec<(Event, Value)>) -> (Vec<Op>, Vec<(S
             let did = DeliveryId::new();
             let ctx = CallContext::for_event(&rule.name, &id, &event);
             let outcome = snapshot.plugins.run_chain(rule, &ctx, &payload);
-            let base = || serde_json::to_vec(&payload).unwrap_or_default();
+            let base = || Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
             let (state, reason, body, unbuilt) = match outcome {
-                ChainOutcome::Send(body) => (State::Pending, None, body, false),
-                ChainOutcome::Skip(why) => (State::Skipped, Some(why), Vec::new(), false),
+                ChainOutcome::Send(body) => (State::Pending, None, Bytes::from(body), false),
+                ChainOutcome::Skip(why) => (State::Skipped, Some(why), Bytes::new(), false),
                 ChainOutcome::Failed(why) => {
                     tracing::warn!(rule = %rule.name, event = %id, delivery = %did, error = %why, "plugin chain failed; the delivery is recorded as failed and can be redelivered");
                     (State::Failed, Some(why), base(), true)
                 }
             };
             if state == State::Pending {
-                handover.push((did, rule.name.clone(), Bytes::from(body.clone())));
+                handover.push((did, rule.name.clone(), body.clone()));
             }
             deliveries.push(NewDelivery {
                 id: did,
@@ -189,7 +184,6 @@ fn prepare(snapshot: &Snapshot, events: Vec<(Event, Value)>) -> (Vec<Op>, Vec<(S
         }
         ops.push(Op::Accept(NewEvent {
             id: id.clone(),
-            event: raw,
             deliveries,
         }));
         handovers.push((id, handover));

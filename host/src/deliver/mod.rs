@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rules::Transport;
-use crate::store::{Attempt, DeliveryId, Endpoint, Next, Op, Store, now_ms};
+use crate::store::{Attempt, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
 
@@ -80,11 +80,17 @@ impl Queue {
     /// in the store, and the dispatcher is told to scan.
     pub fn enqueue(&self, work: Work) {
         let id = work.id;
-        self.shared
+        let fresh = self
+            .shared
             .active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id);
+        if !fresh {
+            // A scan found it in the store between its commit and now, and
+            // has started it: starting it here too would send it twice.
+            return;
+        }
         if self.tx.try_send(work).is_err() {
             self.shared
                 .active
@@ -169,6 +175,10 @@ struct Dispatcher {
     waiting_total: usize,
     /// More is due in the store than fitted in the last scan.
     backlog: bool,
+    /// Where a scan through a backlog resumes (see `scan`).
+    cursor: Option<DueKey>,
+    /// When a scan last started from the beginning of the due index.
+    last_full_scan: Instant,
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: Option<mpsc::UnboundedReceiver<Completion>>,
 }
@@ -176,6 +186,13 @@ struct Dispatcher {
 /// Deliveries held in memory while their endpoint is at its limit; past
 /// this they stay in the store only.
 const MAX_WAITING: usize = 10_000;
+
+/// How often a scan through a backlog starts again from the beginning.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// Bodies up to this size are read with the scan that finds them; larger
+/// ones when their attempt starts, so a scan never holds much memory.
+const SCAN_BODY_CAP: usize = 64 << 10;
 
 impl Dispatcher {
     fn new(shared: Arc<Shared>) -> Self {
@@ -189,6 +206,8 @@ impl Dispatcher {
             waiting: HashMap::new(),
             waiting_total: 0,
             backlog: true,
+            cursor: None,
+            last_full_scan: Instant::now(),
             done_tx,
             done_rx: Some(done_rx),
         }
@@ -223,7 +242,12 @@ impl Dispatcher {
                     let wait = self.scan().await;
                     next_scan = tokio::time::Instant::now() + wait;
                 }
-                _ = kick.notified() => next_scan = tokio::time::Instant::now(),
+                _ = kick.notified() => {
+                    // Something was made due now (a redelivery, an unblock),
+                    // maybe behind the cursor: look from the start.
+                    self.cursor = None;
+                    next_scan = tokio::time::Instant::now();
+                }
             }
         }
         // Graceful stop: new attempts are not started; those in flight get
@@ -349,37 +373,56 @@ impl Dispatcher {
             self.backlog = true;
             return Duration::from_millis(50);
         }
+        // Through a backlog, each scan resumes where the last one stopped:
+        // walking from the start every time would step over every queued
+        // and in-flight delivery again, and those are most of the head of
+        // the index. A delivery that ends up behind the cursor (queued when
+        // it was passed, then dropped from memory) is found by the next
+        // scan from the start, at most a second later.
+        if self.last_full_scan.elapsed() >= FULL_SCAN_EVERY {
+            self.cursor = None;
+        }
+        if self.cursor.is_none() {
+            self.last_full_scan = Instant::now();
+        }
+        let after = self.cursor;
         let store = self.shared.store.clone();
         let shared = self.shared.clone();
         let found = tokio::task::spawn_blocking(move || {
-            let active = shared.active.lock().unwrap_or_else(|e| e.into_inner());
-            let due = store.due(now, free, &active);
+            // The lock is taken per key, not across the scan: ingest and
+            // completions must not wait for a walk through the store.
+            let due = store.due(after, now, free, |id| shared.is_active(id), SCAN_BODY_CAP);
             let next = store.next_due_after(now);
             (due, next)
         })
         .await;
-        let (due, next) = match found {
-            Ok((Ok(due), next)) => (due, next.ok().flatten()),
+        let (scan, next) = match found {
+            Ok((Ok(scan), next)) => (scan, next.ok().flatten()),
             Ok((Err(e), _)) => {
                 tracing::error!(error = %e, "scanning for due deliveries failed; trying again shortly");
                 return Duration::from_secs(1);
             }
             Err(_) => return Duration::from_secs(1),
         };
-        self.backlog = due.len() >= free;
-        {
+        self.backlog = scan.more;
+        self.cursor = if scan.more { scan.resume } else { None };
+        let found: Vec<_> = {
+            // Ingest may have handed one of these over since the scan looked:
+            // whoever marks a delivery active first starts it, the other
+            // leaves it (see `Queue::enqueue`).
             let mut active = self.shared.active.lock().unwrap_or_else(|e| e.into_inner());
-            for d in &due {
-                active.insert(d.id);
-            }
-        }
-        for d in due {
+            scan.found
+                .into_iter()
+                .filter(|(d, _)| active.insert(d.id))
+                .collect()
+        };
+        for (d, body) in found {
             self.dispatch(Work {
                 id: d.id,
                 rule: d.rule,
                 event_id: d.event_id,
                 attempts: d.attempts,
-                body: None,
+                body: body.map(Bytes::from),
             });
         }
         if self.backlog {

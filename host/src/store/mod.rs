@@ -9,12 +9,11 @@
 pub mod records;
 pub mod schema;
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    WriteTransaction,
+    TableDefinition, WriteTransaction,
 };
 
 pub use records::*;
@@ -51,7 +50,6 @@ fn io<E: std::fmt::Display>(op: &'static str) -> impl Fn(E) -> StoreError {
 #[derive(Clone, Debug)]
 pub struct NewEvent {
     pub id: String,
-    pub event: serde_json::Value,
     pub deliveries: Vec<NewDelivery>,
 }
 
@@ -63,7 +61,8 @@ pub struct NewDelivery {
     pub state: State,
     pub reason: Option<String>,
     /// The final body, or for `unbuilt` the chain's input (see `Delivery`).
-    pub body: Vec<u8>,
+    /// Shared with the dispatcher's hand-over, so it is not copied.
+    pub body: bytes::Bytes,
     pub unbuilt: bool,
 }
 
@@ -189,7 +188,6 @@ impl Store {
             tx.open_table(PARKED).map_err(io("open"))?;
             tx.open_table(ATTEMPTS).map_err(io("open"))?;
             tx.open_table(BY_RULE).map_err(io("open"))?;
-            tx.open_table(BY_EVENT).map_err(io("open"))?;
             tx.open_table(BY_STATE).map_err(io("open"))?;
             tx.open_table(ENDPOINTS).map_err(io("open"))?;
             let mut meta = tx.open_table(META).map_err(io("open"))?;
@@ -203,6 +201,12 @@ impl Store {
                         path: name,
                         found: v,
                     });
+                }
+                Some(v) if v < SCHEMA_VERSION => {
+                    migrate(&tx, v)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(io("migrate"))?;
+                    tracing::info!(path = %name, from = v, to = SCHEMA_VERSION, "database migrated");
                 }
                 Some(_) => {}
                 None => {
@@ -266,9 +270,7 @@ impl Store {
 
     pub fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
         let tx = self.read()?;
-        let t = tx.open_table(EVENTS).map_err(io("read event"))?;
-        let found = t.get(id).map_err(io("read event"))?;
-        found.map(|v| from_json(v.value(), "event")).transpose()
+        read_event(&tx, id)
     }
 
     /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
@@ -281,50 +283,51 @@ impl Store {
         let tx = self.read()?;
         let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
         let upper = before.map_or(u128::MAX, |b| b.0.saturating_sub(1));
-        let mut ids: Vec<u128> = Vec::new();
-        // Use the most selective index for the first filter given.
-        let (table, key) = match (&filter.event, &filter.rule, filter.state) {
-            (Some(e), _, _) => (Some(BY_EVENT), e.clone()),
-            (None, Some(r), _) => (Some(BY_RULE), r.clone()),
-            (None, None, Some(s)) => (Some(BY_STATE), s.as_str().to_string()),
-            _ => (None, String::new()),
-        };
         let mut out = Vec::new();
-        let keep = |d: &Delivery| {
-            filter.rule.as_ref().is_none_or(|r| *r == d.rule)
-                && filter.event.as_ref().is_none_or(|e| *e == d.event_id)
-                && filter.state.is_none_or(|s| s == d.state)
-        };
-        match table {
-            Some(def) => {
-                let idx = tx.open_table(def).map_err(io("list"))?;
-                let range = idx
-                    .range((key.as_str(), 0u128)..=(key.as_str(), upper))
-                    .map_err(io("list"))?;
-                for item in range.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    ids.push(k.value().1);
-                    if ids.len() >= limit * 4 + 64 {
-                        break;
-                    }
-                }
-            }
-            None => {
-                for item in deliveries.range(..=upper).map_err(io("list"))?.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    ids.push(k.value());
-                    if ids.len() >= limit {
-                        break;
-                    }
-                }
-            }
+        if limit == 0 {
+            return Ok(out);
         }
-        for id in ids {
+        // Candidates come newest first from the most selective source; each
+        // is checked against every filter, until `limit` are kept.
+        let mut take = |id: u128| -> Result<bool, StoreError> {
             if let Some(v) = deliveries.get(id).map_err(io("list"))? {
                 let d: Delivery = from_json(v.value(), "delivery")?;
-                if keep(&d) {
+                if filter.keeps(&d) {
                     out.push(d);
-                    if out.len() >= limit {
+                }
+            }
+            Ok(out.len() >= limit)
+        };
+        match (&filter.event, &filter.rule, filter.state) {
+            (Some(event), _, _) => {
+                let mut ids: Vec<u128> = read_event(&tx, event)?
+                    .map(|r| r.deliveries.iter().map(|d| d.0).collect())
+                    .unwrap_or_default();
+                ids.retain(|id| *id <= upper);
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                feed(ids, &mut take)?;
+            }
+            (None, Some(rule), _) => newest_in_index(&tx, BY_RULE, rule, upper, &mut take)?,
+            (None, None, Some(State::Pending)) => {
+                let due = tx.open_table(DUE).map_err(io("list"))?;
+                let keys = due.iter().map_err(io("list"))?;
+                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
+                feed(ids, &mut take)?;
+            }
+            (None, None, Some(State::Parked)) => {
+                let parked = tx.open_table(PARKED).map_err(io("list"))?;
+                let keys = parked.iter().map_err(io("list"))?;
+                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
+                feed(ids, &mut take)?;
+            }
+            (None, None, Some(state)) => {
+                newest_in_index(&tx, BY_STATE, state.as_str(), upper, &mut take)?
+            }
+            (None, None, None) => {
+                let all = tx.open_table(DELIVERIES).map_err(io("list"))?;
+                for item in all.range(..=upper).map_err(io("list"))?.rev() {
+                    let (k, _) = item.map_err(io("list"))?;
+                    if take(k.value())? {
                         break;
                     }
                 }
@@ -333,35 +336,57 @@ impl Store {
         Ok(out)
     }
 
-    /// Up to `limit` pending deliveries due at `now`, skipping `busy` ones
-    /// (already queued or in flight), oldest due first.
+    /// Up to `limit` pending deliveries due at `now`, oldest due first,
+    /// skipping those `busy` says are taken (queued or in flight). `after` resumes
+    /// behind the key an earlier scan stopped at, so a backlog is walked
+    /// once instead of from its start on every scan. Bodies up to
+    /// `body_cap` bytes come along, read in the same transaction.
     pub fn due(
         &self,
+        after: Option<DueKey>,
         now: u64,
         limit: usize,
-        busy: &HashSet<DeliveryId>,
-    ) -> Result<Vec<Delivery>, StoreError> {
+        busy: impl Fn(DeliveryId) -> bool,
+        body_cap: usize,
+    ) -> Result<DueScan, StoreError> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let tx = self.read()?;
         let due = tx.open_table(DUE).map_err(io("due"))?;
         let deliveries = tx.open_table(DELIVERIES).map_err(io("due"))?;
-        let mut out = Vec::new();
-        for item in due
-            .range((0u64, 0u128)..=(now, u128::MAX))
-            .map_err(io("due"))?
-        {
+        let bodies = tx.open_table(BODIES).map_err(io("due"))?;
+        let mut scan = DueScan::default();
+        if limit == 0 {
+            scan.resume = after;
+            scan.more = true;
+            return Ok(scan);
+        }
+        let start = after.map_or(Unbounded, Excluded);
+        let range = due
+            .range::<DueKey>((start, Included((now, u128::MAX))))
+            .map_err(io("due"))?;
+        for item in range {
             let (k, _) = item.map_err(io("due"))?;
-            let id = DeliveryId(k.value().1);
-            if busy.contains(&id) {
+            let key = k.value();
+            scan.resume = Some(key);
+            let id = DeliveryId(key.1);
+            if busy(id) {
                 continue;
             }
             if let Some(v) = deliveries.get(id.0).map_err(io("due"))? {
-                out.push(from_json(v.value(), "delivery")?);
+                let d: Delivery = from_json(v.value(), "delivery")?;
+                let body = bodies
+                    .get(id.0)
+                    .map_err(io("due"))?
+                    .filter(|b| b.value().len() <= body_cap)
+                    .map(|b| b.value().to_vec());
+                scan.found.push((d, body));
             }
-            if out.len() >= limit {
+            if scan.found.len() >= limit {
+                scan.more = true;
                 break;
             }
         }
-        Ok(out)
+        Ok(scan)
     }
 
     /// When the earliest pending delivery after `now` is due.
@@ -417,12 +442,111 @@ impl Store {
     }
 }
 
+/// A position in the due index: (due at, delivery id).
+pub type DueKey = (u64, DeliveryKey);
+
+/// What one scan of the due index found.
+#[derive(Debug, Default)]
+pub struct DueScan {
+    /// Due deliveries, with their bodies when small enough.
+    pub found: Vec<(Delivery, Option<Vec<u8>>)>,
+    /// The last key looked at: where the next scan may resume.
+    pub resume: Option<DueKey>,
+    /// The scan stopped at its limit; more may be due behind `resume`.
+    pub more: bool,
+}
+
 /// Filters for listing deliveries.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub rule: Option<String>,
     pub event: Option<String>,
     pub state: Option<State>,
+}
+
+impl Filter {
+    fn keeps(&self, d: &Delivery) -> bool {
+        self.rule.as_ref().is_none_or(|r| *r == d.rule)
+            && self.event.as_ref().is_none_or(|e| *e == d.event_id)
+            && self.state.is_none_or(|s| s == d.state)
+    }
+}
+
+fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
+    let t = tx.open_table(EVENTS).map_err(io("read event"))?;
+    let found = t.get(id).map_err(io("read event"))?;
+    found.map(|v| from_json(v.value(), "event")).transpose()
+}
+
+/// Gives `take` the ids in `ids` until it says it has enough.
+fn feed(
+    ids: Vec<u128>,
+    take: &mut impl FnMut(u128) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    for id in ids {
+        if take(id)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Walks a (key, delivery id) index for `key`, newest first, from `upper` down.
+fn newest_in_index(
+    tx: &ReadTransaction,
+    def: TableDefinition<'_, (&str, DeliveryKey), ()>,
+    key: &str,
+    upper: u128,
+    take: &mut impl FnMut(u128) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let idx = tx.open_table(def).map_err(io("list"))?;
+    let range = idx.range((key, 0u128)..=(key, upper)).map_err(io("list"))?;
+    for item in range.rev() {
+        let (k, _) = item.map_err(io("list"))?;
+        if take(k.value().1)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The `k` largest ids at or below `upper`, largest first, from a table
+/// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
+fn newest<E: std::fmt::Display>(
+    ids: impl Iterator<Item = Result<u128, E>>,
+    upper: u128,
+    k: usize,
+) -> Result<Vec<u128>, StoreError> {
+    use std::cmp::Reverse;
+    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    for id in ids {
+        let id = id.map_err(io("list"))?;
+        if id <= upper {
+            heap.push(Reverse(id));
+            if heap.len() > k {
+                heap.pop();
+            }
+        }
+    }
+    // Ascending `Reverse` is descending ids.
+    Ok(heap.into_sorted_vec().into_iter().map(|r| r.0).collect())
+}
+
+/// Brings a file of an older schema version up to date, inside the
+/// transaction that opens it.
+fn migrate(tx: &WriteTransaction, from: u64) -> Result<(), StoreError> {
+    if from < 2 {
+        // 1 → 2: no by-event index; the state index holds final states only.
+        tx.delete_table(BY_EVENT_V1).map_err(io("migrate"))?;
+        let mut by_state = tx.open_table(BY_STATE).map_err(io("migrate"))?;
+        for state in [State::Pending, State::Parked] {
+            let key = state.as_str();
+            by_state
+                .retain_in((key, 0u128)..=(key, u128::MAX), |_, _| false)
+                .map_err(io("migrate"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Every table of a write transaction, opened once: opening a table costs
@@ -436,7 +560,6 @@ struct Tables<'t> {
     parked: redb::Table<'t, (&'static str, DeliveryKey), ()>,
     attempts: redb::Table<'t, (DeliveryKey, u32), &'static [u8]>,
     by_rule: redb::Table<'t, (&'static str, DeliveryKey), ()>,
-    by_event: redb::Table<'t, (&'static str, DeliveryKey), ()>,
     by_state: redb::Table<'t, (&'static str, DeliveryKey), ()>,
     endpoints: redb::Table<'t, &'static str, &'static [u8]>,
 }
@@ -452,7 +575,6 @@ impl<'t> Tables<'t> {
             parked: tx.open_table(PARKED).map_err(io("open tables"))?,
             attempts: tx.open_table(ATTEMPTS).map_err(io("open tables"))?,
             by_rule: tx.open_table(BY_RULE).map_err(io("open tables"))?,
-            by_event: tx.open_table(BY_EVENT).map_err(io("open tables"))?,
             by_state: tx.open_table(BY_STATE).map_err(io("open tables"))?,
             endpoints: tx.open_table(ENDPOINTS).map_err(io("open tables"))?,
         })
@@ -465,7 +587,9 @@ fn load_delivery(t: &mut Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>,
     found.map(|v| from_json(v.value(), "delivery")).transpose()
 }
 
-/// Writes `new`, keeping the state, due and parked indexes in step with it.
+/// Writes `new`, keeping the state, due and parked indexes in step with it:
+/// a pending delivery is in `DUE`, a parked one in `PARKED`, a final one
+/// in `BY_STATE`.
 fn save_delivery(
     t: &mut Tables<'_>,
     old: Option<&Delivery>,
@@ -476,7 +600,7 @@ fn save_delivery(
     let due = &mut t.due;
     let parked = &mut t.parked;
     if let Some(old) = old {
-        if old.state != new.state {
+        if old.state != new.state && old.state.is_final() {
             by_state
                 .remove((old.state.as_str(), id))
                 .map_err(io("save delivery"))?;
@@ -490,9 +614,11 @@ fn save_delivery(
                 .map_err(io("save delivery"))?;
         }
     }
-    by_state
-        .insert((new.state.as_str(), id), ())
-        .map_err(io("save delivery"))?;
+    if new.state.is_final() && old.is_none_or(|o| o.state != new.state) {
+        by_state
+            .insert((new.state.as_str(), id), ())
+            .map_err(io("save delivery"))?;
+    }
     if let (State::Pending, Some(at)) = (new.state, new.next_attempt_at) {
         due.insert((at, id), ()).map_err(io("save delivery"))?;
     }
@@ -524,7 +650,6 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             let record = EventRecord {
                 id: ev.id.clone(),
                 accepted_at: now,
-                event: ev.event,
                 deliveries: ids.clone(),
             };
             t.events
@@ -549,13 +674,10 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     unbuilt: nd.unbuilt,
                 };
                 t.bodies
-                    .insert(d.id.0, nd.body.as_slice())
+                    .insert(d.id.0, nd.body.as_ref())
                     .map_err(io("accept"))?;
                 t.by_rule
                     .insert((d.rule.as_str(), d.id.0), ())
-                    .map_err(io("accept"))?;
-                t.by_event
-                    .insert((d.event_id.as_str(), d.id.0), ())
                     .map_err(io("accept"))?;
                 save_delivery(t, None, &d)?;
             }
@@ -726,9 +848,6 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
             t.by_rule
                 .remove((d.rule.as_str(), id))
                 .map_err(io("compact"))?;
-            t.by_event
-                .remove((d.event_id.as_str(), id))
-                .map_err(io("compact"))?;
             t.attempts
                 .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
                 .map_err(io("compact"))?;
@@ -741,3 +860,6 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
     }
     Ok(Done::Compacted(removed))
 }
+
+#[cfg(test)]
+mod tests;

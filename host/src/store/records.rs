@@ -151,13 +151,13 @@ pub struct Attempt {
     pub outcome: String,
 }
 
-/// The event as accepted, and the deliveries it produced.
+/// An accepted event: enough to answer a resent id the same way, list its
+/// deliveries and age it out. (Version 1 records also hold the event
+/// itself under `event`; it is ignored.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub id: String,
     pub accepted_at: u64,
-    /// The event as received, re-serialised (with its assigned id).
-    pub event: serde_json::Value,
     pub deliveries: Vec<DeliveryId>,
 }
 

@@ -7,7 +7,9 @@ use redb::TableDefinition;
 /// which makes retention a scan from the start of the table.
 pub type DeliveryKey = u128;
 
-/// event id → event record (JSON): the event as accepted and its deliveries.
+/// event id → event record (JSON): when it was accepted and its deliveries.
+/// The event itself is not kept: each delivery's body is what was built
+/// from it, and storing both doubled the bytes written per event.
 pub const EVENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("events");
 /// (accepted at ms, event id): events by age, for retention.
 pub const EVENT_TIMES: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("event_times");
@@ -23,14 +25,21 @@ pub const PARKED: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinition
 /// (delivery id, attempt number from 1) → attempt record (JSON).
 pub const ATTEMPTS: TableDefinition<'_, (DeliveryKey, u32), &[u8]> =
     TableDefinition::new("attempts");
-/// Listing indexes: (rule name | event id | state, delivery id).
+/// Listing index: (rule name, delivery id). Listing by event reads the
+/// event record's delivery ids instead of a second index.
 pub const BY_RULE: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinition::new("by_rule");
-pub const BY_EVENT: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinition::new("by_event");
+/// Listing index for final states only: (state, delivery id). Pending and
+/// parked deliveries are listed from `DUE` and `PARKED`, which hold exactly
+/// them, so a delivery's first attempt costs no index churn here.
 pub const BY_STATE: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinition::new("by_state");
+/// Version 1 kept a by-event index; opening such a file deletes it.
+pub const BY_EVENT_V1: TableDefinition<'_, (&str, DeliveryKey), ()> =
+    TableDefinition::new("by_event");
 /// endpoint (scheme://host:port) → endpoint state (JSON): failures, blocks, 410.
 pub const ENDPOINTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("endpoints");
 /// Small settings such as the schema version.
 pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
-/// Bumped when the layout changes incompatibly; a newer file is refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Bumped when the layout changes; a newer file is refused, an older one
+/// is migrated when it is opened (see `migrate` in `mod.rs`).
+pub const SCHEMA_VERSION: u64 = 2;

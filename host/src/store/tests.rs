@@ -1,0 +1,537 @@
+//! The store's domain API against a real redb file: every step of a
+//! delivery's life keeps the indexes in step (`assert_indexes`), listing
+//! finds what the filters ask for, and a version 1 file is migrated.
+
+use super::*;
+
+/// A database file in a fresh directory, removed when dropped.
+struct TempDb {
+    dir: std::path::PathBuf,
+}
+
+impl TempDb {
+    fn new(name: &str) -> TempDb {
+        let dir = std::env::temp_dir().join(format!(
+            "rulehook-store-{name}-{}-{:x}",
+            std::process::id(),
+            DeliveryId::new().0
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDb { dir }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.dir.join("rulehook.redb")
+    }
+
+    fn open(&self) -> Store {
+        Store::open(&self.path(), 1 << 20).unwrap()
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn new_event(id: &str, rules: &[&str]) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        deliveries: rules
+            .iter()
+            .map(|r| NewDelivery {
+                id: DeliveryId::new(),
+                rule: (*r).into(),
+                state: State::Pending,
+                reason: None,
+                body: bytes::Bytes::from(format!("{{\"event\":\"{id}\",\"rule\":\"{r}\"}}")),
+                unbuilt: false,
+            })
+            .collect(),
+    }
+}
+
+fn accept(store: &Store, ev: NewEvent) -> Vec<DeliveryId> {
+    match store.apply(vec![Op::Accept(ev)]).unwrap().remove(0) {
+        Done::Accepted { deliveries, .. } => deliveries,
+        other => panic!("accept gave {other:?}"),
+    }
+}
+
+fn attempt(number: u32, status: u16) -> Attempt {
+    Attempt {
+        number,
+        started_at: now_ms(),
+        duration_ms: 1,
+        url: "https://example.test/hook".into(),
+        method: "POST".into(),
+        request_headers: vec![("content-type".into(), "application/json".into())],
+        status: Some(status),
+        reason_phrase: None,
+        response_headers: Vec::new(),
+        response_body: None,
+        response_truncated: false,
+        error: None,
+        outcome: "test".into(),
+    }
+}
+
+fn finish(store: &Store, id: DeliveryId, number: u32, status: u16, next: Next) {
+    let done = store
+        .apply(vec![Op::Finish {
+            id,
+            attempt: Some(attempt(number, status)),
+            next,
+        }])
+        .unwrap();
+    assert_eq!(done, vec![Done::Finished]);
+}
+
+fn ids(list: Vec<Delivery>) -> Vec<DeliveryId> {
+    list.into_iter().map(|d| d.id).collect()
+}
+
+fn listed(
+    store: &Store,
+    rule: Option<&str>,
+    event: Option<&str>,
+    state: Option<State>,
+) -> Vec<DeliveryId> {
+    let filter = Filter {
+        rule: rule.map(Into::into),
+        event: event.map(Into::into),
+        state,
+    };
+    ids(store.list(&filter, None, 100).unwrap())
+}
+
+/// Every delivery is in exactly the index its state calls for, and no
+/// index names a delivery that is not there or not in that state.
+fn assert_indexes(store: &Store) {
+    let tx = store.read().unwrap();
+    let deliveries = tx.open_table(DELIVERIES).unwrap();
+    let mut all = HashMap::new();
+    for item in deliveries.iter().unwrap() {
+        let (k, v) = item.unwrap();
+        let d: Delivery = serde_json::from_slice(v.value()).unwrap();
+        all.insert(k.value(), d);
+    }
+    let due: Vec<(u64, u128)> = tx
+        .open_table(DUE)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|i| i.unwrap().0.value())
+        .collect();
+    let parked: Vec<(String, u128)> = tx
+        .open_table(PARKED)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|i| {
+            let (k, _) = i.unwrap();
+            (k.value().0.to_string(), k.value().1)
+        })
+        .collect();
+    let by_state: Vec<(String, u128)> = tx
+        .open_table(BY_STATE)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|i| {
+            let (k, _) = i.unwrap();
+            (k.value().0.to_string(), k.value().1)
+        })
+        .collect();
+    for (at, id) in &due {
+        let d = &all[id];
+        assert_eq!(
+            (d.state, d.next_attempt_at),
+            (State::Pending, Some(*at)),
+            "due entry {id:x}"
+        );
+    }
+    for (ep, id) in &parked {
+        let d = &all[id];
+        assert_eq!(
+            (d.state, d.parked_on.as_deref()),
+            (State::Parked, Some(ep.as_str())),
+            "parked entry {id:x}"
+        );
+    }
+    for (state, id) in &by_state {
+        assert_eq!(all[id].state.as_str(), state, "state entry {id:x}");
+    }
+    for (id, d) in &all {
+        let count = match d.state {
+            State::Pending => due.iter().filter(|(_, i)| i == id).count(),
+            State::Parked => parked.iter().filter(|(_, i)| i == id).count(),
+            _ => by_state.iter().filter(|(_, i)| i == id).count(),
+        };
+        assert_eq!(
+            count, 1,
+            "delivery {id:x} ({:?}) is indexed {count} times",
+            d.state
+        );
+    }
+}
+
+use std::collections::HashMap;
+
+#[test]
+fn a_delivery_moves_through_its_states_with_the_indexes_in_step() {
+    let db = TempDb::new("life");
+    let store = db.open();
+    let a = accept(&store, new_event("e1", &["r1", "r2"]));
+    assert_indexes(&store);
+    assert_eq!(
+        store.body(a[0]).unwrap().unwrap(),
+        br#"{"event":"e1","rule":"r1"}"#
+    );
+
+    // Each step: the op, then the state the delivery must be in.
+    let steps: Vec<(Op, State)> = vec![
+        (
+            Op::Finish {
+                id: a[0],
+                attempt: Some(attempt(1, 500)),
+                next: Next::Retry {
+                    at: now_ms() + 60_000,
+                },
+            },
+            State::Pending,
+        ),
+        (
+            Op::Finish {
+                id: a[0],
+                attempt: Some(attempt(2, 503)),
+                next: Next::Park {
+                    endpoint: "https://example.test:443".into(),
+                    reason: "blocked".into(),
+                },
+            },
+            State::Parked,
+        ),
+        (
+            Op::Unpark {
+                endpoint: "https://example.test:443".into(),
+                limit: 10,
+            },
+            State::Pending,
+        ),
+        (
+            Op::Finish {
+                id: a[0],
+                attempt: Some(attempt(3, 200)),
+                next: Next::Succeeded,
+            },
+            State::Succeeded,
+        ),
+        (
+            Op::Redeliver {
+                id: a[0],
+                body: Rebuilt::Same,
+            },
+            State::Pending,
+        ),
+        (
+            Op::Finish {
+                id: a[0],
+                attempt: Some(attempt(4, 400)),
+                next: Next::Failed("gave up".into()),
+            },
+            State::Failed,
+        ),
+    ];
+    for (op, want) in steps {
+        let what = format!("{op:?}");
+        store.apply(vec![op]).unwrap();
+        let d = store.delivery(a[0]).unwrap().unwrap();
+        assert_eq!(d.state, want, "after {what}");
+        assert_indexes(&store);
+        for state in [
+            State::Pending,
+            State::Parked,
+            State::Succeeded,
+            State::Failed,
+            State::Skipped,
+        ] {
+            let found = listed(&store, None, None, Some(state)).contains(&a[0]);
+            assert_eq!(found, state == want, "listing {state:?} after {what}");
+        }
+    }
+    let numbers: Vec<u32> = store
+        .attempts(a[0])
+        .unwrap()
+        .iter()
+        .map(|x| x.number)
+        .collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+    assert_eq!(store.delivery(a[0]).unwrap().unwrap().attempts, 4);
+    // The other delivery of the event never moved.
+    assert_eq!(listed(&store, None, None, Some(State::Pending)), vec![a[1]]);
+}
+
+#[test]
+fn listing_filters_combine_and_page_newest_first() {
+    let db = TempDb::new("list");
+    let store = db.open();
+    let e1 = accept(&store, new_event("e1", &["r1", "r2"]));
+    let e2 = accept(&store, new_event("e2", &["r1"]));
+    let e3 = accept(&store, new_event("e3", &["r2", "r1"]));
+    finish(&store, e1[0], 1, 200, Next::Succeeded);
+    finish(&store, e3[1], 1, 200, Next::Succeeded);
+    finish(&store, e2[0], 1, 404, Next::Failed("404".into()));
+    assert_indexes(&store);
+
+    let s = Some(State::Succeeded);
+    let p = Some(State::Pending);
+    // (rule, event, state) → the deliveries listed, newest first.
+    type Case<'a> = (
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<State>,
+        Vec<DeliveryId>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (None, None, None, vec![e3[1], e3[0], e2[0], e1[1], e1[0]]),
+        (Some("r1"), None, None, vec![e3[1], e2[0], e1[0]]),
+        (None, Some("e1"), None, vec![e1[1], e1[0]]),
+        (None, Some("e3"), None, vec![e3[1], e3[0]]),
+        (None, Some("nope"), None, vec![]),
+        (None, None, s, vec![e3[1], e1[0]]),
+        (None, None, p, vec![e3[0], e1[1]]),
+        (None, None, Some(State::Failed), vec![e2[0]]),
+        (None, None, Some(State::Parked), vec![]),
+        (Some("r1"), None, s, vec![e3[1], e1[0]]),
+        (Some("r2"), None, p, vec![e3[0], e1[1]]),
+        (None, Some("e1"), p, vec![e1[1]]),
+        (Some("r2"), Some("e3"), None, vec![e3[0]]),
+    ];
+    for (rule, event, state, want) in cases {
+        assert_eq!(
+            listed(&store, rule, event, state),
+            want,
+            "rule {rule:?} event {event:?} state {state:?}"
+        );
+    }
+
+    // Pages of two, for each way of listing: together they are the whole list.
+    for filter in [
+        Filter::default(),
+        Filter {
+            rule: Some("r1".into()),
+            ..Filter::default()
+        },
+        Filter {
+            state: p,
+            ..Filter::default()
+        },
+        Filter {
+            state: s,
+            ..Filter::default()
+        },
+        Filter {
+            event: Some("e3".into()),
+            ..Filter::default()
+        },
+    ] {
+        let whole = ids(store.list(&filter, None, 100).unwrap());
+        let mut paged = Vec::new();
+        let mut before = None;
+        loop {
+            let page = ids(store.list(&filter, before, 2).unwrap());
+            assert!(page.len() <= 2);
+            let Some(last) = page.last().copied() else {
+                break;
+            };
+            paged.extend(page);
+            before = Some(last);
+        }
+        assert_eq!(paged, whole, "{filter:?}");
+    }
+}
+
+#[test]
+fn the_same_event_id_again_gives_the_same_deliveries_and_stores_nothing() {
+    let db = TempDb::new("dupe");
+    let store = db.open();
+    let first = accept(&store, new_event("e1", &["r1"]));
+    let done = store
+        .apply(vec![Op::Accept(new_event("e1", &["r1", "r2"]))])
+        .unwrap();
+    assert_eq!(
+        done,
+        vec![Done::Accepted {
+            deliveries: first.clone(),
+            duplicate: true
+        }]
+    );
+    assert_eq!(listed(&store, None, None, None), first);
+    assert_eq!(store.event("e1").unwrap().unwrap().deliveries, first);
+}
+
+#[test]
+fn compaction_removes_old_finished_events_and_keeps_pending_ones() {
+    let db = TempDb::new("compact");
+    let store = db.open();
+    let done = accept(&store, new_event("done", &["r1", "r2"]));
+    let waiting = accept(&store, new_event("waiting", &["r1", "r2"]));
+    finish(&store, done[0], 1, 200, Next::Succeeded);
+    finish(&store, done[1], 1, 410, Next::Failed("gone".into()));
+    finish(&store, waiting[0], 1, 200, Next::Succeeded);
+
+    let before = now_ms() + 1;
+    let out = store
+        .apply(vec![Op::Compact {
+            before_ms: before,
+            limit: 100,
+        }])
+        .unwrap();
+    assert_eq!(out, vec![Done::Compacted(1)]);
+    assert!(store.event("done").unwrap().is_none());
+    assert!(store.delivery(done[0]).unwrap().is_none());
+    assert!(store.body(done[1]).unwrap().is_none());
+    assert!(store.attempts(done[0]).unwrap().is_empty());
+    assert_eq!(
+        listed(&store, None, None, None),
+        vec![waiting[1], waiting[0]]
+    );
+    assert_indexes(&store);
+}
+
+#[test]
+fn a_version_1_file_is_migrated_when_opened() {
+    let db = TempDb::new("v1");
+    let ids = {
+        let store = db.open();
+        let ids = accept(&store, new_event("e1", &["r1", "r2"]));
+        finish(&store, ids[0], 1, 200, Next::Succeeded);
+        // Turn it into what version 1 wrote: a by-event index, pending in
+        // the state index, the event inside its record, version 1.
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut by_event = tx.open_table(BY_EVENT_V1).unwrap();
+            let mut by_state = tx.open_table(BY_STATE).unwrap();
+            for id in &ids {
+                by_event.insert(("e1", id.0), ()).unwrap();
+            }
+            by_state.insert(("pending", ids[1].0), ()).unwrap();
+            let record = serde_json::json!({
+                "id": "e1", "accepted_at": 1, "event": {"id": "e1", "event_type": "create"},
+                "deliveries": ids,
+            });
+            tx.open_table(EVENTS)
+                .unwrap()
+                .insert("e1", serde_json::to_vec(&record).unwrap().as_slice())
+                .unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        ids
+    };
+    let store = db.open();
+    assert_indexes(&store);
+    let tx = store.read().unwrap();
+    assert!(
+        tx.open_table(BY_EVENT_V1).is_err(),
+        "the by-event index is gone"
+    );
+    let version = tx
+        .open_table(META)
+        .unwrap()
+        .get("schema_version")
+        .unwrap()
+        .unwrap()
+        .value();
+    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(listed(&store, None, Some("e1"), None), vec![ids[1], ids[0]]);
+    assert_eq!(
+        listed(&store, None, None, Some(State::Pending)),
+        vec![ids[1]]
+    );
+    assert_eq!(store.event("e1").unwrap().unwrap().deliveries, ids);
+}
+
+#[test]
+fn a_file_from_a_newer_rulehook_is_refused_with_its_version() {
+    let db = TempDb::new("newer");
+    {
+        let store = db.open();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(META)
+            .unwrap()
+            .insert("schema_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let err = Store::open(&db.path(), 1 << 20).err().expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("schema version {}", SCHEMA_VERSION + 1)),
+        "{text}"
+    );
+    assert!(text.contains("upgrade rulehook"), "{text}");
+}
+
+#[test]
+fn due_scans_resume_behind_their_cursor_and_skip_busy_deliveries() {
+    let db = TempDb::new("due");
+    let store = db.open();
+    let mut all = Vec::new();
+    for i in 0..5 {
+        all.extend(accept(&store, new_event(&format!("e{i}"), &["r1"])));
+    }
+    let later = accept(&store, new_event("later", &["r1"]))[0];
+    finish(
+        &store,
+        later,
+        1,
+        500,
+        Next::Retry {
+            at: now_ms() + 60_000,
+        },
+    );
+    let now = now_ms();
+    let busy = |id: DeliveryId| id == all[1];
+    let ids = |scan: &DueScan| scan.found.iter().map(|(d, _)| d.id).collect::<Vec<_>>();
+
+    let first = store.due(None, now, 2, busy, 1 << 20).unwrap();
+    assert_eq!(ids(&first), [all[0], all[2]], "busy ones are skipped");
+    assert!(first.more);
+    assert_eq!(
+        first.found[0].1.as_deref(),
+        Some(&br#"{"event":"e0","rule":"r1"}"#[..])
+    );
+
+    let second = store.due(first.resume, now, 2, busy, 1 << 20).unwrap();
+    assert_eq!(
+        ids(&second),
+        [all[3], all[4]],
+        "resumed behind the first scan"
+    );
+    let third = store.due(second.resume, now, 2, busy, 1 << 20).unwrap();
+    assert!(
+        third.found.is_empty() && !third.more,
+        "the retry is not due yet"
+    );
+
+    let small_cap = store.due(None, now, 10, |_| false, 5).unwrap();
+    assert_eq!(ids(&small_cap), all, "all five due now, oldest first");
+    assert!(
+        small_cap.found.iter().all(|(_, body)| body.is_none()),
+        "bodies over the cap stay in the store"
+    );
+    assert_eq!(
+        store
+            .due(None, now + 60_001, 10, |_| false, 5)
+            .unwrap()
+            .found
+            .len(),
+        6
+    );
+}
