@@ -136,7 +136,11 @@ fn start_server(dir: &std::path::Path) -> (Server, Duration) {
             "--listen",
             "127.0.0.1:0",
         ])
-        .env("RULEHOOK_LOG", "error")
+        // Quiet unless asked (RULEHOOK_LOG=rulehook::deliver=debug shows scans).
+        .env(
+            "RULEHOOK_LOG",
+            std::env::var("RULEHOOK_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .expect("start rulehook");

@@ -187,6 +187,12 @@ struct Dispatcher {
 /// this they stay in the store only.
 const MAX_WAITING: usize = 10_000;
 
+/// A scan fills memory up to this many times `max_in_flight`; the next
+/// one runs when half of that is left, so the attempts go on from memory
+/// while it reads (a scan of a thousand deliveries takes milliseconds,
+/// which at full speed is longer than `max_in_flight` attempts last).
+const SCAN_REFILL: usize = 4;
+
 /// How often a scan through a backlog starts again from the beginning.
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
 
@@ -233,7 +239,7 @@ impl Dispatcher {
                         next_scan = next_scan.min(tokio::time::Instant::now() + wait);
                     }
                     self.completed(c);
-                    if self.backlog && self.in_flight < max / 2 {
+                    if self.backlog && self.queued() < max * SCAN_REFILL / 2 {
                         next_scan = tokio::time::Instant::now();
                     }
                 }
@@ -261,6 +267,11 @@ impl Dispatcher {
             }
         }
         tracing::info!(unfinished = self.in_flight, "dispatcher stopped");
+    }
+
+    /// Deliveries held in memory: in flight or waiting for their endpoint.
+    fn queued(&self) -> usize {
+        self.in_flight + self.waiting_total
     }
 
     fn completed(&mut self, c: Completion) {
@@ -366,9 +377,10 @@ impl Dispatcher {
     async fn scan(&mut self) -> Duration {
         let now = now_ms();
         self.unpark_expired(now).await;
-        let free = self.shared.config.max_in_flight.saturating_sub(
-            self.in_flight + self.waiting_total.min(self.shared.config.max_in_flight),
-        );
+        // Refill to a few times the overall limit, so a backlog is read in
+        // batches (one scan per ~1,000 deliveries, not one per completion)
+        // while what is held in memory stays bounded.
+        let free = (self.shared.config.max_in_flight * SCAN_REFILL).saturating_sub(self.queued());
         if free == 0 {
             self.backlog = true;
             return Duration::from_millis(50);
@@ -388,6 +400,7 @@ impl Dispatcher {
         let after = self.cursor;
         let store = self.shared.store.clone();
         let shared = self.shared.clone();
+        let t0 = Instant::now();
         let found = tokio::task::spawn_blocking(move || {
             // The lock is taken per key, not across the scan: ingest and
             // completions must not wait for a walk through the store.
@@ -404,6 +417,14 @@ impl Dispatcher {
             }
             Err(_) => return Duration::from_secs(1),
         };
+        tracing::debug!(
+            found = scan.found.len(),
+            more = scan.more,
+            free,
+            from_start = after.is_none(),
+            ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "scanned the due index"
+        );
         self.backlog = scan.more;
         self.cursor = if scan.more { scan.resume } else { None };
         let found: Vec<_> = {

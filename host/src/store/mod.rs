@@ -181,7 +181,7 @@ impl Store {
         {
             // Create every table so reads never meet a missing one.
             tx.open_table(EVENTS).map_err(io("open"))?;
-            tx.open_table(EVENT_TIMES).map_err(io("open"))?;
+            tx.open_table(EVENT_IDS).map_err(io("open"))?;
             tx.open_table(DELIVERIES).map_err(io("open"))?;
             tx.open_table(BODIES).map_err(io("open"))?;
             tx.open_table(DUE).map_err(io("open"))?;
@@ -473,9 +473,30 @@ impl Filter {
 }
 
 fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
-    let t = tx.open_table(EVENTS).map_err(io("read event"))?;
-    let found = t.get(id).map_err(io("read event"))?;
-    found.map(|v| from_json(v.value(), "event")).transpose()
+    let ids = tx.open_table(EVENT_IDS).map_err(io("read event"))?;
+    let events = tx.open_table(EVENTS).map_err(io("read event"))?;
+    Ok(find_event(&ids, &events, id)?.map(|(_, record)| record))
+}
+
+/// The event key and record of a sender's event id, if it was accepted.
+fn find_event(
+    ids: &impl ReadableTable<&'static str, EventKey>,
+    events: &impl ReadableTable<EventKey, &'static [u8]>,
+    id: &str,
+) -> Result<Option<(EventKey, EventRecord)>, StoreError> {
+    let Some(key) = ids.get(id).map_err(io("find event"))? else {
+        return Ok(None);
+    };
+    let key = key.value();
+    let Some(v) = events.get(key).map_err(io("find event"))? else {
+        return Ok(None);
+    };
+    Ok(Some((key, from_json(v.value(), "event")?)))
+}
+
+/// A new, time-ordered event key.
+fn new_event_key() -> EventKey {
+    uuid::Uuid::now_v7().as_u128()
 }
 
 /// Gives `take` the ids in `ids` until it says it has enough.
@@ -536,7 +557,26 @@ fn newest<E: std::fmt::Display>(
 /// transaction that opens it.
 fn migrate(tx: &WriteTransaction, from: u64) -> Result<(), StoreError> {
     if from < 2 {
-        // 1 → 2: no by-event index; the state index holds final states only.
+        // 1 → 2: events keyed by time with a hashed-id index instead of by
+        // the sender's id with an age index; no by-event index; the state
+        // index holds final states only.
+        {
+            let old = tx.open_table(EVENTS_V1).map_err(io("migrate"))?;
+            let mut events = tx.open_table(EVENTS).map_err(io("migrate"))?;
+            let mut ids = tx.open_table(EVENT_IDS).map_err(io("migrate"))?;
+            for (n, item) in old.iter().map_err(io("migrate"))?.enumerate() {
+                let (_, v) = item.map_err(io("migrate"))?;
+                let record: EventRecord = from_json(v.value(), "event")?;
+                // Time-ordered like a UUIDv7; the low bits only make it unique.
+                let key = (u128::from(record.accepted_at) << 80) | n as u128;
+                events
+                    .insert(key, to_json(&record).as_slice())
+                    .map_err(io("migrate"))?;
+                ids.insert(record.id.as_str(), key).map_err(io("migrate"))?;
+            }
+        }
+        tx.delete_table(EVENTS_V1).map_err(io("migrate"))?;
+        tx.delete_table(EVENT_TIMES_V1).map_err(io("migrate"))?;
         tx.delete_table(BY_EVENT_V1).map_err(io("migrate"))?;
         let mut by_state = tx.open_table(BY_STATE).map_err(io("migrate"))?;
         for state in [State::Pending, State::Parked] {
@@ -552,8 +592,8 @@ fn migrate(tx: &WriteTransaction, from: u64) -> Result<(), StoreError> {
 /// Every table of a write transaction, opened once: opening a table costs
 /// more than an insert, and one commit covers thousands of operations.
 struct Tables<'t> {
-    events: redb::Table<'t, &'static str, &'static [u8]>,
-    event_times: redb::Table<'t, (u64, &'static str), ()>,
+    events: redb::Table<'t, EventKey, &'static [u8]>,
+    event_ids: redb::Table<'t, &'static str, EventKey>,
     deliveries: redb::Table<'t, DeliveryKey, &'static [u8]>,
     bodies: redb::Table<'t, DeliveryKey, &'static [u8]>,
     due: redb::Table<'t, (u64, DeliveryKey), ()>,
@@ -568,7 +608,7 @@ impl<'t> Tables<'t> {
     fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
         Ok(Tables {
             events: tx.open_table(EVENTS).map_err(io("open tables"))?,
-            event_times: tx.open_table(EVENT_TIMES).map_err(io("open tables"))?,
+            event_ids: tx.open_table(EVENT_IDS).map_err(io("open tables"))?,
             deliveries: tx.open_table(DELIVERIES).map_err(io("open tables"))?,
             bodies: tx.open_table(BODIES).map_err(io("open tables"))?,
             due: tx.open_table(DUE).map_err(io("open tables"))?,
@@ -636,15 +676,11 @@ fn save_delivery(
 fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
     match op {
         Op::Accept(ev) => {
-            {
-                let events = &mut t.events;
-                if let Some(v) = events.get(ev.id.as_str()).map_err(io("accept"))? {
-                    let existing: EventRecord = from_json(v.value(), "event")?;
-                    return Ok(Done::Accepted {
-                        deliveries: existing.deliveries,
-                        duplicate: true,
-                    });
-                }
+            if let Some((_, existing)) = find_event(&t.event_ids, &t.events, &ev.id)? {
+                return Ok(Done::Accepted {
+                    deliveries: existing.deliveries,
+                    duplicate: true,
+                });
             }
             let ids: Vec<DeliveryId> = ev.deliveries.iter().map(|d| d.id).collect();
             let record = EventRecord {
@@ -652,11 +688,12 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                 accepted_at: now,
                 deliveries: ids.clone(),
             };
+            let key = new_event_key();
             t.events
-                .insert(ev.id.as_str(), to_json(&record).as_slice())
+                .insert(key, to_json(&record).as_slice())
                 .map_err(io("accept"))?;
-            t.event_times
-                .insert((now, ev.id.as_str()), ())
+            t.event_ids
+                .insert(ev.id.as_str(), key)
                 .map_err(io("accept"))?;
             for nd in ev.deliveries {
                 let d = Delivery {
@@ -804,16 +841,13 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
 /// a final state, with their deliveries, bodies, attempts and index entries.
 /// Events with a pending or parked delivery stay, however old.
 fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, StoreError> {
-    let old: Vec<(u64, String)> = {
-        let t = &mut t.event_times;
+    // Keys start with the acceptance time in milliseconds (UUIDv7).
+    let end = u128::from(before_ms) << 80;
+    let old: Vec<(EventKey, EventRecord)> = {
         let mut v = Vec::new();
-        for item in t
-            .range((0u64, "")..(before_ms, ""))
-            .map_err(io("compact"))?
-        {
-            let (k, _) = item.map_err(io("compact"))?;
-            let (at, id) = k.value();
-            v.push((at, id.to_string()));
+        for item in t.events.range(..end).map_err(io("compact"))? {
+            let (k, rec) = item.map_err(io("compact"))?;
+            v.push((k.value(), from_json(rec.value(), "event")?));
             if v.len() >= limit {
                 break;
             }
@@ -821,20 +855,12 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
         v
     };
     let mut removed = 0;
-    for (at, event_id) in old {
-        let record: Option<EventRecord> = {
-            let events = &mut t.events;
-            let found = events.get(event_id.as_str()).map_err(io("compact"))?;
-            found.map(|v| from_json(v.value(), "event")).transpose()?
-        };
-        let deliveries: Vec<Delivery> = match &record {
-            Some(r) => r
-                .deliveries
-                .iter()
-                .filter_map(|id| load_delivery(t, *id).transpose())
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
+    for (key, record) in old {
+        let deliveries: Vec<Delivery> = record
+            .deliveries
+            .iter()
+            .filter_map(|id| load_delivery(t, *id).transpose())
+            .collect::<Result<_, _>>()?;
         if deliveries.iter().any(|d| !d.state.is_final()) {
             continue;
         }
@@ -852,10 +878,10 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
                 .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
                 .map_err(io("compact"))?;
         }
-        t.events.remove(event_id.as_str()).map_err(io("compact"))?;
-        t.event_times
-            .remove((at, event_id.as_str()))
+        t.event_ids
+            .remove(record.id.as_str())
             .map_err(io("compact"))?;
+        t.events.remove(key).map_err(io("compact"))?;
         removed += 1;
     }
     Ok(Done::Compacted(removed))

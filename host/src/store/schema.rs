@@ -7,12 +7,19 @@ use redb::TableDefinition;
 /// which makes retention a scan from the start of the table.
 pub type DeliveryKey = u128;
 
-/// event id → event record (JSON): when it was accepted and its deliveries.
-/// The event itself is not kept: each delivery's body is what was built
-/// from it, and storing both doubled the bytes written per event.
-pub const EVENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("events");
-/// (accepted at ms, event id): events by age, for retention.
-pub const EVENT_TIMES: TableDefinition<'_, (u64, &str), ()> = TableDefinition::new("event_times");
+/// Event keys are ordered by acceptance time (UUIDv7: milliseconds since
+/// the epoch in the top 48 bits), so retention is a scan from the start.
+pub type EventKey = u128;
+/// event key → event record (JSON): the sender's event id, when it was
+/// accepted and its deliveries. The event itself is not kept: each
+/// delivery's body is what was built from it, and storing both doubled the
+/// bytes written per event.
+pub const EVENTS: TableDefinition<'_, EventKey, &[u8]> = TableDefinition::new("events_by_time");
+/// sender's event id → event key: the idempotency index. Small entries
+/// keep it small: ids from a time-ordered scheme append at its end, and
+/// random ones (UUIDv4) land each on its own page, so its size is what
+/// those page writes and cache misses cost.
+pub const EVENT_IDS: TableDefinition<'_, &str, EventKey> = TableDefinition::new("event_ids");
 /// delivery id → delivery record (JSON), without the body.
 pub const DELIVERIES: TableDefinition<'_, DeliveryKey, &[u8]> = TableDefinition::new("deliveries");
 /// delivery id → the payload bytes, fixed once built.
@@ -32,7 +39,11 @@ pub const BY_RULE: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinitio
 /// parked deliveries are listed from `DUE` and `PARKED`, which hold exactly
 /// them, so a delivery's first attempt costs no index churn here.
 pub const BY_STATE: TableDefinition<'_, (&str, DeliveryKey), ()> = TableDefinition::new("by_state");
-/// Version 1 kept a by-event index; opening such a file deletes it.
+/// Version 1 tables, read once by the migration and then deleted: events
+/// keyed by the sender's id, an age index, and a by-event index.
+pub const EVENTS_V1: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("events");
+pub const EVENT_TIMES_V1: TableDefinition<'_, (u64, &str), ()> =
+    TableDefinition::new("event_times");
 pub const BY_EVENT_V1: TableDefinition<'_, (&str, DeliveryKey), ()> =
     TableDefinition::new("by_event");
 /// endpoint (scheme://host:port) → endpoint state (JSON): failures, blocks, 410.

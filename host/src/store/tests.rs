@@ -3,6 +3,7 @@
 //! finds what the filters ask for, and a version 1 file is migrated.
 
 use super::*;
+use redb::TableHandle;
 
 /// A database file in a fresh directory, removed when dropped.
 struct TempDb {
@@ -408,23 +409,33 @@ fn a_version_1_file_is_migrated_when_opened() {
         let store = db.open();
         let ids = accept(&store, new_event("e1", &["r1", "r2"]));
         finish(&store, ids[0], 1, 200, Next::Succeeded);
-        // Turn it into what version 1 wrote: a by-event index, pending in
-        // the state index, the event inside its record, version 1.
+        // Turn it into what version 1 wrote: events keyed by the sender's id
+        // with the event inside, an age index, a by-event index, pending in
+        // the state index, version 1.
         let tx = store.db.begin_write().unwrap();
         {
+            tx.delete_table(EVENTS).unwrap();
+            tx.delete_table(EVENT_IDS).unwrap();
+            let record = serde_json::json!({
+                "id": "e1", "accepted_at": 1_700_000_000_000u64,
+                "event": {"id": "e1", "event_type": "create"},
+                "deliveries": ids,
+            });
+            tx.open_table(EVENTS_V1)
+                .unwrap()
+                .insert("e1", serde_json::to_vec(&record).unwrap().as_slice())
+                .unwrap();
+            tx.open_table(EVENT_TIMES_V1)
+                .unwrap()
+                .insert((1_700_000_000_000u64, "e1"), ())
+                .unwrap();
             let mut by_event = tx.open_table(BY_EVENT_V1).unwrap();
-            let mut by_state = tx.open_table(BY_STATE).unwrap();
             for id in &ids {
                 by_event.insert(("e1", id.0), ()).unwrap();
             }
-            by_state.insert(("pending", ids[1].0), ()).unwrap();
-            let record = serde_json::json!({
-                "id": "e1", "accepted_at": 1, "event": {"id": "e1", "event_type": "create"},
-                "deliveries": ids,
-            });
-            tx.open_table(EVENTS)
+            tx.open_table(BY_STATE)
                 .unwrap()
-                .insert("e1", serde_json::to_vec(&record).unwrap().as_slice())
+                .insert(("pending", ids[1].0), ())
                 .unwrap();
             tx.open_table(META)
                 .unwrap()
@@ -437,10 +448,17 @@ fn a_version_1_file_is_migrated_when_opened() {
     let store = db.open();
     assert_indexes(&store);
     let tx = store.read().unwrap();
-    assert!(
-        tx.open_table(BY_EVENT_V1).is_err(),
-        "the by-event index is gone"
-    );
+    let names: Vec<String> = tx
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    for gone in [EVENTS_V1.name(), EVENT_TIMES_V1.name(), BY_EVENT_V1.name()] {
+        assert!(
+            !names.iter().any(|n| n == gone),
+            "{gone} is still there: {names:?}"
+        );
+    }
     let version = tx
         .open_table(META)
         .unwrap()
@@ -455,6 +473,26 @@ fn a_version_1_file_is_migrated_when_opened() {
         vec![ids[1]]
     );
     assert_eq!(store.event("e1").unwrap().unwrap().deliveries, ids);
+    // Its id still dedupes, and it ages out by its original time.
+    let again = store
+        .apply(vec![Op::Accept(new_event("e1", &["r1"]))])
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![Done::Accepted {
+            deliveries: ids.clone(),
+            duplicate: true
+        }]
+    );
+    finish(&store, ids[1], 1, 200, Next::Succeeded);
+    let out = store
+        .apply(vec![Op::Compact {
+            before_ms: 1_700_000_000_001,
+            limit: 10,
+        }])
+        .unwrap();
+    assert_eq!(out, vec![Done::Compacted(1)]);
+    assert!(store.event("e1").unwrap().is_none());
 }
 
 #[test]
