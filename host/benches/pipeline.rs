@@ -3,10 +3,12 @@
 //! - `throughput`: raw hyper POSTs/s on loopback, then durable ingest →
 //!   signed POST deliveries/s through `rulehook serve`, in the same run.
 //! - `latency`: ingest → first attempt latency (p50/p99) at half that load.
+//! - `drain`: delivery alone: deliveries/s from a backlog in the store, and
+//!   the CPU each delivery costs the server and the receiver.
 //! - `backlog`: RSS with N pending deliveries while the receiver is down,
 //!   and the time a restart takes to serve again with that backlog.
 //!
-//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|backlog] [--backlog N]`
+//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog] [--backlog N]`
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -29,6 +31,23 @@ struct Sink {
     count: AtomicU64,
     first_seen: Mutex<HashMap<String, Instant>>,
     track: bool,
+    /// While false, requests wait before they are answered (for `drain`).
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Sink {
+    fn new(track: bool) -> Arc<Sink> {
+        Sink::gated(track, tokio::sync::watch::channel(true).1)
+    }
+
+    fn gated(track: bool, open: tokio::sync::watch::Receiver<bool>) -> Arc<Sink> {
+        Arc::new(Sink {
+            count: AtomicU64::new(0),
+            first_seen: Mutex::new(HashMap::new()),
+            track,
+            open,
+        })
+    }
 }
 
 async fn receiver(sink: Arc<Sink>) -> SocketAddr {
@@ -45,6 +64,7 @@ async fn receiver(sink: Arc<Sink>) -> SocketAddr {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let sink = sink.clone();
                     async move {
+                        let _ = sink.open.clone().wait_for(|open| *open).await;
                         let body = req
                             .into_body()
                             .collect()
@@ -82,11 +102,7 @@ fn body_1k() -> Bytes {
 
 /// Bare hyper client → server POSTs for `secs`, with `conns` in parallel.
 async fn raw_throughput(conns: usize, secs: u64) -> f64 {
-    let sink = Arc::new(Sink {
-        count: AtomicU64::new(0),
-        first_seen: Mutex::new(HashMap::new()),
-        track: false,
-    });
+    let sink = Sink::new(false);
     let addr = receiver(sink.clone()).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let body = body_1k();
@@ -212,11 +228,7 @@ async fn post(
 /// Posts single events from `conns` connections for `secs`; returns
 /// (accepted/s, delivered/s) over the window.
 async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64) {
-    let sink = Arc::new(Sink {
-        count: AtomicU64::new(0),
-        first_seen: Mutex::new(HashMap::new()),
-        track: false,
-    });
+    let sink = Sink::new(false);
     let rx = receiver(sink.clone()).await;
     let dir = setup("e2e", &format!("http://{rx}/hook"), rx.port());
     let (server, _) = start_server(&dir);
@@ -262,11 +274,7 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64) {
 
 /// Posts at `rate` events/s for `secs`; returns ingest→first-attempt latencies.
 async fn latency(rate: f64, secs: u64) -> Vec<Duration> {
-    let sink = Arc::new(Sink {
-        count: AtomicU64::new(0),
-        first_seen: Mutex::new(HashMap::new()),
-        track: true,
-    });
+    let sink = Sink::new(true);
     let rx = receiver(sink.clone()).await;
     let dir = setup("latency", &format!("http://{rx}/hook"), rx.port());
     let (server, _) = start_server(&dir);
@@ -304,6 +312,59 @@ async fn latency(rate: f64, secs: u64) -> Vec<Duration> {
         .collect();
     lat.sort();
     lat
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// Delivery alone: `n` events are accepted while the receiver holds its
+/// answers, so all but the first few wait in the store; then it answers,
+/// and the backlog drains. Returns (deliveries/s, server CPU seconds per
+/// 1,000 deliveries, bench CPU seconds per 1,000 deliveries).
+async fn drain(n: usize) -> (f64, f64, f64) {
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let sink = Sink::gated(false, open_rx);
+    let rx = receiver(sink.clone()).await;
+    let dir = setup("drain", &format!("http://{rx}/hook"), rx.port());
+    let (server, _) = start_server(&dir);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let batch = 500;
+    for b in 0..n.div_ceil(batch) {
+        let body: String = (0..batch)
+            .map(|k| event(&format!("drain-{b}-{k}")) + "\n")
+            .collect();
+        assert_eq!(post(&client, server.addr, body, true).await, 202);
+    }
+    let me = std::process::id();
+    let (server_cpu, bench_cpu) = (cpu_secs(server.child.id()), cpu_secs(me));
+    let start = Instant::now();
+    open_tx.send(true).unwrap();
+    let total = (n.div_ceil(batch) * batch) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sink.count.load(Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let delivered = sink.count.load(Relaxed) as f64;
+    let per_k = |cpu: f64| cpu / delivered * 1000.0;
+    let result = (
+        delivered / secs,
+        per_k(cpu_secs(server.child.id()) - server_cpu),
+        per_k(cpu_secs(me) - bench_cpu),
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -400,7 +461,7 @@ fn main() {
     let want = |m: &str| {
         !args
             .iter()
-            .any(|a| ["throughput", "latency", "backlog"].contains(&a.as_str()))
+            .any(|a| ["throughput", "latency", "backlog", "drain"].contains(&a.as_str()))
             || args.iter().any(|a| a == m)
     };
     let backlog_n: usize = args
@@ -430,6 +491,10 @@ fn main() {
             let lat = latency(rate, 10).await;
             let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
             println!("latency: ingest → first attempt at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} events)", pct(0.5), pct(0.99), pct(1.0), lat.len());
+        }
+        if want("drain") {
+            let (rate, server_ms, bench_ms) = drain(200_000).await;
+            println!("drain: delivery alone from a backlog of 200,000: {rate:.0} deliveries/s; CPU per delivery: server {:.1} µs, receiver {:.1} µs", server_ms * 1000.0, bench_ms * 1000.0);
         }
         if want("backlog") {
             backlog(backlog_n).await;

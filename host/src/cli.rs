@@ -482,7 +482,6 @@ fn test_connection(rule_name: &str, config: Option<&Path>) -> ExitCode {
         let id = crate::store::DeliveryId::new().to_string();
         let mut req = http::Request::builder()
             .method(rule.webhook.method.as_str())
-            .uri(test_url.as_str())
             .header("Content-Type", "application/json")
             .header(crate::deliver::DELIVERY_HEADER, &id);
         if let Some(c) = &rule.webhook.credentials {
@@ -509,6 +508,7 @@ fn test_connection(rule_name: &str, config: Option<&Path>) -> ExitCode {
         let started = std::time::Instant::now();
         let result = sender
             .send(
+                &test_url,
                 req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?,
                 rule.webhook.tls_verify,
                 rule.webhook.connect_timeout,

@@ -3,6 +3,30 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h`. The crate does not
+/// export option constants; the test below checks this is the right one.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> std::process::ExitCode {
+    // mimalloc returns freed memory to the OS a second after it is freed,
+    // and only when the thread that freed it allocates again, which a
+    // server gone quiet after a burst (a backlog building while a receiver
+    // is down) may not do for a long time: it kept about 60 MiB it no longer
+    // used (207 MiB RSS with 1,000,000 pending deliveries, 149 MiB with
+    // 10 ms). 0 ms costs about a fifth more CPU per delivery in madvise
+    // calls; 10 ms costs nothing measurable (`--bench pipeline -- drain`).
+    // Safety: set before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
     rulehook::cli::main()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_purge_delay_option_index_names_purge_delay() {
+        // Its default in mimalloc 3 is 1,000 ms (options.c); no other
+        // option has that default.
+        let value = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(value, 1000, "option 15 is not mimalloc's purge_delay");
+    }
 }

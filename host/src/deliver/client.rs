@@ -249,20 +249,24 @@ impl Sender {
         Ok(())
     }
 
-    /// Sends one request and reads the answer, keeping at most `body_cap`
-    /// bytes of its body. `reply_timeout` covers the whole exchange after
-    /// connecting.
+    /// Sends one request to `url` and reads the answer, keeping at most
+    /// `body_cap` bytes of its body. The request's URI is set here from the
+    /// URL that passed the policy check, so what is vetted is what is
+    /// requested. `reply_timeout` covers the whole exchange after connecting.
     pub async fn send(
         &self,
-        request: http::Request<Full<Bytes>>,
+        url: &url::Url,
+        mut request: http::Request<Full<Bytes>>,
         verify: bool,
         connect_timeout: Duration,
         reply_timeout: Duration,
         body_cap: usize,
     ) -> Result<Response, SendError> {
-        let url = url::Url::parse(&request.uri().to_string())
-            .map_err(|e| SendError::Refused(format!("bad URL: {e}")))?;
-        self.check_url(&url).map_err(SendError::Refused)?;
+        self.check_url(url).map_err(SendError::Refused)?;
+        *request.uri_mut() = url
+            .as_str()
+            .parse()
+            .map_err(|e| SendError::Refused(format!("bad URL {url}: {e}")))?;
         let client = self.client(verify, connect_timeout);
         let exchange = async {
             let response = client.request(request).await.map_err(classify)?;

@@ -543,37 +543,40 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     };
     let number = work.attempts + 1;
     let id_text = work.id.to_string();
-    let mut headers: Vec<(String, String)> = vec![
-        ("Content-Type".into(), "application/json".into()),
+    // (name, value sent, value recorded): the record shows secrets redacted.
+    let mut headers: Vec<(String, String, Option<&str>)> = vec![
+        ("Content-Type".into(), "application/json".into(), None),
         (
             "User-Agent".into(),
             concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
+            None,
         ),
-        (DELIVERY_HEADER.into(), id_text.clone()),
-        ("X-Rulehook-Event".into(), work.event_id.clone()),
-        ("X-Rulehook-Rule".into(), rule.name.clone()),
-        ("X-Rulehook-Attempt".into(), number.to_string()),
+        (DELIVERY_HEADER.into(), id_text.clone(), None),
+        ("X-Rulehook-Event".into(), work.event_id.clone(), None),
+        ("X-Rulehook-Rule".into(), rule.name.clone(), None),
+        ("X-Rulehook-Attempt".into(), number.to_string(), None),
     ];
-    let mut redacted = headers.clone();
     if let Some(c) = &webhook.credentials {
         let token = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", c.username, c.password.value));
-        headers.push(("Authorization".into(), format!("Basic {token}")));
-        redacted.push(("Authorization".into(), "Basic ***".into()));
+        headers.push((
+            "Authorization".into(),
+            format!("Basic {token}"),
+            Some("Basic ***"),
+        ));
     }
     for (k, v) in &webhook.headers {
-        headers.push((k.clone(), v.clone()));
-        redacted.push((k.clone(), v.clone()));
+        headers.push((k.clone(), v.clone(), None));
     }
-    let signatures = crate::sign::headers(webhook, &id_text, now / 1000, &body);
-    headers.extend(signatures.iter().cloned());
-    redacted.extend(signatures);
+    for (k, v) in crate::sign::headers(webhook, &id_text, now / 1000, &body) {
+        headers.push((k, v, None));
+    }
 
-    let mut request = http::Request::builder()
-        .method(webhook.method.as_str())
-        .uri(url.as_str());
-    for (k, v) in &headers {
-        request = request.header(k.as_str(), v.as_str());
+    let mut request = http::Request::builder().method(webhook.method.as_str());
+    let mut recorded = Vec::with_capacity(headers.len());
+    for (name, value, shown) in headers {
+        request = request.header(name.as_str(), value.as_str());
+        recorded.push((name, shown.map_or(value, str::to_string)));
     }
     let started = Instant::now();
     let sent = match request.body(Full::new(body)) {
@@ -581,6 +584,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
             shared
                 .sender
                 .send(
+                    url,
                     req,
                     webhook.tls_verify,
                     webhook.connect_timeout,
@@ -599,7 +603,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         duration_ms: elapsed.as_millis() as u64,
         url: url.to_string(),
         method: webhook.method.as_str().into(),
-        request_headers: redacted,
+        request_headers: recorded,
         status: None,
         reason_phrase: None,
         response_headers: Vec::new(),
