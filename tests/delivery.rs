@@ -566,3 +566,60 @@ fn an_untrusted_certificate_fails_the_attempt() {
     );
     assert!(rx.received().is_empty());
 }
+
+#[test]
+fn finished_events_past_retention_are_compacted_and_pending_ones_kept() {
+    let ok = Receiver::start(vec![Answer::status(200)]);
+    let failing = Receiver::start(vec![Answer::status(500)]);
+    let rules = format!(
+        "rules:\n  - name: defects\n    events: [update]\n    entity_types: [defect]\n    webhook:\n      url: {}\n  - name: stories\n    events: [update]\n    entity_types: [story]\n    webhook:\n      url: {}\n",
+        ok.url("/ok"),
+        failing.url("/failing"),
+    );
+    let (dir, config) = setup(
+        "retention",
+        &rules,
+        &format!(
+            "http_ports: [{}, {}]\nretention: 2s\n",
+            ok.addr.port(),
+            failing.addr.port()
+        ),
+    );
+    let server = Server::start(&dir, &config);
+    let done = server.post_event(&defect_update("old-done"));
+    assert_eq!(done.status, 202, "{}", done.text());
+    let done_id = done.json()["deliveries"][0].as_str().unwrap().to_string();
+    let mut story = defect_update("old-pending");
+    story["entity_type"] = json!("story");
+    let pending = server.post_event(&story);
+    assert_eq!(pending.status, 202, "{}", pending.text());
+    let pending_id = pending.json()["deliveries"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok.wait_for(1, T);
+    failing.wait_for(1, T);
+
+    // The retention pass runs every second here; the succeeded delivery's
+    // event is two seconds old soon after.
+    wait_for(T, "the finished event to be compacted", || {
+        (server
+            .admin("GET", &format!("/v1/deliveries/{done_id}"), None)
+            .status
+            == 404)
+            .then_some(())
+    });
+    let kept = server.delivery(&pending_id);
+    assert_eq!(kept["delivery"]["state"], "pending", "{kept}");
+    let listed: Vec<String> = server
+        .deliveries("")
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, vec![pending_id]);
+    // Past retention the id is forgotten: the same event is new again.
+    let again = server.post_event(&defect_update("old-done"));
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["duplicate"], false, "{}", again.text());
+    assert_ne!(again.json()["deliveries"][0].as_str().unwrap(), done_id);
+}

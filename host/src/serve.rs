@@ -281,31 +281,33 @@ async fn retention_loop(outbox: Outbox, retention: Duration, mut stop: watch::Re
             _ = tokio::time::sleep(every) => {}
         }
         let before = crate::store::now_ms().saturating_sub(retention.as_millis() as u64);
+        // In steps of 1,000 events, each its own commit, so ingest never
+        // waits long behind a compaction.
+        let mut after = None;
+        let mut removed = 0;
         loop {
-            match outbox
-                .write(vec![Op::Compact {
-                    before_ms: before,
-                    limit: 1000,
-                }])
-                .await
-            {
-                Ok(done) => {
-                    let n = match done.first() {
-                        Some(crate::store::Done::Compacted(n)) => *n,
-                        _ => 0,
-                    };
-                    if n > 0 {
-                        tracing::info!(events = n, "removed events past the retention period");
-                    }
-                    if n < 1000 {
-                        break;
+            let op = Op::Compact {
+                before_ms: before,
+                after,
+                limit: 1000,
+            };
+            match outbox.write(vec![op]).await.map(|mut d| d.pop()) {
+                Ok(Some(crate::store::Done::Compacted { removed: n, resume })) => {
+                    removed += n;
+                    match resume {
+                        Some(key) => after = Some(key),
+                        None => break,
                     }
                 }
+                Ok(_) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "retention compaction failed");
                     break;
                 }
             }
+        }
+        if removed > 0 {
+            tracing::info!(events = removed, "removed events past the retention period");
         }
     }
 }

@@ -114,9 +114,13 @@ pub enum Op {
         /// For an unbuilt delivery, what running its chain again gave.
         body: Rebuilt,
     },
-    /// Remove events accepted before `before_ms` whose deliveries are final.
+    /// Remove events accepted before `before_ms` whose deliveries are
+    /// final, looking at up to `limit` events after `after` (where the
+    /// previous call stopped), so events kept for a pending delivery never
+    /// stop later ones from going.
     Compact {
         before_ms: u64,
+        after: Option<EventKey>,
         limit: usize,
     },
 }
@@ -133,8 +137,12 @@ pub enum Done {
     EndpointSaved,
     Unparked(Vec<DeliveryId>),
     Redelivered(Delivery),
-    /// How many events were removed.
-    Compacted(usize),
+    /// How many events were removed; `resume` is where to go on from when
+    /// `limit` events were looked at (more may be old enough), else `None`.
+    Compacted {
+        removed: usize,
+        resume: Option<EventKey>,
+    },
     /// This op failed on its own (e.g. unknown delivery); the rest of the batch stands.
     Rejected(String),
 }
@@ -833,19 +841,34 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             save_delivery(t, Some(&old), &d)?;
             Ok(Done::Redelivered(d))
         }
-        Op::Compact { before_ms, limit } => compact(t, before_ms, limit),
+        Op::Compact {
+            before_ms,
+            after,
+            limit,
+        } => compact(t, before_ms, after, limit),
     }
 }
 
 /// Deletes events accepted before `before_ms` whose deliveries are all in
 /// a final state, with their deliveries, bodies, attempts and index entries.
 /// Events with a pending or parked delivery stay, however old.
-fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, StoreError> {
+fn compact(
+    t: &mut Tables<'_>,
+    before_ms: u64,
+    after: Option<EventKey>,
+    limit: usize,
+) -> Result<Done, StoreError> {
+    use std::ops::Bound::{Excluded, Unbounded};
     // Keys start with the acceptance time in milliseconds (UUIDv7).
     let end = u128::from(before_ms) << 80;
+    let start = after.map_or(Unbounded, Excluded);
     let old: Vec<(EventKey, EventRecord)> = {
         let mut v = Vec::new();
-        for item in t.events.range(..end).map_err(io("compact"))? {
+        for item in t
+            .events
+            .range::<EventKey>((start, Excluded(end)))
+            .map_err(io("compact"))?
+        {
             let (k, rec) = item.map_err(io("compact"))?;
             v.push((k.value(), from_json(rec.value(), "event")?));
             if v.len() >= limit {
@@ -854,6 +877,9 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
         }
         v
     };
+    let resume = (old.len() >= limit)
+        .then(|| old.last().map(|(k, _)| *k))
+        .flatten();
     let mut removed = 0;
     for (key, record) in old {
         let deliveries: Vec<Delivery> = record
@@ -884,7 +910,7 @@ fn compact(t: &mut Tables<'_>, before_ms: u64, limit: usize) -> Result<Done, Sto
         t.events.remove(key).map_err(io("compact"))?;
         removed += 1;
     }
-    Ok(Done::Compacted(removed))
+    Ok(Done::Compacted { removed, resume })
 }
 
 #[cfg(test)]

@@ -387,10 +387,17 @@ fn compaction_removes_old_finished_events_and_keeps_pending_ones() {
     let out = store
         .apply(vec![Op::Compact {
             before_ms: before,
+            after: None,
             limit: 100,
         }])
         .unwrap();
-    assert_eq!(out, vec![Done::Compacted(1)]);
+    assert_eq!(
+        out,
+        vec![Done::Compacted {
+            removed: 1,
+            resume: None
+        }]
+    );
     assert!(store.event("done").unwrap().is_none());
     assert!(store.delivery(done[0]).unwrap().is_none());
     assert!(store.body(done[1]).unwrap().is_none());
@@ -488,10 +495,17 @@ fn a_version_1_file_is_migrated_when_opened() {
     let out = store
         .apply(vec![Op::Compact {
             before_ms: 1_700_000_000_001,
+            after: None,
             limit: 10,
         }])
         .unwrap();
-    assert_eq!(out, vec![Done::Compacted(1)]);
+    assert_eq!(
+        out,
+        vec![Done::Compacted {
+            removed: 1,
+            resume: None
+        }]
+    );
     assert!(store.event("e1").unwrap().is_none());
 }
 
@@ -572,4 +586,55 @@ fn due_scans_resume_behind_their_cursor_and_skip_busy_deliveries() {
             .len(),
         6
     );
+}
+
+#[test]
+fn compaction_walks_past_old_events_that_are_kept() {
+    let db = TempDb::new("compact-walk");
+    let store = db.open();
+    // Five old events still pending at the head, then four finished ones.
+    for i in 0..5 {
+        accept(&store, new_event(&format!("stuck{i}"), &["r1"]));
+    }
+    let mut finished = Vec::new();
+    for i in 0..4 {
+        let ids = accept(&store, new_event(&format!("done{i}"), &["r1"]));
+        finish(&store, ids[0], 1, 200, Next::Succeeded);
+        finished.push(format!("done{i}"));
+    }
+    let before_ms = now_ms() + 1;
+    let mut after = None;
+    let mut removed = 0;
+    let mut calls = 0;
+    loop {
+        calls += 1;
+        let done = store
+            .apply(vec![Op::Compact {
+                before_ms,
+                after,
+                limit: 2,
+            }])
+            .unwrap()
+            .remove(0);
+        let Done::Compacted { removed: n, resume } = done else {
+            panic!("compact gave {done:?}")
+        };
+        removed += n;
+        match resume {
+            Some(key) => after = Some(key),
+            None => break,
+        }
+    }
+    assert_eq!(removed, 4);
+    assert_eq!(calls, 5, "nine events, two at a time");
+    for id in &finished {
+        assert!(store.event(id).unwrap().is_none(), "{id} removed");
+    }
+    for i in 0..5 {
+        assert!(
+            store.event(&format!("stuck{i}")).unwrap().is_some(),
+            "stuck{i} kept"
+        );
+    }
+    assert_indexes(&store);
 }
