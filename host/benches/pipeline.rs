@@ -225,9 +225,9 @@ async fn post(
     }
 }
 
-/// Posts single events from `conns` connections for `secs`; returns
-/// (accepted/s, delivered/s) over the window.
-async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64) {
+/// Posts events (`batch` per request) from `conns` connections for `secs`;
+/// returns (accepted/s, delivered/s, server CPU µs per delivery).
+async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64, f64) {
     let sink = Sink::new(false);
     let rx = receiver(sink.clone()).await;
     let dir = setup("e2e", &format!("http://{rx}/hook"), rx.port());
@@ -267,9 +267,14 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64) {
     }
     let delivered = sink.count.load(Relaxed);
     let all_secs = start.elapsed().as_secs_f64();
+    let cpu_us = cpu_secs(server.child.id()) / delivered.max(1) as f64 * 1e6;
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
-    (total as f64 / ingest_secs, delivered as f64 / all_secs)
+    (
+        total as f64 / ingest_secs,
+        delivered as f64 / all_secs,
+        cpu_us,
+    )
 }
 
 /// Posts at `rate` events/s for `secs`; returns ingest→first-attempt latencies.
@@ -480,10 +485,10 @@ fn main() {
         if want("throughput") || want("latency") {
             let raw = raw_throughput(64, 5).await;
             println!("throughput: raw hyper POST (1 KiB, keep-alive, 64 connections): {raw:.0}/s");
-            let (accepted, delivered) = e2e_throughput(64, 10, 1).await;
-            println!("throughput: single-event ingest, 64 connections: accepted {accepted:.0}/s, delivered {delivered:.0}/s = {:.0} % of raw", delivered / raw * 100.0);
-            let (accepted_b, delivered_b) = e2e_throughput(8, 10, 50).await;
-            println!("throughput: NDJSON batches of 50, 8 connections: accepted {accepted_b:.0}/s, delivered {delivered_b:.0}/s = {:.0} % of raw", delivered_b / raw * 100.0);
+            let (accepted, delivered, cpu) = e2e_throughput(64, 10, 1).await;
+            println!("throughput: single-event ingest, 64 connections: accepted {accepted:.0}/s, delivered {delivered:.0}/s = {:.0} % of raw; server CPU {cpu:.1} µs per delivery", delivered / raw * 100.0);
+            let (accepted_b, delivered_b, cpu_b) = e2e_throughput(8, 10, 50).await;
+            println!("throughput: NDJSON batches of 50, 8 connections: accepted {accepted_b:.0}/s, delivered {delivered_b:.0}/s = {:.0} % of raw; server CPU {cpu_b:.1} µs per delivery", delivered_b / raw * 100.0);
             e2e_rate = delivered;
         }
         if want("latency") {
