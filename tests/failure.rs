@@ -228,10 +228,9 @@ fn sigterm_lets_the_attempt_in_flight_finish_and_record() {
 
 /// More deliveries pile up than memory holds (the hand-over queue and the
 /// waiting list take about 18,000), while a stalled endpoint holds every
-/// connection. The rest wait only in the store and are found by the scans
-/// that resume behind each other. Every delivery must arrive exactly once:
-/// none lost with the overflow, none started twice by a scan and by the
-/// hand-over.
+/// connection. The rest wait only in the store and are found by scans of
+/// the due index, in batches. Every delivery must arrive exactly once: none
+/// lost with the overflow, none sent twice.
 #[test]
 fn a_backlog_larger_than_memory_is_delivered_exactly_once() {
     const EVENTS: usize = 24_000;
