@@ -239,17 +239,19 @@ mod tests {
         assert_eq!(set_path(&mut doc, "a.b.c", json!(1)).unwrap(), None);
         assert_eq!(set_path(&mut doc, "empty.x", json!(2)).unwrap(), None);
         set_path(&mut doc, "comments.0.author", json!("me")).unwrap();
-        let keys: Vec<&str> = doc
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(keys, ["name", "phase", "comments", "empty", "a"]);
+        assert_eq!(keys(&doc), ["name", "phase", "comments", "empty", "a"]);
         assert_eq!(doc["phase"], json!({"id": "x", "name": "Opened"}));
         assert_eq!(doc["a"], json!({"b": {"c": 1}}));
         assert_eq!(doc["empty"], json!({"x": 2}));
         assert_eq!(doc["comments"][0]["author"], json!("me"));
+    }
+
+    fn keys(doc: &Value) -> Vec<&str> {
+        doc.as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect()
     }
 
     #[test]
@@ -280,12 +282,6 @@ mod tests {
         );
         assert_eq!(doc["comments"], json!([{"author": "ann"}]));
         assert_eq!(remove_path(&mut doc, "phase.nope"), None);
-        let keys: Vec<&str> = doc
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(keys, ["phase", "comments", "empty"]);
+        assert_eq!(keys(&doc), ["phase", "comments", "empty"]);
     }
 }

@@ -404,14 +404,12 @@ impl Dispatcher {
         let found = tokio::task::spawn_blocking(move || {
             // The lock is taken per key, not across the scan: ingest and
             // completions must not wait for a walk through the store.
-            let due = store.due(after, now, free, |id| shared.is_active(id), SCAN_BODY_CAP);
-            let next = store.next_due_after(now);
-            (due, next)
+            store.due(after, now, free, |id| shared.is_active(id), SCAN_BODY_CAP)
         })
         .await;
-        let (scan, next) = match found {
-            Ok((Ok(scan), next)) => (scan, next.ok().flatten()),
-            Ok((Err(e), _)) => {
+        let scan = match found {
+            Ok(Ok(scan)) => scan,
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "scanning for due deliveries failed; trying again shortly");
                 return Duration::from_secs(1);
             }
@@ -427,6 +425,7 @@ impl Dispatcher {
         );
         self.backlog = scan.more;
         self.cursor = if scan.more { scan.resume } else { None };
+        let scan_next = scan.next_due;
         let found: Vec<_> = {
             // Ingest may have handed one of these over since the scan looked:
             // whoever marks a delivery active first starts it, the other
@@ -451,7 +450,7 @@ impl Dispatcher {
         }
         // Wake for the next retry, but at least every second so blocks that
         // expire and deliveries a failed hand-over left behind are found.
-        let until_next = next.map_or(1000, |at| at.saturating_sub(now_ms()).clamp(1, 1000));
+        let until_next = scan_next.map_or(1000, |at| at.saturating_sub(now_ms()).clamp(1, 1000));
         Duration::from_millis(until_next)
     }
 

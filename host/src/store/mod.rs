@@ -363,6 +363,15 @@ impl Store {
         let deliveries = tx.open_table(DELIVERIES).map_err(io("due"))?;
         let bodies = tx.open_table(BODIES).map_err(io("due"))?;
         let mut scan = DueScan::default();
+        // When the scan after this one should run at the latest.
+        let mut later = due
+            .range((now.saturating_add(1), 0u128)..)
+            .map_err(io("due"))?;
+        scan.next_due = later
+            .next()
+            .transpose()
+            .map_err(io("due"))?
+            .map(|(k, _)| k.value().0);
         if limit == 0 {
             scan.resume = after;
             scan.more = true;
@@ -395,20 +404,6 @@ impl Store {
             }
         }
         Ok(scan)
-    }
-
-    /// When the earliest pending delivery after `now` is due.
-    pub fn next_due_after(&self, now: u64) -> Result<Option<u64>, StoreError> {
-        let tx = self.read()?;
-        let due = tx.open_table(DUE).map_err(io("due"))?;
-        let mut range = due
-            .range((now.saturating_add(1), 0u128)..)
-            .map_err(io("due"))?;
-        Ok(range
-            .next()
-            .transpose()
-            .map_err(io("due"))?
-            .map(|(k, _)| k.value().0))
     }
 
     /// Pending and parked deliveries: the backlog.
@@ -462,6 +457,8 @@ pub struct DueScan {
     pub resume: Option<DueKey>,
     /// The scan stopped at its limit; more may be due behind `resume`.
     pub more: bool,
+    /// When the earliest delivery not yet due (after `now`) is due.
+    pub next_due: Option<u64>,
 }
 
 /// Filters for listing deliveries.

@@ -89,6 +89,24 @@ fn finish(store: &Store, id: DeliveryId, number: u32, status: u16, next: Next) {
     assert_eq!(done, vec![Done::Finished]);
 }
 
+/// One compaction step: (events removed, where to resume).
+fn compact(
+    store: &Store,
+    before_ms: u64,
+    after: Option<u128>,
+    limit: usize,
+) -> (usize, Option<u128>) {
+    let op = Op::Compact {
+        before_ms,
+        after,
+        limit,
+    };
+    match store.apply(vec![op]).unwrap().remove(0) {
+        Done::Compacted { removed, resume } => (removed, resume),
+        other => panic!("compact gave {other:?}"),
+    }
+}
+
 fn ids(list: Vec<Delivery>) -> Vec<DeliveryId> {
     list.into_iter().map(|d| d.id).collect()
 }
@@ -383,21 +401,7 @@ fn compaction_removes_old_finished_events_and_keeps_pending_ones() {
     finish(&store, done[1], 1, 410, Next::Failed("gone".into()));
     finish(&store, waiting[0], 1, 200, Next::Succeeded);
 
-    let before = now_ms() + 1;
-    let out = store
-        .apply(vec![Op::Compact {
-            before_ms: before,
-            after: None,
-            limit: 100,
-        }])
-        .unwrap();
-    assert_eq!(
-        out,
-        vec![Done::Compacted {
-            removed: 1,
-            resume: None
-        }]
-    );
+    assert_eq!(compact(&store, now_ms() + 1, None, 100), (1, None));
     assert!(store.event("done").unwrap().is_none());
     assert!(store.delivery(done[0]).unwrap().is_none());
     assert!(store.body(done[1]).unwrap().is_none());
@@ -492,20 +496,7 @@ fn a_version_1_file_is_migrated_when_opened() {
         }]
     );
     finish(&store, ids[1], 1, 200, Next::Succeeded);
-    let out = store
-        .apply(vec![Op::Compact {
-            before_ms: 1_700_000_000_001,
-            after: None,
-            limit: 10,
-        }])
-        .unwrap();
-    assert_eq!(
-        out,
-        vec![Done::Compacted {
-            removed: 1,
-            resume: None
-        }]
-    );
+    assert_eq!(compact(&store, 1_700_000_000_001, None, 10), (1, None));
     assert!(store.event("e1").unwrap().is_none());
 }
 
@@ -539,15 +530,8 @@ fn due_scans_resume_behind_their_cursor_and_skip_busy_deliveries() {
         all.extend(accept(&store, new_event(&format!("e{i}"), &["r1"])));
     }
     let later = accept(&store, new_event("later", &["r1"]))[0];
-    finish(
-        &store,
-        later,
-        1,
-        500,
-        Next::Retry {
-            at: now_ms() + 60_000,
-        },
-    );
+    let retry_at = now_ms() + 60_000;
+    finish(&store, later, 1, 500, Next::Retry { at: retry_at });
     let now = now_ms();
     let busy = |id: DeliveryId| id == all[1];
     let ids = |scan: &DueScan| scan.found.iter().map(|(d, _)| d.id).collect::<Vec<_>>();
@@ -555,6 +539,7 @@ fn due_scans_resume_behind_their_cursor_and_skip_busy_deliveries() {
     let first = store.due(None, now, 2, busy, 1 << 20).unwrap();
     assert_eq!(ids(&first), [all[0], all[2]], "busy ones are skipped");
     assert!(first.more);
+    assert_eq!(first.next_due, Some(retry_at), "when to look again");
     assert_eq!(
         first.found[0].1.as_deref(),
         Some(&br#"{"event":"e0","rule":"r1"}"#[..])
@@ -608,17 +593,7 @@ fn compaction_walks_past_old_events_that_are_kept() {
     let mut calls = 0;
     loop {
         calls += 1;
-        let done = store
-            .apply(vec![Op::Compact {
-                before_ms,
-                after,
-                limit: 2,
-            }])
-            .unwrap()
-            .remove(0);
-        let Done::Compacted { removed: n, resume } = done else {
-            panic!("compact gave {done:?}")
-        };
+        let (n, resume) = compact(&store, before_ms, after, 2);
         removed += n;
         match resume {
             Some(key) => after = Some(key),
