@@ -101,7 +101,8 @@ fn body_1k() -> Bytes {
 }
 
 /// Bare hyper client → server POSTs for `secs`, with `conns` in parallel.
-async fn raw_throughput(conns: usize, secs: u64) -> f64 {
+/// Returns (POSTs/s, µs of CPU per POST for client and server together).
+async fn raw_throughput(conns: usize, secs: u64) -> (f64, f64) {
     let sink = Sink::new(false);
     let addr = receiver(sink.clone()).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -124,10 +125,13 @@ async fn raw_throughput(conns: usize, secs: u64) -> f64 {
         })
         .collect();
     let start = Instant::now();
+    let cpu = cpu_secs(std::process::id());
     for t in tasks {
         let _ = t.await;
     }
-    sink.count.load(Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let posts = sink.count.load(Relaxed) as f64;
+    let cpu_us = (cpu_secs(std::process::id()) - cpu) / posts * 1e6;
+    (posts / start.elapsed().as_secs_f64(), cpu_us)
 }
 
 struct Server {
@@ -483,8 +487,8 @@ fn main() {
     rt.block_on(async {
         let mut e2e_rate = 0.0;
         if want("throughput") || want("latency") {
-            let raw = raw_throughput(64, 5).await;
-            println!("throughput: raw hyper POST (1 KiB, keep-alive, 64 connections): {raw:.0}/s");
+            let (raw, raw_cpu) = raw_throughput(64, 5).await;
+            println!("throughput: raw hyper POST (1 KiB, keep-alive, 64 connections): {raw:.0}/s; CPU {raw_cpu:.1} µs per POST, client and server");
             let (accepted, delivered, cpu) = e2e_throughput(64, 10, 1).await;
             println!("throughput: single-event ingest, 64 connections: accepted {accepted:.0}/s, delivered {delivered:.0}/s = {:.0} % of raw; server CPU {cpu:.1} µs per delivery", delivered / raw * 100.0);
             let (accepted_b, delivered_b, cpu_b) = e2e_throughput(8, 10, 50).await;
