@@ -10,3 +10,4 @@ mod delivery;
 mod failure;
 mod plugins;
 mod reload;
+mod websocket;

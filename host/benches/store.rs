@@ -92,6 +92,7 @@ fn main() {
                     reason: None,
                     body: body.clone(),
                     unbuilt: false,
+                    space: None,
                 }],
             }));
         }

@@ -76,6 +76,9 @@ pub enum Role {
     Ingest,
     /// May use every route.
     Admin,
+    /// May only sign in to the WebSocket channel and receive deliveries
+    /// (`client_id` is the key's name, `client_secret` its value).
+    WebSocket,
 }
 
 #[derive(Clone)]
@@ -296,11 +299,12 @@ impl Config {
                 let role = match k.role.as_str() {
                     "ingest" => Role::Ingest,
                     "admin" => Role::Admin,
+                    "websocket" => Role::WebSocket,
                     other => {
                         return Err(cfg_err(
                             src,
                             format!(
-                                "api key `{}`: role `{other}` is unknown; use ingest or admin",
+                                "api key `{}`: role `{other}` is unknown; use ingest, admin or websocket",
                                 k.name
                             ),
                         ));

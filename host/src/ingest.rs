@@ -16,16 +16,25 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::deliver::{Queue, Work};
+use crate::deliver::{Queue, Work, channel};
 use crate::event::{Event, EventError};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError};
 use crate::plugins::{CallContext, ChainOutcome};
 use crate::reload::Snapshot;
+use crate::rules::Transport;
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, Op, State};
 
+/// A delivery to hand to the dispatcher after the commit.
+struct Fresh {
+    id: DeliveryId,
+    rule: String,
+    body: Bytes,
+    space: Option<String>,
+}
+
 /// The deliveries of one event to hand to the dispatcher after the commit.
-type Handover = Vec<(DeliveryId, String, Bytes)>;
+type Handover = Vec<Fresh>;
 
 pub struct Ingest {
     pub rules: Arc<ArcSwap<crate::reload::Snapshot>>,
@@ -123,13 +132,14 @@ impl Ingest {
                 self.metrics
                     .deliveries_created
                     .fetch_add(handover.len() as u64, Relaxed);
-                for (id, rule, body) in handover {
+                for fresh in handover {
                     self.queue.enqueue(Work {
-                        id,
-                        rule,
+                        id: fresh.id,
+                        rule: fresh.rule,
                         event_id: event_id.clone(),
                         attempts: 0,
-                        body: Some(body),
+                        body: Some(fresh.body),
+                        space: fresh.space,
                     });
                 }
             }
@@ -162,7 +172,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
             let ctx = CallContext::for_event(&rule.name, &id, &event);
             let outcome = snapshot.plugins.run_chain(rule, &ctx, &payload);
             let base = || Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
-            let (state, reason, body, unbuilt) = match outcome {
+            let (mut state, mut reason, body, unbuilt) = match outcome {
                 ChainOutcome::Send(body) => (State::Pending, None, Bytes::from(body), false),
                 ChainOutcome::Skip(why) => (State::Skipped, Some(why), Bytes::new(), false),
                 ChainOutcome::Failed(why) => {
@@ -170,8 +180,29 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                     (State::Failed, Some(why), base(), true)
                 }
             };
+            // A WebSocket delivery is bound to a shared space now: the event
+            // is not kept, and its scope decides which clients get it.
+            let space = match rule.webhook.transport {
+                Transport::Http => None,
+                Transport::WebSocket => {
+                    match channel::space_for(rule.webhook.space.as_deref(), &event.scope) {
+                        Ok(space) => Some(space),
+                        Err(why) => {
+                            if state == State::Pending {
+                                (state, reason) = (State::Failed, Some(why));
+                            }
+                            None
+                        }
+                    }
+                }
+            };
             if state == State::Pending {
-                handover.push((did, rule.name.clone(), body.clone()));
+                handover.push(Fresh {
+                    id: did,
+                    rule: rule.name.clone(),
+                    body: body.clone(),
+                    space: space.clone(),
+                });
             }
             deliveries.push(NewDelivery {
                 id: did,
@@ -180,6 +211,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                 reason,
                 body,
                 unbuilt,
+                space,
             });
         }
         ops.push(Op::Accept(NewEvent {

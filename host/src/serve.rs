@@ -166,6 +166,8 @@ pub async fn run(
         metrics: metrics.clone(),
         active: Mutex::new(Default::default()),
         endpoints: Mutex::new(endpoints),
+        channel: Default::default(),
+        kick: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (queue, dispatcher) = deliver::start(shared.clone(), stop_rx.clone());
@@ -187,7 +189,12 @@ pub async fn run(
         loader: loader.clone(),
     });
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Connections are told to finish when serving stops; each holds an
+    // `alive` sender, so the receiver sees the channel close when the last
+    // one is done. (hyper-util's GracefulShutdown cannot watch connections
+    // that allow upgrades, which the WebSocket channel needs.)
+    let (close_conns, conns_closing) = watch::channel(false);
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     // Announced only now, with the rules loaded and the store open: a
     // caller that waits for this line (an operator, a test, a supervisor)
@@ -225,10 +232,23 @@ pub async fn run(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
+                    .serve_connection(TokioIo::new(stream), service)
+                    // For the WebSocket channel's upgrade.
+                    .with_upgrades();
+                let mut closing = conns_closing.clone();
+                let alive = alive.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let _alive = alive;
+                    let mut conn = std::pin::pin!(conn);
+                    let ended = tokio::select! {
+                        ended = conn.as_mut() => ended,
+                        _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                            // Finish the request in progress, take no more.
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
@@ -238,7 +258,11 @@ pub async fn run(
     tracing::info!("shutting down: no new requests; finishing in-flight work");
     drop(listener);
     let grace = config.shutdown_grace;
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    let _ = close_conns.send(true);
+    // WebSocket clients hold the server's state: close them so it can stop.
+    shared.channel.close_all();
+    drop(alive);
+    let _ = tokio::time::timeout(grace, all_closed.recv()).await;
     let _ = stop_tx.send(true);
     let _ = dispatcher.await;
     let _ = retention.await;

@@ -8,6 +8,7 @@
 //! the moment it is queued until its attempt's record is committed, so a
 //! scan never starts a delivery twice.
 
+pub mod channel;
 pub mod client;
 pub mod policy;
 
@@ -42,6 +43,8 @@ pub struct Work {
     pub attempts: u32,
     /// The body, when the caller has it at hand (fresh from ingest).
     pub body: Option<Bytes>,
+    /// For WebSocket rules: the shared space whose clients get it.
+    pub space: Option<String>,
 }
 
 /// What the dispatcher and its attempts share.
@@ -56,6 +59,10 @@ pub struct Shared {
     pub active: Mutex<HashSet<DeliveryId>>,
     /// Endpoint states, loaded at start and persisted on every change.
     pub endpoints: Mutex<HashMap<String, Endpoint>>,
+    /// WebSocket clients, for `transport: websocket` rules.
+    pub channel: channel::Hub,
+    /// Asks the dispatcher for a scan of the store now.
+    pub kick: Arc<Notify>,
 }
 
 impl Shared {
@@ -107,6 +114,32 @@ impl Queue {
     }
 }
 
+/// Makes the deliveries parked for a WebSocket space due now (a client has
+/// connected to it) and has the dispatcher look for them.
+pub async fn resume_channel(shared: &Shared, space: &str) {
+    let op = Op::Unpark {
+        endpoint: channel::endpoint(space),
+        limit: usize::MAX,
+    };
+    match shared.outbox.write(vec![op]).await {
+        Ok(done) => {
+            if let Some(crate::store::Done::Unparked(ids)) = done.first()
+                && !ids.is_empty()
+            {
+                tracing::info!(
+                    space,
+                    deliveries = ids.len(),
+                    "resuming deliveries that waited for a WebSocket client"
+                );
+            }
+            shared.kick.notify_one();
+        }
+        Err(e) => {
+            tracing::error!(space, error = %e, "could not resume the deliveries parked for this space; they resume when the next client connects")
+        }
+    }
+}
+
 /// The scheme://host:port an URL's deliveries are grouped, limited and
 /// blocked by.
 pub fn endpoint_key(url: &url::Url) -> String {
@@ -144,6 +177,8 @@ struct Outcome {
     retry_at: Option<u64>,
     /// The record of the attempt and the delivery's next state.
     ops: Vec<Op>,
+    /// Parked because no WebSocket client of this space was connected.
+    waits_for_space: Option<String>,
 }
 
 /// Starts the dispatcher; it runs until `shutdown` turns true, then lets
@@ -153,7 +188,7 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> (Queue, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(8192);
-    let kick = Arc::new(Notify::new());
+    let kick = shared.kick.clone();
     let queue = Queue {
         tx,
         kick: kick.clone(),
@@ -317,10 +352,14 @@ impl Dispatcher {
     fn dispatch(&mut self, work: Work) {
         let endpoint = {
             let rules = self.shared.rules.load();
+            // WebSocket deliveries are limited per shared space, the way
+            // HTTP ones are per endpoint.
             rules
                 .get(&work.rule)
-                .and_then(|r| r.webhook.url.as_ref())
-                .map(endpoint_key)
+                .and_then(|r| match (r.webhook.transport, &work.space) {
+                    (Transport::WebSocket, Some(space)) => Some(channel::endpoint(space)),
+                    _ => r.webhook.url.as_ref().map(endpoint_key),
+                })
                 .unwrap_or_default()
         };
         let limit = *self
@@ -368,6 +407,14 @@ impl Dispatcher {
                     None
                 }
             };
+            // A client may have connected between the attempt's look and
+            // the park's commit, and its resume may have run before the
+            // park existed: look again now that it does.
+            if let Some(space) = outcome.waits_for_space
+                && shared.channel.clients(&space) > 0
+            {
+                resume_channel(&shared, &space).await;
+            }
             let _ = done.send(Completion::Recorded { id, retry_at });
         });
     }
@@ -443,6 +490,7 @@ impl Dispatcher {
                 event_id: d.event_id,
                 attempts: d.attempts,
                 body: body.map(Bytes::from),
+                space: d.space,
             });
         }
         if self.backlog {
@@ -487,31 +535,28 @@ impl Dispatcher {
 /// Makes one attempt and decides what to record; the caller commits it.
 async fn attempt(shared: &Shared, work: Work) -> Outcome {
     let rules = shared.rules.load();
-    // An attempt that could not be made: nothing was sent.
-    let not_sent = |next: Next| Outcome {
-        slow_down: false,
-        success: false,
-        retry_at: None,
-        ops: vec![Op::Finish {
-            id: work.id,
-            attempt: None,
-            next,
-        }],
-    };
     use std::sync::atomic::Ordering::Relaxed;
     let Some(rule) = rules.get(&work.rule) else {
-        shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
-        return not_sent(Next::Failed(format!(
+        let why = format!(
             "rule `{}` no longer exists; restore it and redeliver",
             work.rule
-        )));
+        );
+        return cannot_send(shared, &work, why);
     };
     let webhook = &rule.webhook;
-    let (Transport::Http, Some(url)) = (webhook.transport, webhook.url.as_ref()) else {
-        shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
-        return not_sent(Next::Failed(
-            "the websocket transport is not available in this version; use transport: http".into(),
-        ));
+    let url = match (webhook.transport, webhook.url.as_ref()) {
+        (Transport::WebSocket, _) => return channel_attempt(shared, work, webhook).await,
+        (Transport::Http, Some(url)) => url,
+        (Transport::Http, None) => {
+            shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+            return not_sent(
+                &work,
+                Next::Failed(format!(
+                    "rule `{}` has no url; add one and redeliver",
+                    rule.name
+                )),
+            );
+        }
     };
     let endpoint = endpoint_key(url);
     let now = now_ms();
@@ -522,23 +567,11 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     };
     if let Some(reason) = blocked {
         shared.metrics.deliveries_parked.fetch_add(1, Relaxed);
-        return not_sent(Next::Park { endpoint, reason });
+        return not_sent(&work, Next::Park { endpoint, reason });
     }
-    let body = match work.body.clone() {
-        Some(b) => b,
-        None => {
-            let store = shared.store.clone();
-            let id = work.id;
-            match tokio::task::spawn_blocking(move || store.body(id)).await {
-                Ok(Ok(Some(b))) => Bytes::from(b),
-                _ => {
-                    shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
-                    return not_sent(Next::Failed(
-                        "the delivery's body is missing from the store".into(),
-                    ));
-                }
-            }
-        }
+    let body = match body_of(shared, &work).await {
+        Ok(body) => body,
+        Err(failed) => return failed,
     };
     let number = work.attempts + 1;
     let id_text = work.id.to_string();
@@ -636,15 +669,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     if !matches!(result, policy::Result::Status { .. }) {
         record.error = Some(result.describe());
     }
-    let jitter = rand::random::<f64>() * 2.0 - 1.0;
-    let decision = policy::decide(
-        &webhook.retry,
-        number,
-        &result,
-        now_ms(),
-        jitter,
-        shared.config.retry_after_cap,
-    );
+    let decision = decide(shared, webhook, number, &result);
     let (change, ep_state) = {
         let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let ep = eps.entry(endpoint.clone()).or_insert_with(|| Endpoint {
@@ -671,27 +696,11 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         },
         (Decision::Retry { at }, _) => Next::Retry { at: *at },
     };
-    record.outcome = match &next {
-        Next::Succeeded => "succeeded".into(),
-        Next::Failed(why) => format!("failed: {why}"),
-        Next::Retry { at } => format!("retry in {} ms", at.saturating_sub(now_ms())),
-        Next::Park { reason, .. } => format!("parked: {reason}"),
-    };
+    record.outcome = outcome_text(&next);
     let success = next == Next::Succeeded;
-    let m = &shared.metrics;
-    if success {
-        m.attempts_succeeded.fetch_add(1, Relaxed);
-        m.deliveries_succeeded.fetch_add(1, Relaxed);
-    } else {
-        m.attempts_failed.fetch_add(1, Relaxed);
-    }
-    match &next {
-        Next::Failed(_) => m.deliveries_failed.fetch_add(1, Relaxed),
-        Next::Park { .. } => m.deliveries_parked.fetch_add(1, Relaxed),
-        _ => 0,
-    };
+    count_attempt(&shared.metrics, &next);
     if let EndpointChange::Blocked { until } = change {
-        m.endpoints_blocked.fetch_add(1, Relaxed);
+        shared.metrics.endpoints_blocked.fetch_add(1, Relaxed);
         tracing::warn!(endpoint = %endpoint, until, "endpoint blocked after repeated failures");
     }
     tracing::debug!(delivery = %work.id, rule = %rule.name, attempt = number, outcome = %record.outcome, "attempt");
@@ -719,6 +728,180 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         success,
         retry_at,
         ops,
+        waits_for_space: None,
+    }
+}
+
+/// An attempt that could not be made: nothing was sent, nothing recorded
+/// but the delivery's next state.
+fn not_sent(work: &Work, next: Next) -> Outcome {
+    Outcome {
+        slow_down: false,
+        success: false,
+        retry_at: None,
+        ops: vec![Op::Finish {
+            id: work.id,
+            attempt: None,
+            next,
+        }],
+        waits_for_space: None,
+    }
+}
+
+/// A delivery that cannot be attempted at all fails, saying why.
+fn cannot_send(shared: &Shared, work: &Work, why: impl Into<String>) -> Outcome {
+    use std::sync::atomic::Ordering::Relaxed;
+    shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+    not_sent(work, Next::Failed(why.into()))
+}
+
+/// The delivery's body: handed over with it, or read from the store; if
+/// it is missing there, the delivery fails.
+async fn body_of(shared: &Shared, work: &Work) -> Result<Bytes, Outcome> {
+    if let Some(b) = &work.body {
+        return Ok(b.clone());
+    }
+    let store = shared.store.clone();
+    let id = work.id;
+    match tokio::task::spawn_blocking(move || store.body(id)).await {
+        Ok(Ok(Some(b))) => Ok(Bytes::from(b)),
+        _ => Err(cannot_send(
+            shared,
+            work,
+            "the delivery's body is missing from the store",
+        )),
+    }
+}
+
+/// The retry policy's decision after attempt `number`, with fresh jitter.
+fn decide(
+    shared: &Shared,
+    webhook: &crate::rules::Webhook,
+    number: u32,
+    result: &policy::Result,
+) -> Decision {
+    let jitter = rand::random::<f64>() * 2.0 - 1.0;
+    let cap = shared.config.retry_after_cap;
+    policy::decide(&webhook.retry, number, result, now_ms(), jitter, cap)
+}
+
+/// What an attempt record says was decided.
+fn outcome_text(next: &Next) -> String {
+    match next {
+        Next::Succeeded => "succeeded".into(),
+        Next::Failed(why) => format!("failed: {why}"),
+        Next::Retry { at } => format!("retry in {} ms", at.saturating_sub(now_ms())),
+        Next::Park { reason, .. } => format!("parked: {reason}"),
+    }
+}
+
+/// Counts a made attempt and what it decided.
+fn count_attempt(m: &Metrics, next: &Next) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if *next == Next::Succeeded {
+        m.attempts_succeeded.fetch_add(1, Relaxed);
+        m.deliveries_succeeded.fetch_add(1, Relaxed);
+    } else {
+        m.attempts_failed.fetch_add(1, Relaxed);
+    }
+    match next {
+        Next::Failed(_) => m.deliveries_failed.fetch_add(1, Relaxed),
+        Next::Park { .. } => m.deliveries_parked.fetch_add(1, Relaxed),
+        _ => 0,
+    };
+}
+
+/// One attempt of a WebSocket rule's delivery: a text frame to every
+/// client of its shared space. With none connected it is parked (nothing
+/// is sent, no attempt recorded) until one connects.
+async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::Webhook) -> Outcome {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(space) = work.space.clone() else {
+        return cannot_send(
+            shared,
+            &work,
+            "the delivery was made while its rule sent over HTTP, so it has no shared space; its rule now sends over WebSocket",
+        );
+    };
+    let wait_for_client = |work: &Work| {
+        shared.metrics.deliveries_parked.fetch_add(1, Relaxed);
+        let mut outcome = not_sent(
+            work,
+            Next::Park {
+                endpoint: channel::endpoint(&space),
+                reason: format!("no WebSocket client is connected to shared space {space}"),
+            },
+        );
+        outcome.waits_for_space = Some(space.clone());
+        outcome
+    };
+    if shared.channel.clients(&space) == 0 {
+        return wait_for_client(&work);
+    }
+    let body = match body_of(shared, &work).await {
+        Ok(body) => body,
+        Err(failed) => return failed,
+    };
+    let number = work.attempts + 1;
+    let now = now_ms();
+    let started = Instant::now();
+    let sent = shared
+        .channel
+        .send(&space, &body, webhook.reply_timeout)
+        .await;
+    let elapsed = started.elapsed();
+    let next = match &sent {
+        Ok(_) => Next::Succeeded,
+        // The last client left between the look and the send.
+        Err(channel::SendError::NoClient) => return wait_for_client(&work),
+        Err(channel::SendError::NotTaken(why)) => {
+            let result = policy::Result::NoReply(why.clone());
+            match decide(shared, webhook, number, &result) {
+                Decision::Retry { at } => Next::Retry { at },
+                Decision::Failed(why) => Next::Failed(why),
+                Decision::Succeeded | Decision::Gone => Next::Failed(why.clone()),
+            }
+        }
+    };
+    shared.metrics.observe_attempt(elapsed.as_secs_f64());
+    count_attempt(&shared.metrics, &next);
+    let record = Attempt {
+        number,
+        started_at: now,
+        duration_ms: elapsed.as_millis() as u64,
+        url: channel::path(&space),
+        method: "WEBSOCKET".into(),
+        request_headers: Vec::new(),
+        status: None,
+        reason_phrase: None,
+        response_headers: Vec::new(),
+        response_body: None,
+        response_truncated: false,
+        error: sent.as_ref().err().map(|e| match e {
+            channel::SendError::NotTaken(why) => why.clone(),
+            channel::SendError::NoClient => String::new(),
+        }),
+        outcome: match &sent {
+            Ok(clients) => format!("succeeded: sent to {}", clients.join(", ")),
+            Err(_) => outcome_text(&next),
+        },
+    };
+    tracing::debug!(delivery = %work.id, space, attempt = number, outcome = %record.outcome, "websocket attempt");
+    let success = next == Next::Succeeded;
+    let retry_at = match next {
+        Next::Retry { at } => Some(at),
+        _ => None,
+    };
+    Outcome {
+        slow_down: false,
+        success,
+        retry_at,
+        ops: vec![Op::Finish {
+            id: work.id,
+            attempt: Some(record),
+            next,
+        }],
+        waits_for_space: None,
     }
 }
 

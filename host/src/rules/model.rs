@@ -303,6 +303,9 @@ pub struct Webhook {
     pub retry: RetryPolicy,
     pub tls_verify: bool,
     pub transport: Transport,
+    /// For `transport: websocket`: the shared space whose connected clients
+    /// get the deliveries. Default: the event's `scope.sharedspace_id`.
+    pub space: Option<String>,
 }
 
 pub const DEFAULT_SIGNATURE_HEADER: &str = "X-Rulehook-Signature";

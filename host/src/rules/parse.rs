@@ -83,6 +83,7 @@ pub const WEBHOOK_KEYS: &[&str] = &[
     "retry",
     "tls",
     "transport",
+    "space",
 ];
 const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
 const TIMEOUT_KEYS: &[&str] = &["connect", "reply"];
@@ -838,16 +839,7 @@ impl<'a> Decoder<'a> {
             None => Some(Transport::Http),
             Some(n) => match n.as_str() {
                 Some("http") => Some(Transport::Http),
-                Some("websocket") => {
-                    // Accepted so rule files written for it stay valid, but
-                    // said plainly: every delivery of such a rule fails.
-                    self.sink.warning(
-                        n.span,
-                        "webhook transport `websocket` is not available in this version: deliveries of this rule will fail",
-                        Some("use `transport: http` with a reachable `url` until it is".into()),
-                    );
-                    Some(Transport::WebSocket)
-                }
+                Some("websocket") => Some(Transport::WebSocket),
                 _ => {
                     self.sink.error(
                         n.span,
@@ -872,6 +864,10 @@ impl<'a> Decoder<'a> {
                 );
                 None
             }
+        };
+        let space = match e.get("space") {
+            None => Some(None),
+            Some(n) => self.space(n, transport),
         };
         let method = match e.get("method") {
             None => Some(Method::Post),
@@ -981,7 +977,28 @@ impl<'a> Decoder<'a> {
             retry: retry?,
             tls_verify: tls_verify?,
             transport: transport?,
+            space: space?,
         })
+    }
+
+    /// `space`: the shared space whose WebSocket clients get the deliveries.
+    fn space(&mut self, node: &Node, transport: Option<Transport>) -> Option<Option<String>> {
+        let text = match &node.value {
+            yaml::Value::Scalar(Scalar::Str(s)) if !s.is_empty() => s.clone(),
+            yaml::Value::Scalar(Scalar::Int(i)) => i.to_string(),
+            _ => {
+                self.expected(node, "a shared space id such as 1001", "webhook space");
+                return None;
+            }
+        };
+        if transport == Some(Transport::Http) {
+            self.sink.warning(
+                node.span,
+                "webhook space is only used by `transport: websocket`; this rule sends over HTTP",
+                Some("remove `space`, or add `transport: websocket`".into()),
+            );
+        }
+        Some(Some(text))
     }
 
     fn url(&mut self, node: &Node) -> Option<url::Url> {

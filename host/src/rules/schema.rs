@@ -142,6 +142,9 @@ pub struct Webhook {
     pub tls: Option<Tls>,
     /// http (default) or websocket.
     pub transport: Option<String>,
+    /// websocket only: the shared space whose connected clients get the
+    /// deliveries (default: the event's scope.sharedspace_id).
+    pub space: Option<ScopeValue>,
 }
 
 #[derive(JsonSchema)]

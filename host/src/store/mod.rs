@@ -64,6 +64,8 @@ pub struct NewDelivery {
     /// Shared with the dispatcher's hand-over, so it is not copied.
     pub body: bytes::Bytes,
     pub unbuilt: bool,
+    /// For WebSocket rules: the shared space whose clients get it.
+    pub space: Option<String>,
 }
 
 /// A redelivery's body: the stored one, or the outcome of running an
@@ -714,6 +716,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     reason: nd.reason,
                     last_status: None,
                     unbuilt: nd.unbuilt,
+                    space: nd.space,
                 };
                 t.bodies
                     .insert(d.id.0, nd.body.as_ref())

@@ -122,6 +122,10 @@ pub struct Delivery {
     /// before sending. Once built, a body never changes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unbuilt: bool,
+    /// For WebSocket rules: the shared space whose connected clients get
+    /// it, fixed when the delivery is made (the event is not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<String>,
 }
 
 /// One attempt to send a delivery, as sent and as answered.

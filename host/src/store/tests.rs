@@ -48,6 +48,7 @@ fn new_event(id: &str, rules: &[&str]) -> NewEvent {
                 reason: None,
                 body: bytes::Bytes::from(format!("{{\"event\":\"{id}\",\"rule\":\"{r}\"}}")),
                 unbuilt: false,
+                space: None,
             })
             .collect(),
     }
