@@ -140,6 +140,64 @@ fn explain_names_the_bad_field_of_a_bad_event() {
 }
 
 #[test]
+fn explain_says_where_a_websocket_rule_sends() {
+    let dir = crate::support::TempDir::new("explain-ws");
+    dir.write(
+        "rules/ws.yaml",
+        "rules:\n  - name: to-space\n    events: [create]\n    webhook: {transport: websocket}\n  - name: fixed-space\n    events: [create]\n    webhook: {transport: websocket, space: 7}\n",
+    );
+    let explain = |scope: &str| {
+        let event = dir.write(
+            "event.json",
+            &format!(r#"{{"event_type": "create", "entity_type": "story", "scope": {scope}, "entity": {{"id": "1"}}}}"#),
+        );
+        let rules = dir.path().join("rules");
+        let out = rulehook(&[
+            "explain",
+            "--event",
+            event.to_str().expect("utf-8"),
+            "--rules",
+            rules.to_str().expect("utf-8"),
+            "--format",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+        let channel = |rule: &str| {
+            let entry = v["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["rule"] == rule)
+                .cloned()
+                .unwrap();
+            assert!(
+                entry["headers"].is_null(),
+                "no HTTP headers for {rule}: {entry}"
+            );
+            entry["channel"].as_str().unwrap_or_default().to_string()
+        };
+        (channel("to-space"), channel("fixed-space"))
+    };
+    let (from_event, fixed) = explain(r#"{"sharedspace_id": 1001}"#);
+    assert!(
+        from_event.contains("shared space 1001 (/messaging/shared_spaces/1001/webhooks)"),
+        "{from_event}"
+    );
+    assert!(fixed.contains("shared space 7"), "{fixed}");
+    let (nowhere, fixed) = explain(r#"{"workspace_id": 1002}"#);
+    assert!(
+        nowhere.starts_with("nowhere:") && nowhere.contains("sharedspace_id"),
+        "{nowhere}"
+    );
+    assert!(fixed.contains("shared space 7"), "{fixed}");
+}
+
+#[test]
 fn schema_describes_the_rule_format() {
     let out = rulehook(&["schema"]);
     assert!(out.status.success());

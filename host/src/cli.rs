@@ -622,7 +622,19 @@ fn explain(event_file: &Path, dir: &Path, plugins: Option<&Path>, format: Format
                 crate::plugins::ChainOutcome::Skip(why) => entry["skipped"] = json!(why),
                 crate::plugins::ChainOutcome::Failed(why) => entry["failed"] = json!(why),
             }
-            entry["headers"] = json!(preview_headers(rule));
+            if rule.webhook.transport == crate::rules::Transport::WebSocket {
+                use crate::deliver::channel;
+                let space = channel::space_for(rule.webhook.space.as_deref(), &event.scope);
+                entry["channel"] = json!(match space {
+                    Ok(space) => format!(
+                        "a text frame to the WebSocket clients of shared space {space} ({})",
+                        channel::path(&space)
+                    ),
+                    Err(why) => format!("nowhere: {why}"),
+                });
+            } else {
+                entry["headers"] = json!(preview_headers(rule));
+            }
             entry["plugins"] = json!(plugin_chain(rule));
         }
         out.push(entry);
@@ -683,7 +695,11 @@ fn print_verdict(entry: &Value) {
     if entry["matched"] == Value::Bool(true) {
         println!("MATCH    {name} ({at})");
         println!("  plugins: {}", entry["plugins"]);
-        println!("  headers:");
+        if let Some(channel) = entry["channel"].as_str() {
+            println!("  sent as: {channel}");
+        } else {
+            println!("  headers:");
+        }
         for h in entry["headers"].as_array().into_iter().flatten() {
             println!(
                 "    {}: {}",
