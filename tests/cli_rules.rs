@@ -4,6 +4,20 @@ use serde_json::Value;
 
 use crate::support::{rulehook, stdout};
 
+/// `rulehook explain ARGS --format json`, which must succeed.
+fn explain_json(args: &[&str]) -> Value {
+    let mut all = vec!["explain"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--format", "json"]);
+    let out = rulehook(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
 #[test]
 fn check_passes_on_the_example_rules() {
     let out = rulehook(&["check", "rules"]);
@@ -80,19 +94,7 @@ fn duplicate_names_are_reported_only_when_both_rules_are_valid() {
 
 #[test]
 fn explain_shows_matches_payloads_and_the_failed_condition() {
-    let out = rulehook(&[
-        "explain",
-        "--event",
-        "rules/events/defect-reopened.json",
-        "--format",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let report = explain_json(&["--event", "rules/events/defect-reopened.json"]);
     let rules = report["rules"].as_array().expect("rules");
     let get = |name: &str| {
         rules
@@ -152,21 +154,12 @@ fn explain_says_where_a_websocket_rule_sends() {
             &format!(r#"{{"event_type": "create", "entity_type": "story", "scope": {scope}, "entity": {{"id": "1"}}}}"#),
         );
         let rules = dir.path().join("rules");
-        let out = rulehook(&[
-            "explain",
+        let v = explain_json(&[
             "--event",
             event.to_str().expect("utf-8"),
             "--rules",
             rules.to_str().expect("utf-8"),
-            "--format",
-            "json",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_str(&stdout(&out)).expect("JSON");
         let channel = |rule: &str| {
             let entry = v["rules"]
                 .as_array()
