@@ -9,5 +9,6 @@ mod cli_rules;
 mod delivery;
 mod failure;
 mod plugins;
+mod proxy;
 mod reload;
 mod websocket;

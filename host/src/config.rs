@@ -59,6 +59,11 @@ pub struct Outbound {
     pub allow_cidrs: Vec<IpNet>,
     /// An extra CA certificate (PEM) to trust besides the webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// `http://[user:password@]host:port` of an HTTP proxy to tunnel
+    /// through (see `deliver::proxy`).
+    pub proxy: Option<String>,
+    /// Names, suffixes, IPs or CIDRs that go direct, not through `proxy`.
+    pub no_proxy: Vec<String>,
 }
 
 /// The endpoint cool-down: after `failures` failures in a row, blocked for
@@ -111,6 +116,8 @@ impl Default for Config {
                 http_ports: vec![80],
                 allow_cidrs: Vec::new(),
                 ca_file: None,
+                proxy: None,
+                no_proxy: Vec::new(),
             },
             max_in_flight: 256,
             max_in_flight_per_endpoint: 64,
@@ -159,6 +166,8 @@ struct FileConfig {
     http_ports: Option<Vec<u16>>,
     allow_cidrs: Option<Vec<String>>,
     ca_file: Option<PathBuf>,
+    proxy: Option<String>,
+    no_proxy: Option<Vec<String>>,
     max_in_flight: Option<usize>,
     max_in_flight_per_endpoint: Option<usize>,
     protection: Option<FileProtection>,
@@ -257,6 +266,13 @@ impl Config {
             c.apply_file(f, &name, base, env)?;
         }
         c.apply_env(env)?;
+        // A proxy that cannot be used is a start-up error, not a failure
+        // of every delivery later.
+        if let Some(url) = &c.outbound.proxy {
+            let source = file.map_or("environment".into(), |p| p.display().to_string());
+            crate::deliver::proxy::Proxy::parse(url, &c.outbound.no_proxy)
+                .map_err(|e| cfg_err(&source, format!("`proxy`: {e}")))?;
+        }
         Ok(c)
     }
 
@@ -292,6 +308,12 @@ impl Config {
         }
         if let Some(p) = f.ca_file {
             self.outbound.ca_file = Some(rel(p));
+        }
+        if let Some(p) = f.proxy {
+            self.outbound.proxy = Some(p);
+        }
+        if let Some(list) = f.no_proxy {
+            self.outbound.no_proxy = list;
         }
         if let Some(keys) = f.api_keys {
             self.api_keys.clear();
@@ -444,6 +466,12 @@ impl Config {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(v) = env("RULEHOOK_PROXY") {
+            self.outbound.proxy = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = env("RULEHOOK_NO_PROXY") {
+            self.outbound.no_proxy = v.split(',').map(|s| s.trim().to_string()).collect();
+        }
         if let Some(v) = env("RULEHOOK_ALLOW_CIDRS") {
             let list: Vec<String> = v
                 .split(',')
@@ -547,6 +575,15 @@ mod tests {
         };
         let c = Config::load(Some(&file), &with_cache).unwrap();
         assert_eq!(c.plugin_cache_dir(), PathBuf::from("/var/cache/rulehook"));
+        let with_proxy = |k: &str| match k {
+            "CI_KEY" => Some("0123456789abcdef-ci".to_string()),
+            "RULEHOOK_PROXY" => Some("http://proxy.corp:3128".to_string()),
+            "RULEHOOK_NO_PROXY" => Some("localhost, .corp".to_string()),
+            _ => None,
+        };
+        let c = Config::load(Some(&file), &with_proxy).unwrap();
+        assert_eq!(c.outbound.proxy.as_deref(), Some("http://proxy.corp:3128"));
+        assert_eq!(c.outbound.no_proxy, ["localhost", ".corp"]);
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -565,6 +602,10 @@ mod tests {
             (
                 "api_keys: [{name: a, role: root, key: 0123456789abcdefg}]\n",
                 "role `root` is unknown",
+            ),
+            (
+                "proxy: socks5://proxy:1080\n",
+                "`proxy`: the proxy must be an http:// URL",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 use ipnet::IpNet;
 
+use super::proxy::{Connector, Proxy};
 use crate::config::Outbound;
 
 /// Why an address may not be used, or `None` when it may.
@@ -116,7 +117,7 @@ impl tower_service::Service<Name> for GuardedResolver {
     }
 }
 
-type Inner = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+type Inner = Client<HttpsConnector<Connector>, Full<Bytes>>;
 
 /// The response as kept in attempt records.
 #[derive(Debug)]
@@ -142,6 +143,7 @@ pub enum SendError {
 /// those are fixed per connection.
 pub struct Sender {
     outbound: Outbound,
+    proxy: Option<Arc<Proxy>>,
     roots: Arc<rustls::RootCertStore>,
     clients: Mutex<Vec<((bool, Duration), Inner)>>,
 }
@@ -168,7 +170,12 @@ impl Sender {
                 ));
             }
         }
+        let proxy = match &outbound.proxy {
+            Some(url) => Some(Arc::new(Proxy::parse(url, &outbound.no_proxy)?)),
+            None => None,
+        };
         Ok(Sender {
+            proxy,
             outbound,
             roots: Arc::new(roots),
             clients: Mutex::new(Vec::new()),
@@ -197,17 +204,19 @@ impl Sender {
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
                 .with_no_client_auth()
         };
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+        let resolver = GuardedResolver {
             allow: Arc::new(self.outbound.allow_cidrs.clone()),
-        });
+        };
+        let mut http = HttpConnector::new_with_resolver(resolver.clone());
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
+        let connector = Connector::new(http, resolver, self.proxy.clone(), connect_timeout);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(connector);
         let client: Inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)

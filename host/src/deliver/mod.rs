@@ -11,6 +11,7 @@
 pub mod channel;
 pub mod client;
 pub mod policy;
+pub mod proxy;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
