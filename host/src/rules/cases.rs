@@ -57,6 +57,18 @@ fn check_case(path: &Path) -> Vec<String> {
             .ok_or_else(|| format!("cannot read secret file {}", p.display())),
     };
     let (set, diagnostics) = RuleSet::compile(&sources, &resolver);
+    // Every loaded rule is found by its name, and only by it.
+    for (i, rule) in set.rules().iter().enumerate() {
+        if !set
+            .get(&rule.name)
+            .is_some_and(|r| std::ptr::eq(r, &set.rules()[i]))
+        {
+            problems.push(format!("rule `{}` is not found by its name", rule.name));
+        }
+    }
+    if set.get("no such rule").is_some() {
+        problems.push("a missing rule name was found".into());
+    }
     let got: Vec<String> = diagnostics.iter().map(render).collect();
     let want: Vec<String> = case["diagnostics"]
         .as_array()

@@ -47,6 +47,8 @@ pub struct Source {
 pub struct RuleSet {
     rules: Vec<Rule>,
     index: Index,
+    /// Rule name → position in `rules` (names are unique).
+    by_name: HashMap<String, usize>,
 }
 
 impl RuleSet {
@@ -90,15 +92,26 @@ impl RuleSet {
     /// Indexes already validated rules, keeping their order.
     pub fn new(rules: Vec<Rule>) -> RuleSet {
         let index = Index::build(&rules);
-        RuleSet { rules, index }
+        let by_name = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        RuleSet {
+            rules,
+            index,
+            by_name,
+        }
     }
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
 
+    /// The rule named `name`. Every attempt looks its rule up, so this is
+    /// a hash lookup, not a walk through thousands of rules.
     pub fn get(&self, name: &str) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.name == name)
+        self.by_name.get(name).map(|&i| &self.rules[i])
     }
 
     pub fn len(&self) -> usize {
