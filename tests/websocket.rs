@@ -227,6 +227,12 @@ fn deliveries_wait_in_the_store_for_a_client_even_across_a_restart() {
         "{why}"
     );
 
+    assert_eq!(
+        channels(&server),
+        json!([{"space": "1001", "path": "/messaging/shared_spaces/1001/webhooks", "clients": 0, "parked": 1}]),
+        "operators see the space waiting for a client"
+    );
+
     let status = server.stop();
     assert!(status.success(), "{status:?}");
     let server = Server::start(&dir, &cfg);
@@ -241,4 +247,30 @@ fn deliveries_wait_in_the_store_for_a_client_even_across_a_restart() {
     });
     assert_eq!(done["attempts"].as_array().map(Vec::len), Some(1));
     assert_eq!(done["body"], frame);
+    let listed = channels(&server);
+    assert_eq!(
+        (listed[0]["clients"].as_u64(), listed[0]["parked"].as_u64()),
+        (Some(1), Some(0)),
+        "{listed}"
+    );
+    let cli = crate::support::rulehook(&[
+        "endpoints",
+        "list",
+        "--server",
+        &format!("http://{}", server.addr),
+        "--api-key",
+        crate::support::server::ADMIN_KEY,
+    ]);
+    let text = crate::support::stdout(&cli);
+    assert!(
+        text.contains("websocket space 1001  clients 1  parked 0"),
+        "{text}"
+    );
+}
+
+/// The WebSocket spaces `GET /v1/endpoints` lists.
+fn channels(server: &Server) -> Value {
+    let r = server.admin("GET", "/v1/endpoints", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["channels"].clone()
 }

@@ -656,8 +656,10 @@ impl Api {
             .cloned()
             .collect();
         let store = self.shared.store.clone();
-        let with_counts = tokio::task::spawn_blocking(move || {
-            eps.into_iter()
+        let connected = self.shared.channel.spaces();
+        let listed = tokio::task::spawn_blocking(move || {
+            let endpoints: Vec<Value> = eps
+                .into_iter()
                 .map(|ep| {
                     let parked = store.parked_count(&ep.endpoint).unwrap_or(0);
                     let mut v = json!(ep);
@@ -667,11 +669,37 @@ impl Api {
                     );
                     v
                 })
-                .collect::<Vec<_>>()
+                .collect();
+            // WebSocket spaces: those with clients and those with
+            // deliveries waiting for one (the ones an operator looks for).
+            use crate::deliver::channel;
+            let mut spaces: std::collections::BTreeMap<String, (usize, u64)> = connected
+                .into_iter()
+                .map(|(space, clients)| (space, (clients, 0)))
+                .collect();
+            for (key, parked) in store
+                .parked_by_prefix(channel::ENDPOINT_PREFIX)
+                .unwrap_or_default()
+            {
+                if let Some(space) = channel::space_of(&key) {
+                    spaces.entry(space.to_string()).or_default().1 = parked;
+                }
+            }
+            let channels: Vec<Value> = spaces
+                .into_iter()
+                .map(|(space, (clients, parked))| {
+                    json!({"space": space, "path": channel::path(&space), "clients": clients, "parked": parked})
+                })
+                .collect();
+            (endpoints, channels)
         })
         .await
         .unwrap_or_default();
-        json_response(StatusCode::OK, &json!({ "endpoints": with_counts }))
+        let (with_counts, channels) = listed;
+        json_response(
+            StatusCode::OK,
+            &json!({ "endpoints": with_counts, "channels": channels }),
+        )
     }
 
     async fn unblock(&self, req: Request<Incoming>) -> Resp {

@@ -458,6 +458,14 @@ fn print_admin(value: &Value) {
                     .unwrap_or_default()
             );
         }
+        for c in value["channels"].as_array().into_iter().flatten() {
+            println!(
+                "websocket space {}  clients {}  parked {}",
+                c["space"].as_str().unwrap_or_default(),
+                c["clients"],
+                c["parked"]
+            );
+        }
     } else {
         println!("{}", pretty(value));
     }

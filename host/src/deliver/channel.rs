@@ -56,7 +56,15 @@ pub fn server_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketCon
 /// The key a space's parked deliveries are stored under (the place an HTTP
 /// delivery's endpoint `scheme://host:port` has).
 pub fn endpoint(space: &str) -> String {
-    format!("websocket:shared_spaces/{space}")
+    format!("{ENDPOINT_PREFIX}{space}")
+}
+
+/// What every space's key starts with.
+pub const ENDPOINT_PREFIX: &str = "websocket:shared_spaces/";
+
+/// The space whose parked deliveries are stored under `endpoint`.
+pub fn space_of(endpoint: &str) -> Option<&str> {
+    endpoint.strip_prefix(ENDPOINT_PREFIX)
 }
 
 /// The route clients of `space` connect to.
@@ -184,6 +192,12 @@ impl Hub {
     pub fn clients(&self, space: &str) -> usize {
         let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner());
         spaces.get(space).map_or(0, Vec::len)
+    }
+
+    /// Each space with clients, and how many.
+    pub fn spaces(&self) -> Vec<(String, usize)> {
+        let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner());
+        spaces.iter().map(|(s, c)| (s.clone(), c.len())).collect()
     }
 
     /// Clients connected, over all spaces.

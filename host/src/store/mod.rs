@@ -445,6 +445,27 @@ impl Store {
             .count();
         Ok(n as u64)
     }
+
+    /// Parked deliveries per endpoint, for the endpoints whose key starts
+    /// with `prefix` (such as every WebSocket space). Walks those entries,
+    /// so it is for the admin API, not the delivery path.
+    pub fn parked_by_prefix(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(PARKED).map_err(io("parked"))?;
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for entry in t.range((prefix, 0u128)..).map_err(io("parked"))? {
+            let (key, _) = entry.map_err(io("parked"))?;
+            let endpoint = key.value().0;
+            if !endpoint.starts_with(prefix) {
+                break;
+            }
+            match out.last_mut() {
+                Some((last, n)) if last == endpoint => *n += 1,
+                _ => out.push((endpoint.to_string(), 1)),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A position in the due index: (due at, delivery id).

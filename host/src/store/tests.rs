@@ -614,3 +614,33 @@ fn compaction_walks_past_old_events_that_are_kept() {
     }
     assert_indexes(&store);
 }
+
+#[test]
+fn parked_deliveries_are_counted_per_endpoint_under_a_prefix() {
+    let db = TempDb::new("parked-prefix");
+    let store = db.open();
+    let ids = accept(&store, new_event("e1", &["a", "b", "c", "d", "e"]));
+    let park = |endpoint: &str| Next::Park {
+        endpoint: endpoint.into(),
+        reason: "waiting".into(),
+    };
+    let places = [
+        "websocket:shared_spaces/1001",
+        "websocket:shared_spaces/2002",
+        "websocket:shared_spaces/2002",
+        "https://example.test:443",
+        "zzz:after-the-prefix",
+    ];
+    for (id, place) in ids.iter().zip(places) {
+        finish(&store, *id, 1, 503, park(place));
+    }
+    assert_eq!(
+        store.parked_by_prefix("websocket:shared_spaces/").unwrap(),
+        [
+            ("websocket:shared_spaces/1001".to_string(), 1),
+            ("websocket:shared_spaces/2002".to_string(), 2),
+        ]
+    );
+    assert_eq!(store.parked_by_prefix("ftp:").unwrap(), []);
+    assert_eq!(store.parked_count("https://example.test:443").unwrap(), 1);
+}
