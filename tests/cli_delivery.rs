@@ -151,6 +151,52 @@ fn test_connection_posts_with_test_true() {
 }
 
 #[test]
+fn the_admin_api_tests_a_connection_from_the_server() {
+    let rx = Receiver::start(vec![Answer::status(204).with_header("X-Seen", "yes")]);
+    let rules = format!(
+        "rules:\n  - {{name: ci, events: [create], webhook: {{url: \"{}\", secret: tc-secret-value}}}}\n  - {{name: ws, events: [create], webhook: {{transport: websocket}}}}\n  - {{name: refused, events: [create], webhook: {{url: \"http://169.254.169.254/x\"}}}}\n",
+        rx.url("/hooks/ci")
+    );
+    let (dir, config) = setup(
+        "test-connection-api",
+        &rules,
+        &format!("http_ports: [{}, 80]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    let r = server.admin("POST", "/v1/rules/ci/test", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["ok"].as_bool(), v["status"].as_u64()),
+        (Some(true), Some(204)),
+        "{v}"
+    );
+    assert_eq!(v["url"], rx.url("/hooks/ci?test=true"));
+    assert!(v["headers"].to_string().contains("x-seen"), "{v}");
+    let got = rx.received();
+    assert_eq!(got.len(), 1, "one test request");
+    assert_eq!(got[0].json()["test"], true);
+    let sig = rulehook::sign::hmac_sha256_header("tc-secret-value", &got[0].body);
+    assert_eq!(got[0].header("x-rulehook-signature"), Some(sig.as_str()));
+    assert!(server.deliveries("").is_empty(), "a test stores nothing");
+
+    let refused = server.admin("POST", "/v1/rules/refused/test", None).json();
+    assert_eq!(refused["ok"], false, "{refused}");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("refused by the outbound policy") && error.contains("169.254.169.254"),
+        "{error}"
+    );
+    let ws = server.admin("POST", "/v1/rules/ws/test", None);
+    assert_eq!(ws.status, 422, "{}", ws.text());
+    assert!(ws.text().contains("WebSocket"), "{}", ws.text());
+    assert_eq!(
+        server.admin("POST", "/v1/rules/nope/test", None).status,
+        404
+    );
+}
+
+#[test]
 fn deliveries_commands_list_show_and_redeliver() {
     let rx = Receiver::start(vec![Answer::status(200)]);
     let rules = format!(

@@ -119,6 +119,7 @@ impl Api {
             (Method::POST, ["v1", "deliveries", id, "redeliver"]) => self.redeliver(id).await,
             (Method::GET, ["v1", "rules"]) => self.rules(),
             (Method::POST, ["v1", "rules", "reload"]) => self.reload().await,
+            (Method::POST, ["v1", "rules", name, "test"]) => self.test_connection(name).await,
             (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
             (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
             (Method::GET, ["metrics"]) => self.metrics().await,
@@ -599,6 +600,48 @@ impl Api {
 
     /// Reloads now and answers with the outcome: 200 when the new set
     /// runs, 422 with every diagnostic when the old one keeps running.
+    /// `POST /v1/rules/{name}/test`: what `rulehook test-connection` does,
+    /// from the server (its network, its proxy, its running rules).
+    async fn test_connection(&self, name: &str) -> Resp {
+        let rules = self.ingest.rules.load_full();
+        let Some(rule) = rules.get(name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no rule `{name}` in the running set; see GET /v1/rules"),
+                None,
+            );
+        };
+        let cap = self.shared.config.response_body_cap;
+        let tested = match crate::deliver::test_connection(&self.shared.sender, rule, cap).await {
+            Ok(t) => t,
+            Err(why) => {
+                return error(StatusCode::UNPROCESSABLE_ENTITY, "not_testable", why, None);
+            }
+        };
+        let mut out = json!({
+            "rule": name,
+            "method": tested.method,
+            "url": tested.url.as_str(),
+            "duration_ms": tested.duration.as_millis() as u64,
+        });
+        match tested.result {
+            Ok(r) => {
+                out["ok"] = json!((200..300).contains(&r.status));
+                out["status"] = json!(r.status);
+                out["reason"] = json!(r.reason);
+                out["headers"] = json!(r.headers);
+                out["body"] = json!(String::from_utf8_lossy(&r.body));
+                out["truncated"] = json!(r.truncated);
+            }
+            Err(e) => {
+                out["ok"] = json!(false);
+                out["error"] = json!(e.to_string());
+            }
+        }
+        json_response(StatusCode::OK, &out)
+    }
+
     async fn reload(&self) -> Resp {
         let loader = self.loader.clone();
         let running = self.ingest.rules.clone();

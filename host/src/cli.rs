@@ -479,58 +479,19 @@ fn test_connection(rule_name: &str, config: Option<&Path>) -> ExitCode {
         let Some(rule) = set.get(rule_name) else {
             anyhow::bail!("no rule `{rule_name}` in {}", config.rules_dir.display());
         };
-        let Some(url) = rule.webhook.url.clone() else {
-            anyhow::bail!("rule `{rule_name}` has no URL (websocket transport)");
-        };
-        let mut test_url = url.clone();
-        test_url.query_pairs_mut().append_pair("test", "true");
-        let body = serde_json::to_vec(
-            &json!({"test": true, "rule": rule.name, "message": "rulehook test connection"}),
-        )?;
-        let id = crate::store::DeliveryId::new().to_string();
-        let mut req = http::Request::builder()
-            .method(rule.webhook.method.as_str())
-            .header("Content-Type", "application/json")
-            .header(crate::deliver::DELIVERY_HEADER, &id);
-        if let Some(c) = &rule.webhook.credentials {
-            use base64::Engine as _;
-            req = req.header(
-                "Authorization",
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{}:{}", c.username, c.password.value))
-                ),
-            );
-        }
-        for (k, v) in &rule.webhook.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        for (k, v) in crate::sign::headers(&rule.webhook, &id, crate::store::now_ms() / 1000, &body)
-        {
-            req = req.header(k, v);
-        }
         let sender = crate::deliver::client::Sender::new(config.outbound.clone())
             .map_err(anyhow::Error::msg)?;
-        println!("{} {test_url}", rule.webhook.method.as_str());
-        let started = std::time::Instant::now();
-        let result = sender
-            .send(
-                &test_url,
-                req.body(http_body_util::Full::new(bytes::Bytes::from(body)))?,
-                rule.webhook.tls_verify,
-                rule.webhook.connect_timeout,
-                rule.webhook.reply_timeout,
-                config.response_body_cap,
-            )
-            .await;
-        match result {
+        let tested = crate::deliver::test_connection(&sender, rule, config.response_body_cap)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!("{} {}", tested.method, tested.url);
+        match tested.result {
             Ok(r) => {
                 println!(
                     "=> {} {} in {} ms",
                     r.status,
                     r.reason.unwrap_or_default(),
-                    started.elapsed().as_millis()
+                    tested.duration.as_millis()
                 );
                 for (k, v) in &r.headers {
                     println!("{k}: {v}");
@@ -543,7 +504,7 @@ fn test_connection(rule_name: &str, config: Option<&Path>) -> ExitCode {
                 })
             }
             Err(e) => {
-                println!("=> no answer: {e:?}");
+                println!("=> no answer: {e}");
                 Ok(ExitCode::from(1))
             }
         }

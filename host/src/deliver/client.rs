@@ -139,6 +139,17 @@ pub enum SendError {
     InvalidHttp(String),
 }
 
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Refused(e) => write!(f, "refused by the outbound policy: {e}"),
+            SendError::NoReply(e) => write!(f, "no reply: {e}"),
+            SendError::Timeout(e) => write!(f, "timed out: {e}"),
+            SendError::InvalidHttp(e) => write!(f, "invalid HTTP: {e}"),
+        }
+    }
+}
+
 /// Pooled HTTP(S) clients, one per (verify TLS, connect timeout) pair since
 /// those are fixed per connection.
 pub struct Sender {

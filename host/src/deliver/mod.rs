@@ -906,6 +906,74 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
     }
 }
 
+/// What a test connection got.
+pub struct TestConnection {
+    /// The URL posted to: the rule's, with `test=true` added.
+    pub url: url::Url,
+    pub method: &'static str,
+    pub duration: Duration,
+    pub result: Result<client::Response, SendError>,
+}
+
+/// Posts a small test body to `rule`'s URL with `?test=true`, signed and
+/// authenticated as its deliveries are, and returns the answer. Nothing is
+/// stored. `Err` names why no request could be made.
+pub async fn test_connection(
+    sender: &Sender,
+    rule: &crate::rules::Rule,
+    body_cap: usize,
+) -> Result<TestConnection, String> {
+    let webhook = &rule.webhook;
+    let (Transport::Http, Some(url)) = (webhook.transport, webhook.url.as_ref()) else {
+        return Err(format!(
+            "rule `{}` sends over the WebSocket channel, which has no URL to test; see its clients in GET /v1/endpoints",
+            rule.name
+        ));
+    };
+    let mut test_url = url.clone();
+    test_url.query_pairs_mut().append_pair("test", "true");
+    let body = serde_json::to_vec(
+        &serde_json::json!({"test": true, "rule": rule.name, "message": "rulehook test connection"}),
+    )
+    .map_err(|e| e.to_string())?;
+    let id = DeliveryId::new().to_string();
+    let mut req = http::Request::builder()
+        .method(webhook.method.as_str())
+        .header("Content-Type", "application/json")
+        .header(DELIVERY_HEADER, &id);
+    if let Some(c) = &webhook.credentials {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password.value));
+        req = req.header("Authorization", format!("Basic {token}"));
+    }
+    for (k, v) in &webhook.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    for (k, v) in crate::sign::headers(webhook, &id, now_ms() / 1000, &body) {
+        req = req.header(k, v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let started = Instant::now();
+    let result = sender
+        .send(
+            &test_url,
+            req,
+            webhook.tls_verify,
+            webhook.connect_timeout,
+            webhook.reply_timeout,
+            body_cap,
+        )
+        .await;
+    Ok(TestConnection {
+        url: test_url,
+        method: webhook.method.as_str(),
+        duration: started.elapsed(),
+        result,
+    })
+}
+
 /// `Retry-After` as seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now_ms: u64) -> Option<Duration> {
     let v = value.trim();
