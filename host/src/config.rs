@@ -61,9 +61,30 @@ pub struct Outbound {
     pub ca_file: Option<PathBuf>,
     /// `http://[user:password@]host:port` of an HTTP proxy to tunnel
     /// through (see `deliver::proxy`).
-    pub proxy: Option<String>,
+    pub proxy: Option<ProxyUrl>,
     /// Names, suffixes, IPs or CIDRs that go direct, not through `proxy`.
     pub no_proxy: Vec<String>,
+}
+
+/// A proxy URL as configured. It may hold a password, so its `Debug`
+/// form shows only where the proxy is.
+#[derive(Clone, PartialEq)]
+pub struct ProxyUrl(pub String);
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(u) => write!(
+                f,
+                "ProxyUrl({}://{}{}:{})",
+                u.scheme(),
+                if u.username().is_empty() { "" } else { "***@" },
+                u.host_str().unwrap_or_default(),
+                u.port_or_known_default().unwrap_or(0)
+            ),
+            Err(_) => write!(f, "ProxyUrl(***)"),
+        }
+    }
 }
 
 /// The endpoint cool-down: after `failures` failures in a row, blocked for
@@ -270,7 +291,7 @@ impl Config {
         // of every delivery later.
         if let Some(url) = &c.outbound.proxy {
             let source = file.map_or("environment".into(), |p| p.display().to_string());
-            crate::deliver::proxy::Proxy::parse(url, &c.outbound.no_proxy)
+            crate::deliver::proxy::Proxy::parse(&url.0, &c.outbound.no_proxy)
                 .map_err(|e| cfg_err(&source, format!("`proxy`: {e}")))?;
         }
         Ok(c)
@@ -310,7 +331,7 @@ impl Config {
             self.outbound.ca_file = Some(rel(p));
         }
         if let Some(p) = f.proxy {
-            self.outbound.proxy = Some(p);
+            self.outbound.proxy = Some(ProxyUrl(p));
         }
         if let Some(list) = f.no_proxy {
             self.outbound.no_proxy = list;
@@ -467,7 +488,7 @@ impl Config {
                 .collect::<Result<_, _>>()?;
         }
         if let Some(v) = env("RULEHOOK_PROXY") {
-            self.outbound.proxy = Some(v).filter(|v| !v.is_empty());
+            self.outbound.proxy = Some(v).filter(|v| !v.is_empty()).map(ProxyUrl);
         }
         if let Some(v) = env("RULEHOOK_NO_PROXY") {
             self.outbound.no_proxy = v.split(',').map(|s| s.trim().to_string()).collect();
@@ -582,7 +603,15 @@ mod tests {
             _ => None,
         };
         let c = Config::load(Some(&file), &with_proxy).unwrap();
-        assert_eq!(c.outbound.proxy.as_deref(), Some("http://proxy.corp:3128"));
+        assert_eq!(
+            c.outbound.proxy,
+            Some(ProxyUrl("http://proxy.corp:3128".into()))
+        );
+        let secret = ProxyUrl("http://hook:pa55word@proxy.corp:3128".into());
+        assert_eq!(
+            format!("{secret:?}"),
+            "ProxyUrl(http://***@proxy.corp:3128)"
+        );
         assert_eq!(c.outbound.no_proxy, ["localhost", ".corp"]);
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -182,7 +182,7 @@ impl Sender {
             }
         }
         let proxy = match &outbound.proxy {
-            Some(url) => Some(Arc::new(Proxy::parse(url, &outbound.no_proxy)?)),
+            Some(url) => Some(Arc::new(Proxy::parse(&url.0, &outbound.no_proxy)?)),
             None => None,
         };
         Ok(Sender {
