@@ -274,3 +274,55 @@ fn channels(server: &Server) -> Value {
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()["channels"].clone()
 }
+
+#[test]
+fn the_channel_command_prints_deliveries_and_refuses_bad_credentials() {
+    use std::io::BufRead;
+    let (dir, cfg) = setup("ws-cli", RULES, &channel_key());
+    let server = Server::start(&dir, &cfg);
+    let url = format!("http://{}", server.addr);
+    let channel = |secret: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rulehook"))
+            .args(["channel", "1001", "--server", &url, "--client-id", CLIENT])
+            .env("RULEHOOK_CLIENT_SECRET", secret)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start rulehook channel")
+    };
+
+    let refused = channel("wrong-secret-0123456")
+        .wait_with_output()
+        .expect("wait");
+    assert_eq!(refused.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(text.contains("refused client `ci-bridge` (401)"), "{text}");
+
+    let mut child = channel(SECRET);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = String::new();
+    let mut read_until = |want: &str| loop {
+        let line = rx
+            .recv_timeout(T)
+            .unwrap_or_else(|_| panic!("no `{want}` in:\n{printed}"));
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains(want) {
+            break;
+        }
+    };
+    read_until("connected to ws://");
+    let reply = server.post_event(&defect_update("ws-cli-1", json!({"sharedspace_id": 1001})));
+    one_delivery(&server, &reply);
+    read_until("\"event_id\": \"ws-cli-1\"");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -78,6 +78,21 @@ pub enum Command {
         #[arg(long, default_value_t = 200)]
         status: u16,
     },
+    /// Receive a shared space's WebSocket deliveries from a running server
+    /// and print them; reconnects when the connection drops.
+    Channel {
+        /// The shared space to receive (e.g. 1001).
+        space: String,
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        server: String,
+        /// The API key's name (role websocket or admin).
+        #[arg(long)]
+        client_id: String,
+        /// The API key itself.
+        #[arg(long, env = "RULEHOOK_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: String,
+    },
     /// List, show and redeliver deliveries (through the running server).
     Deliveries {
         #[command(subcommand)]
@@ -233,6 +248,20 @@ pub fn main() -> ExitCode {
                 crate::listen::run(listener, opts, out).await?;
                 Ok(ExitCode::SUCCESS)
             })
+        }
+        Command::Channel {
+            space,
+            server,
+            client_id,
+            client_secret,
+        } => {
+            let opts = crate::channel_cli::Options {
+                server,
+                space,
+                client_id,
+                client_secret,
+            };
+            runtime(async move { crate::channel_cli::run(opts, &mut std::io::stdout()).await })
         }
         Command::Deliveries { command, server } => {
             admin(server, move |c| Box::pin(deliveries(c, command)))

@@ -17,6 +17,7 @@
 
 pub mod admin_client;
 pub mod api;
+pub mod channel_cli;
 pub mod cli;
 pub mod config;
 pub mod deliver;
