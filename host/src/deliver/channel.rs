@@ -36,6 +36,10 @@ pub const SESSION_COOKIE: &str = "LWSSO_COOKIE_KEY";
 /// is not cut when its session expires.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
+/// Sessions kept at most; past this, signing in ends the session closest
+/// to expiry, so repeated sign-ins cannot grow memory without bound.
+const MAX_SESSIONS: usize = 10_000;
+
 /// Frames waiting for one client's socket. A client this far behind is
 /// passed over for new frames (the attempt goes to the others, or is
 /// retried) instead of holding memory for it.
@@ -162,6 +166,15 @@ impl Hub {
         // Expired sessions go here, so the map stays as small as the set of
         // live ones without a sweeper task.
         sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(token, _)| token.clone());
+            if let Some(token) = oldest {
+                sessions.remove(&token);
+            }
+        }
         sessions.insert(
             token.clone(),
             Session {
@@ -363,6 +376,15 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(hub.session(&a).as_deref(), Some("ci"));
         assert_eq!(hub.session("not-a-session"), None);
+        // Repeated sign-ins keep at most MAX_SESSIONS; the oldest go first.
+        for _ in 0..MAX_SESSIONS {
+            hub.sign_in("busy");
+        }
+        let kept = hub.sessions.lock().unwrap().len();
+        assert_eq!(kept, MAX_SESSIONS);
+        assert_eq!(hub.session(&a), None, "the oldest session was ended");
+        let newest = hub.sign_in("ci");
+        assert_eq!(hub.session(&newest).as_deref(), Some("ci"));
     }
 
     #[tokio::test]
