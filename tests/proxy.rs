@@ -31,7 +31,8 @@ struct TestProxy {
 }
 
 impl TestProxy {
-    /// Answers every CONNECT with `status`; on 200 it pipes the tunnel.
+    /// Answers every CONNECT with `status`; on 200 it pipes the tunnel, on
+    /// 0 it never answers.
     fn start(status: u16) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -79,6 +80,11 @@ fn serve(client: TcpStream, status: u16, log: &Mutex<Vec<Asked>>) {
         authorization,
     });
     let mut out = client;
+    if status == 0 {
+        // Hold the connection until the client gives up.
+        std::thread::sleep(Duration::from_secs(30));
+        return;
+    }
     if status != 200 {
         let _ = write!(out, "HTTP/1.1 {status} No\r\nContent-Length: 0\r\n\r\n");
         return;
@@ -223,6 +229,37 @@ fn no_proxy_goes_direct_and_refusals_name_the_proxy() {
         "{error}"
     );
     assert!(rx.received().iter().all(|r| r.path != "/refused"));
+
+    // A proxy that never answers: the connect timeout ends the attempt.
+    let silent = TestProxy::start(0);
+    let extra = format!(
+        "http_ports: [{}]\nproxy: http://{}\n",
+        rx.addr.port(),
+        silent.addr
+    );
+    let rules = format!(
+        "rules:\n  - {{name: stuck, events: [create], webhook: {{url: \"{}\", timeouts: {{connect: 1s}}, retry: {{policy: none}}}}}}\n",
+        rx.url("/stuck")
+    );
+    let (dir, config) = setup("proxy-silent", &rules, &extra);
+    let server = Server::start(&dir, &config);
+    assert_eq!(server.post_event(&story("stuck-1")).status, 202);
+    let failed = wait_for(T, "the delivery to time out", || {
+        server.deliveries("status=failed").into_iter().next()
+    });
+    let id = failed["id"].as_str().unwrap();
+    let error = server.delivery(id)["attempts"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains(&format!(
+            "through proxy {} timed out after 1 s",
+            silent.addr
+        )),
+        "{error}"
+    );
+    drop(server);
 
     // Vetting comes before the tunnel: with loopback not allowed, the
     // proxy is not even asked.

@@ -143,6 +143,21 @@ fn clients_sign_in_and_receive_the_deliveries_of_their_space() {
     );
     assert_eq!(as_admin.status, 403, "{}", as_admin.text());
 
+    // Authenticated, but not a WebSocket upgrade: 400 says what is wanted.
+    let plain = request(
+        addr,
+        "GET",
+        "/messaging/shared_spaces/1001/webhooks",
+        &[("Authorization", &bearer())],
+        b"",
+    );
+    assert_eq!(plain.status, 400, "{}", plain.text());
+    assert!(
+        plain.text().contains("Upgrade: websocket"),
+        "{}",
+        plain.text()
+    );
+
     let mut space_1001 = connect(addr, "1001", Some(("Cookie", &cookie))).expect("cookie upgrade");
     let mut space_2002 = connect(addr, "2002", Some(("Authorization", &bearer()))).expect("bearer");
     wait_for(T, "both clients counted in /metrics", || {

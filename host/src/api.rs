@@ -836,7 +836,7 @@ impl Api {
             (
                 "rulehook_websocket_clients",
                 "Clients connected to the WebSocket channel, over all shared spaces.",
-                self.shared.channel.total_clients() as u64,
+                self.shared.channel.spaces().iter().map(|(_, n)| *n as u64).sum(),
             ),
             (
                 "rulehook_deliveries_in_flight",

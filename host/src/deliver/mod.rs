@@ -576,43 +576,14 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     };
     let number = work.attempts + 1;
     let id_text = work.id.to_string();
-    // (name, value sent, value recorded): the record shows secrets redacted.
-    let mut headers: Vec<(String, String, Option<&str>)> = vec![
-        ("Content-Type".into(), "application/json".into(), None),
-        (
-            "User-Agent".into(),
-            concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
-            None,
-        ),
-        (DELIVERY_HEADER.into(), id_text.clone(), None),
-        ("X-Rulehook-Event".into(), work.event_id.clone(), None),
-        ("X-Rulehook-Rule".into(), rule.name.clone(), None),
-        ("X-Rulehook-Attempt".into(), number.to_string(), None),
+    let per_attempt = [
+        ("X-Rulehook-Event", work.event_id.clone()),
+        ("X-Rulehook-Rule", rule.name.clone()),
+        ("X-Rulehook-Attempt", number.to_string()),
     ];
-    if let Some(c) = &webhook.credentials {
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", c.username, c.password.value));
-        headers.push((
-            "Authorization".into(),
-            format!("Basic {token}"),
-            Some("Basic ***"),
-        ));
-    }
-    for (k, v) in &webhook.headers {
-        headers.push((k.clone(), v.clone(), None));
-    }
-    for (k, v) in crate::sign::headers(webhook, &id_text, now / 1000, &body) {
-        headers.push((k, v, None));
-    }
-
-    let mut request = http::Request::builder().method(webhook.method.as_str());
-    let mut recorded = Vec::with_capacity(headers.len());
-    for (name, value, shown) in headers {
-        request = request.header(name.as_str(), value.as_str());
-        recorded.push((name, shown.map_or(value, str::to_string)));
-    }
+    let (request, recorded) = build_request(webhook, &id_text, &per_attempt, now / 1000, body);
     let started = Instant::now();
-    let sent = match request.body(Full::new(body)) {
+    let sent = match request {
         Ok(req) => {
             shared
                 .sender
@@ -626,7 +597,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
                 )
                 .await
         }
-        Err(e) => Err(SendError::Refused(format!("cannot build the request: {e}"))),
+        Err(e) => Err(SendError::Refused(e)),
     };
     let elapsed = started.elapsed();
     shared.metrics.observe_attempt(elapsed.as_secs_f64());
@@ -747,6 +718,59 @@ fn not_sent(work: &Work, next: Next) -> Outcome {
         }],
         waits_for_space: None,
     }
+}
+
+type Request = http::Request<Full<Bytes>>;
+
+/// A request to `webhook`, as every attempt and test connection sends it:
+/// content type, user agent, the delivery id, `extra` headers, basic
+/// authentication, the rule's own headers and the signatures over `body`.
+/// Also returns the headers as recorded, with the credentials redacted.
+fn build_request(
+    webhook: &crate::rules::Webhook,
+    delivery_id: &str,
+    extra: &[(&str, String)],
+    now_secs: u64,
+    body: Bytes,
+) -> (Result<Request, String>, Vec<(String, String)>) {
+    // (name, value sent, value recorded when it differs)
+    let mut headers: Vec<(String, String, Option<&str>)> = vec![
+        ("Content-Type".into(), "application/json".into(), None),
+        (
+            "User-Agent".into(),
+            concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
+            None,
+        ),
+        (DELIVERY_HEADER.into(), delivery_id.to_string(), None),
+    ];
+    for (k, v) in extra {
+        headers.push((k.to_string(), v.clone(), None));
+    }
+    if let Some(c) = &webhook.credentials {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password.value));
+        headers.push((
+            "Authorization".into(),
+            format!("Basic {token}"),
+            Some("Basic ***"),
+        ));
+    }
+    for (k, v) in &webhook.headers {
+        headers.push((k.clone(), v.clone(), None));
+    }
+    for (k, v) in crate::sign::headers(webhook, delivery_id, now_secs, &body) {
+        headers.push((k, v, None));
+    }
+    let mut request = http::Request::builder().method(webhook.method.as_str());
+    let mut recorded = Vec::with_capacity(headers.len());
+    for (name, value, shown) in headers {
+        request = request.header(name.as_str(), value.as_str());
+        recorded.push((name, shown.map_or(value, str::to_string)));
+    }
+    let request = request
+        .body(Full::new(body))
+        .map_err(|e| format!("cannot build the request: {e}"));
+    (request, recorded)
 }
 
 /// A delivery that cannot be attempted at all fails, saying why.
@@ -937,24 +961,8 @@ pub async fn test_connection(
     )
     .map_err(|e| e.to_string())?;
     let id = DeliveryId::new().to_string();
-    let mut req = http::Request::builder()
-        .method(webhook.method.as_str())
-        .header("Content-Type", "application/json")
-        .header(DELIVERY_HEADER, &id);
-    if let Some(c) = &webhook.credentials {
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", c.username, c.password.value));
-        req = req.header("Authorization", format!("Basic {token}"));
-    }
-    for (k, v) in &webhook.headers {
-        req = req.header(k.as_str(), v.as_str());
-    }
-    for (k, v) in crate::sign::headers(webhook, &id, now_ms() / 1000, &body) {
-        req = req.header(k, v);
-    }
-    let req = req
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let (req, _) = build_request(webhook, &id, &[], now_ms() / 1000, Bytes::from(body));
+    let req = req?;
     let started = Instant::now();
     let result = sender
         .send(

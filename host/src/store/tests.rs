@@ -126,6 +126,22 @@ fn listed(
     ids(store.list(&filter, None, 100).unwrap())
 }
 
+/// The keys of an index keyed by (name, delivery id), in order.
+fn name_id_keys(
+    tx: &ReadTransaction,
+    table: TableDefinition<'_, (&str, DeliveryKey), ()>,
+) -> Vec<(String, u128)> {
+    tx.open_table(table)
+        .unwrap()
+        .iter()
+        .unwrap()
+        .map(|i| {
+            let (k, _) = i.unwrap();
+            (k.value().0.to_string(), k.value().1)
+        })
+        .collect()
+}
+
 /// Every delivery is in exactly the index its state calls for, and no
 /// index names a delivery that is not there or not in that state.
 fn assert_indexes(store: &Store) {
@@ -144,26 +160,8 @@ fn assert_indexes(store: &Store) {
         .unwrap()
         .map(|i| i.unwrap().0.value())
         .collect();
-    let parked: Vec<(String, u128)> = tx
-        .open_table(PARKED)
-        .unwrap()
-        .iter()
-        .unwrap()
-        .map(|i| {
-            let (k, _) = i.unwrap();
-            (k.value().0.to_string(), k.value().1)
-        })
-        .collect();
-    let by_state: Vec<(String, u128)> = tx
-        .open_table(BY_STATE)
-        .unwrap()
-        .iter()
-        .unwrap()
-        .map(|i| {
-            let (k, _) = i.unwrap();
-            (k.value().0.to_string(), k.value().1)
-        })
-        .collect();
+    let parked = name_id_keys(&tx, PARKED);
+    let by_state = name_id_keys(&tx, BY_STATE);
     for (at, id) in &due {
         let d = &all[id];
         assert_eq!(
