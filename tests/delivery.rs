@@ -623,3 +623,80 @@ fn finished_events_past_retention_are_compacted_and_pending_ones_kept() {
     assert_eq!(again.json()["duplicate"], false, "{}", again.text());
     assert_ne!(again.json()["deliveries"][0].as_str().unwrap(), done_id);
 }
+
+/// The reply timeout counts from when the request is written, not from the
+/// start of the attempt with the connect timeout added; on a reused
+/// keep-alive connection there is no connect at all. A receiver that is
+/// connected but answers after 4 s is cut at about the 1 s `reply`, and the
+/// record says so with the time that really went by.
+#[test]
+fn the_reply_timeout_counts_from_the_request_on_fresh_and_reused_connections() {
+    let stall = Answer::status(200).after(Duration::from_secs(4));
+    // The first request, on a fresh connection, stalls.
+    let fresh = Receiver::start(vec![stall.clone(), Answer::status(200)]);
+    // The first answers at once, so the second reuses its connection.
+    let reused = Receiver::start(vec![Answer::status(200), stall]);
+    let timeouts =
+        "      timeouts: {connect: 2s, reply: 1s}\n      retry: {policy: none}\n".to_string();
+    let rules = format!(
+        "rules:\n  - name: fresh\n    events: [update]\n    webhook:\n      url: {}\n{timeouts}  - name: reused\n    events: [update]\n    webhook:\n      url: {}\n{timeouts}",
+        fresh.url("/f"),
+        reused.url("/r")
+    );
+    let (dir, config) = setup(
+        "reply-timeout",
+        &rules,
+        &format!(
+            "http_ports: [{}, {}]\n",
+            fresh.addr.port(),
+            reused.addr.port()
+        ),
+    );
+    let server = Server::start(&dir, &config);
+    let ids = |r: crate::support::http::Reply| -> Vec<String> {
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = ids(server.post_event(&defect_update("evt-rt-1")));
+    reused.wait_for(1, T);
+    fresh.wait_for(1, T);
+    // The reused receiver's first delivery succeeds; then the second event.
+    for id in &first {
+        wait_for(T, "the first event's deliveries to finish", || {
+            let s = server.delivery(id)["delivery"]["state"].clone();
+            (s == "succeeded" || s == "failed").then_some(())
+        });
+    }
+    let second = ids(server.post_event(&defect_update("evt-rt-2")));
+    let got = reused.wait_for(2, T);
+    assert_eq!(
+        got[0].conn, got[1].conn,
+        "the second request came on the first one's keep-alive connection"
+    );
+    let cut: Vec<Value> = first
+        .iter()
+        .chain(&second)
+        .filter_map(|id| {
+            let d = wait_for(T, "the delivery to finish", || {
+                let d = server.delivery(id);
+                (d["delivery"]["state"] != "pending").then_some(d)
+            });
+            (d["delivery"]["state"] == "failed").then(|| d["attempts"][0].clone())
+        })
+        .collect();
+    assert_eq!(cut.len(), 2, "one stalled attempt per receiver: {cut:?}");
+    for attempt in &cut {
+        let ms = attempt["duration_ms"].as_u64().unwrap();
+        assert!(
+            (900..2000).contains(&ms),
+            "cut after {ms} ms, not at about the 1 s reply timeout: {attempt}"
+        );
+        let error = attempt["error"].as_str().unwrap_or_default();
+        assert!(error.contains("within 1 s"), "{attempt}");
+    }
+}

@@ -11,4 +11,5 @@ mod failure;
 mod plugins;
 mod proxy;
 mod reload;
+mod shutdown;
 mod websocket;

@@ -360,3 +360,143 @@ fn a_plugin_dropped_into_a_new_plugins_directory_is_picked_up() {
         json!({"home": null, "vars": 0})
     );
 }
+
+/// Generation `g` of the rule set: one rule, `name`, that selects only the
+/// entity field `g{g}` and posts to `/{name}/{g}`. A body built under
+/// generation `g` therefore names its generation, and so does the path it
+/// arrives at: the two must agree.
+fn generation(name: &str, g: usize, rx: &Receiver) -> String {
+    format!(
+        "rules:\n  - name: {name}\n    events: [create]\n    fields: [g{g}]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url(&format!("/{name}/{g}"))
+    )
+}
+
+fn generation_event(id: &str) -> Value {
+    let mut entity = serde_json::Map::new();
+    entity.insert("id".into(), json!(id));
+    for g in 1..=8 {
+        entity.insert(format!("g{g}"), json!(g));
+    }
+    json!({"id": id, "event_type": "create", "entity_type": "story",
+        "scope": {"workspace_id": 1002}, "entity": entity})
+}
+
+/// Events are posted in a tight loop while the one rule is renamed, changed
+/// (same name, new URL and fields) and removed, by file edits and by
+/// `POST /v1/rules/reload`. Every event that got its 202 is delivered, once
+/// per delivery id, to the target the rule that matched it named then, and
+/// none fails for a rule that is gone. A slow receiver keeps a queue of
+/// accepted deliveries pending across every swap.
+#[test]
+fn accepted_deliveries_keep_the_rule_version_that_matched_them() {
+    let rx = Receiver::start(vec![Answer::status(200).after(Duration::from_millis(5))]);
+    // (name, generation): renamed, changed in place, removed and replaced,
+    // an old name brought back with new content.
+    let gens = [
+        ("a", 1),
+        ("b", 2),
+        ("b", 3),
+        ("c", 4),
+        ("c", 5),
+        ("a", 6),
+        ("d", 7),
+        ("d", 8),
+    ];
+    let (dir, config) = setup(
+        "reload-binding",
+        &generation("a", 1, &rx),
+        &format!(
+            "http_ports: [{}]\nmax_in_flight_per_endpoint: 2\n",
+            rx.addr.port()
+        ),
+    );
+    let server = Arc::new(Server::start(&dir, &config));
+    let file = dir.path().join("rules/rules.yaml");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poster = {
+        let (server, stop) = (server.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            let mut i = 0;
+            // Bounded: stops when told, or after 4,000 events.
+            while !stop.load(Ordering::Relaxed) && i < 4000 {
+                let r = server.post_event(&generation_event(&format!("ev-{i}")));
+                assert_eq!(r.status, 202, "{}", r.text());
+                for d in r.json()["deliveries"].as_array().unwrap() {
+                    accepted.push(d.as_str().unwrap().to_string());
+                }
+                i += 1;
+            }
+            accepted
+        })
+    };
+    let urls = |server: &Server| -> Vec<String> {
+        server.admin("GET", "/v1/rules", None).json()["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["url"].as_str().map(str::to_string))
+            .collect()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    for (i, (name, g)) in gens.iter().enumerate().skip(1) {
+        save_by_rename(&file, &generation(name, *g, &rx));
+        if i % 2 == 0 {
+            // Ask at once instead of waiting for the watcher's debounce.
+            let r = server.admin("POST", "/v1/rules/reload", None);
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        let want = vec![rx.url(&format!("/{name}/{g}"))];
+        wait_for(T, &format!("generation {g} to run"), || {
+            (urls(&server) == want).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let accepted = poster.join().unwrap();
+    assert!(accepted.len() > 50, "only {} deliveries", accepted.len());
+
+    // Until nothing is left to send (a delivery that failed never arrives).
+    wait_for(Duration::from_secs(90), "the queue to drain", || {
+        server
+            .deliveries("status=pending&limit=1")
+            .is_empty()
+            .then_some(())
+    });
+    let failed = server.deliveries("status=failed&limit=5");
+    assert!(failed.is_empty(), "deliveries failed: {failed:?}");
+    let got = rx.received();
+    let mut seen = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for r in &got {
+        let id = r.header("X-Rulehook-Delivery").unwrap().to_string();
+        assert!(seen.insert(id.clone()), "{id} arrived twice");
+        let body = r.json();
+        let built_under: Vec<String> = body["entity"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with('g'))
+            .cloned()
+            .collect();
+        let sent_to = r.path.trim_start_matches('/').to_string();
+        let expected = format!(
+            "{}/{}",
+            body["rule"].as_str().unwrap(),
+            built_under.join(",").trim_start_matches('g')
+        );
+        if sent_to != expected {
+            wrong.push(format!("{id}: built as {expected}, sent to /{sent_to}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} deliveries went where the rule said after their acceptance: {:?}",
+        wrong.len(),
+        got.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(seen.len(), accepted.len());
+}

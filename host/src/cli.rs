@@ -284,13 +284,18 @@ fn runtime(f: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(f) {
+    let code = match rt.block_on(f) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // Dropping a runtime waits for every `spawn_blocking` task to return; a
+    // stop must not wait on a reload or plugin call that is still running
+    // (each is bounded on its own, but the exit should not add them up).
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 fn load_config(file: Option<&Path>) -> anyhow::Result<crate::config::Config> {

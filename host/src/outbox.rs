@@ -27,9 +27,13 @@ pub enum OutboxError {
     Stopped,
 }
 
-struct Request {
-    ops: Vec<Op>,
-    reply: oneshot::Sender<Result<Vec<Done>, OutboxError>>,
+enum Request {
+    Write {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Vec<Done>, OutboxError>>,
+    },
+    /// Commit what was sent before this, then stop (see `Outbox::close`).
+    Close,
 }
 
 /// Counters for `/metrics`.
@@ -47,8 +51,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts the writer thread. It ends when every `Outbox` handle is gone,
-    /// after writing what was already sent.
+    /// Starts the writer thread. It ends after `close`, or when every
+    /// `Outbox` handle is gone, after writing what was already sent.
     pub fn start(store: Arc<Store>) -> (Outbox, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         let stats = Arc::new(OutboxStats::default());
@@ -64,32 +68,55 @@ impl Outbox {
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request { ops, reply })
+            .send(Request::Write { ops, reply })
             .await
             .map_err(|_| OutboxError::Stopped)?;
         rx.await.map_err(|_| OutboxError::Stopped)?
     }
+
+    /// Has the writer commit everything sent before this call and stop;
+    /// later writes fail with `Stopped`. A stop uses it so that joining the
+    /// writer never waits for the last handle to be dropped: a task that
+    /// still holds one (a client that never reads its socket) must not keep
+    /// the process from exiting.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Request::Close).await;
+    }
 }
 
 fn writer(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, stats: Arc<OutboxStats>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        let mut n = batch[0].ops.len();
-        while n < MAX_BATCH_OPS {
-            match rx.try_recv() {
-                Ok(req) => {
-                    n += req.ops.len();
-                    batch.push(req);
+    let mut closing = false;
+    while !closing {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut batch = Vec::new();
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Write { ops, reply } => {
+                    n += ops.len();
+                    batch.push((ops, reply));
                 }
-                Err(_) => break,
+                Request::Close => {
+                    closing = true;
+                    break;
+                }
+            }
+            if n < MAX_BATCH_OPS {
+                next = rx.try_recv().ok();
             }
         }
-        let lens: Vec<usize> = batch.iter().map(|r| r.ops.len()).collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let lens: Vec<usize> = batch.iter().map(|(ops, _)| ops.len()).collect();
         let mut ops = Vec::with_capacity(n);
         let mut replies = Vec::with_capacity(batch.len());
-        for req in batch {
-            ops.extend(req.ops);
-            replies.push(req.reply);
+        for (req_ops, reply) in batch {
+            ops.extend(req_ops);
+            replies.push(reply);
         }
         match store.apply(ops) {
             Ok(results) => {

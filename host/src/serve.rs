@@ -189,12 +189,12 @@ pub async fn run(
         loader: loader.clone(),
     });
 
-    // Connections are told to finish when serving stops; each holds an
-    // `alive` sender, so the receiver sees the channel close when the last
-    // one is done. (hyper-util's GracefulShutdown cannot watch connections
-    // that allow upgrades, which the WebSocket channel needs.)
+    // Connections are told to finish when serving stops, and are kept in a
+    // set so the stop can wait for them within the grace and then cut the
+    // rest. (hyper-util's GracefulShutdown cannot watch connections that
+    // allow upgrades, which the WebSocket channel needs.)
     let (close_conns, conns_closing) = watch::channel(false);
-    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     // Announced only now, with the rules loaded and the store open: a
     // caller that waits for this line (an operator, a test, a supervisor)
@@ -217,6 +217,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            // Reap finished connections, so the set holds live ones only.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(s) => s,
@@ -236,9 +238,7 @@ pub async fn run(
                     // For the WebSocket channel's upgrade.
                     .with_upgrades();
                 let mut closing = conns_closing.clone();
-                let alive = alive.clone();
-                tokio::spawn(async move {
-                    let _alive = alive;
+                conns.spawn(async move {
                     let mut conn = std::pin::pin!(conn);
                     let ended = tokio::select! {
                         ended = conn.as_mut() => ended,
@@ -255,19 +255,41 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("shutting down: no new requests; finishing in-flight work");
-    drop(listener);
+    // The stop. Everything below is bounded by one grace from the signal,
+    // plus the few milliseconds it takes to commit what was already sent
+    // to the outbox: receivers, clients and plugins cannot stretch it.
     let grace = config.shutdown_grace;
-    let _ = close_conns.send(true);
-    // WebSocket clients hold the server's state: close them so it can stop.
-    shared.channel.close_all();
-    drop(alive);
-    let _ = tokio::time::timeout(grace, all_closed.recv()).await;
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: no new requests or attempts; finishing those in flight"
+    );
+    drop(listener);
+    // At once, not after the connections: no attempt starts from now on.
     let _ = stop_tx.send(true);
+    let _ = close_conns.send(true);
+    shared.channel.close_all();
+    // Requests in progress (an ingest waiting for its commit) finish within
+    // the grace; connections still open then are cut.
+    let _ = tokio::time::timeout_at(deadline, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if !conns.is_empty() {
+        tracing::warn!(
+            connections = conns.len(),
+            "shutdown grace over: closing connections still open"
+        );
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+    }
+    // The dispatcher keeps to the same grace (it saw the stop at the same
+    // moment) and cuts what is left.
     let _ = dispatcher.await;
     let _ = retention.await;
     hangups.abort();
-    // The writer thread ends when the last outbox handle is gone.
+    // Commit what was sent and stop the writer, whoever still holds a handle.
+    outbox.close().await;
     drop(api);
     drop(shared);
     drop(outbox);
@@ -309,7 +331,8 @@ async fn retention_loop(outbox: Outbox, retention: Duration, mut stop: watch::Re
         // waits long behind a compaction.
         let mut after = None;
         let mut removed = 0;
-        loop {
+        // A stop ends a long compaction between two steps.
+        while !*stop.borrow() {
             let op = Op::Compact {
                 before_ms: before,
                 after,

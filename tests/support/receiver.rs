@@ -17,7 +17,11 @@ pub struct Received {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When the request (head and body) had arrived.
     pub at: Instant,
+    /// Which connection it came on (1 for the first one accepted), so a
+    /// test can tell a reused keep-alive connection from a fresh one.
+    pub conn: usize,
 }
 
 impl Received {
@@ -125,10 +129,13 @@ impl Receiver {
         let script = Arc::new(script);
         let got2 = got.clone();
         rt.spawn(async move {
+            let mut conns = 0;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                conns += 1;
+                let conn = conns;
                 let got = got2.clone();
                 let script = script.clone();
                 let acceptor = acceptor.clone();
@@ -160,6 +167,7 @@ impl Receiver {
                                         .collect(),
                                     body,
                                     at: Instant::now(),
+                                    conn,
                                 });
                                 g.len()
                             };

@@ -117,7 +117,39 @@ impl tower_service::Service<Name> for GuardedResolver {
     }
 }
 
-type Inner = Client<HttpsConnector<Connector>, Full<Bytes>>;
+type Inner = Client<HttpsConnector<Connector>, Watched>;
+
+/// A request body that says when hyper starts writing it. That happens only
+/// once a connection is there, fresh or reused from the pool, so it is the
+/// moment the reply timeout starts: DESIGN counts it "from when the request
+/// is written", and on a reused connection there is no connect to add.
+pub struct Watched {
+    inner: Full<Bytes>,
+    written: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(tx) = self.written.take() {
+            let _ = tx.send(());
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.inner)
+    }
+}
 
 /// The response as kept in attempt records.
 #[derive(Debug)]
@@ -272,7 +304,9 @@ impl Sender {
     /// Sends one request to `url` and reads the answer, keeping at most
     /// `body_cap` bytes of its body. The request's URI is set here from the
     /// URL that passed the policy check, so what is vetted is what is
-    /// requested. `reply_timeout` covers the whole exchange after connecting.
+    /// requested. The connector bounds the connect by `connect_timeout`;
+    /// `reply_timeout` starts when the request is written and covers the
+    /// answer, headers and body.
     pub async fn send(
         &self,
         url: &url::Url,
@@ -288,6 +322,11 @@ impl Sender {
             .parse()
             .map_err(|e| SendError::Refused(format!("bad URL {url}: {e}")))?;
         let client = self.client(verify, connect_timeout);
+        let (written, written_rx) = tokio::sync::oneshot::channel();
+        let request = request.map(|inner| Watched {
+            inner,
+            written: Some(written),
+        });
         let exchange = async {
             let response = client.request(request).await.map_err(classify)?;
             let status = response.status();
@@ -327,14 +366,27 @@ impl Sender {
                 truncated,
             })
         };
-        // The connect timeout is enforced by the connector; the reply timeout
-        // here, on top of it, so a slow connect still ends.
-        match tokio::time::timeout(connect_timeout + reply_timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(SendError::Timeout(format!(
+        let reply_clock = async {
+            match written_rx.await {
+                Ok(()) => tokio::time::sleep(reply_timeout).await,
+                // Never written: the exchange ends with its own error.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let timed_out = |what: String| Err(SendError::Timeout(what));
+        tokio::select! {
+            r = exchange => r,
+            _ = reply_clock => timed_out(format!(
                 "no complete reply within {} s",
                 reply_timeout.as_secs_f64()
-            ))),
+            )),
+            // A backstop: the connector bounds the connect, and the body is
+            // written right after it, so this fires only if hyper never
+            // writes the request.
+            _ = tokio::time::sleep(connect_timeout + reply_timeout) => timed_out(format!(
+                "the request was not written and answered within {} s (connect and reply timeouts)",
+                (connect_timeout + reply_timeout).as_secs_f64()
+            )),
         }
     }
 }

@@ -217,6 +217,11 @@ struct Dispatcher {
     last_full_scan: Instant,
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: Option<mpsc::UnboundedReceiver<Completion>>,
+    /// Each attempt's task until its record is committed, so a stop can cut
+    /// the ones the grace did not let finish.
+    tasks: HashMap<DeliveryId, tokio::task::JoinHandle<()>>,
+    /// A stop was asked for: no attempt starts any more.
+    stopping: bool,
 }
 
 /// Deliveries held in memory while their endpoint is at its limit; past
@@ -252,6 +257,8 @@ impl Dispatcher {
             last_full_scan: Instant::now(),
             done_tx,
             done_rx: Some(done_rx),
+            tasks: HashMap::new(),
+            stopping: false,
         }
     }
 
@@ -292,17 +299,41 @@ impl Dispatcher {
                 }
             }
         }
-        // Graceful stop: new attempts are not started; those in flight get
-        // the grace period to finish and record. The rest stays pending.
-        let deadline = Instant::now() + self.shared.config.shutdown_grace;
+        self.stop(&mut done_rx).await;
+    }
+
+    /// The stop: from the signal on no attempt starts (what waits in memory
+    /// stays pending in the store); those in flight get the grace to finish
+    /// and record; whatever is left then is cut. A cut attempt records
+    /// nothing, so its delivery is still due and goes out again after the
+    /// restart, with the same id.
+    async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Completion>) {
+        self.stopping = true;
+        let grace = self.shared.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         while self.recording > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, done_rx.recv()).await {
+            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
                 Ok(Some(c)) => self.completed(c),
                 _ => break,
             }
         }
-        tracing::info!(unfinished = self.in_flight, "dispatcher stopped");
+        let cut: Vec<DeliveryId> = self.tasks.keys().copied().collect();
+        for (_, task) in self.tasks.drain() {
+            task.abort();
+            // Returns at once: the task is dropped at its next await.
+            let _ = task.await;
+        }
+        if cut.is_empty() {
+            tracing::info!("dispatcher stopped; every attempt in flight finished");
+        } else {
+            let shown: Vec<String> = cut.iter().take(20).map(|id| id.to_string()).collect();
+            tracing::warn!(
+                cut = cut.len(),
+                grace_ms = grace.as_millis() as u64,
+                deliveries = %shown.join(","),
+                "shutdown grace over: attempts still in flight were cut short; they stay pending and are sent again after the restart"
+            );
+        }
     }
 
     /// Deliveries held in memory: in flight or waiting for their endpoint.
@@ -319,6 +350,7 @@ impl Dispatcher {
             } => self.freed(endpoint, slow_down, success),
             Completion::Recorded { id, .. } => {
                 self.recording -= 1;
+                self.tasks.remove(&id);
                 self.shared
                     .active
                     .lock()
@@ -341,6 +373,9 @@ impl Dispatcher {
             *limit = (*limit / 2).max(1);
         } else if success && *limit < max_ep {
             *limit += 1;
+        }
+        if self.stopping {
+            return;
         }
         if let Some(queue) = self.waiting.get_mut(&endpoint)
             && let Some(next) = queue.pop_front()
@@ -391,8 +426,8 @@ impl Dispatcher {
         *self.per_endpoint.entry(endpoint.clone()).or_default() += 1;
         let shared = self.shared.clone();
         let done = self.done_tx.clone();
-        tokio::spawn(async move {
-            let id = work.id;
+        let id = work.id;
+        let task = tokio::spawn(async move {
             let outcome = attempt(&shared, work).await;
             let _ = done.send(Completion::Freed {
                 endpoint,
@@ -418,6 +453,7 @@ impl Dispatcher {
             }
             let _ = done.send(Completion::Recorded { id, retry_at });
         });
+        self.tasks.insert(id, task);
     }
 
     /// Unparks endpoints whose block expired, then starts due deliveries
