@@ -420,8 +420,8 @@ fn accepted_deliveries_keep_the_rule_version_that_matched_them() {
         std::thread::spawn(move || {
             let mut accepted = Vec::new();
             let mut i = 0;
-            // Bounded: stops when told, or after 4,000 events.
-            while !stop.load(Ordering::Relaxed) && i < 4000 {
+            // Bounded: stops when told, or after 2,500 events.
+            while !stop.load(Ordering::Relaxed) && i < 2500 {
                 let r = server.post_event(&generation_event(&format!("ev-{i}")));
                 assert_eq!(r.status, 202, "{}", r.text());
                 for d in r.json()["deliveries"].as_array().unwrap() {
@@ -459,7 +459,7 @@ fn accepted_deliveries_keep_the_rule_version_that_matched_them() {
     assert!(accepted.len() > 50, "only {} deliveries", accepted.len());
 
     // Until nothing is left to send (a delivery that failed never arrives).
-    wait_for(Duration::from_secs(90), "the queue to drain", || {
+    wait_for(Duration::from_secs(180), "the queue to drain", || {
         server
             .deliveries("status=pending&limit=1")
             .is_empty()
@@ -499,4 +499,114 @@ fn accepted_deliveries_keep_the_rule_version_that_matched_them() {
         &wrong[..wrong.len().min(5)]
     );
     assert_eq!(seen.len(), accepted.len());
+}
+
+/// A renamed or changed rule's pending deliveries keep the version that
+/// matched them across a restart too (the version is read back from the
+/// store, its `{file:}` secret resolved again), and an admin can choose to
+/// send one with the rule as it runs now instead.
+#[test]
+fn a_retired_rule_version_outlives_a_restart_and_redeliver_can_follow_the_rule() {
+    use hmac::{Hmac, Mac};
+    let old_rx = Receiver::start(vec![
+        Answer::status(500),
+        Answer::status(500),
+        Answer::status(200),
+    ]);
+    let new_rx = Receiver::start(vec![Answer::status(200)]);
+    let v1 = format!(
+        "rules:\n  - name: old\n    events: [create]\n    webhook:\n      url: \"{}\"\n      secret: {{file: old.secret}}\n      retry: {{policy: fixed, interval: 2s, retries: 3}}\n  - name: same\n    events: [create]\n    webhook:\n      url: \"{}\"\n      retry: {{policy: fixed, interval: 60s, retries: 3}}\n",
+        old_rx.url("/old"),
+        old_rx.url("/same")
+    );
+    let v2 = format!(
+        "rules:\n  - name: new\n    events: [create]\n    webhook: {{url: \"{}\"}}\n  - name: same\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+        new_rx.url("/new"),
+        new_rx.url("/same")
+    );
+    let (dir, config) = setup(
+        "reload-retired",
+        &v1,
+        &format!(
+            "http_ports: [{}, {}]\n",
+            old_rx.addr.port(),
+            new_rx.addr.port()
+        ),
+    );
+    dir.write("rules/old.secret", "old-signing-secret-0123\n");
+    let server = Server::start(&dir, &config);
+    let r = server.post_event(&event("evt-retired"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let by_rule = |server: &Server, rule: &str| -> String {
+        server.deliveries(&format!("event=evt-retired&rule={rule}"))[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (d_old, d_same) = (by_rule(&server, "old"), by_rule(&server, "same"));
+    // Both first attempts got a 500 and wait for their retry.
+    old_rx.wait_for(2, T);
+    save_by_rename(&dir.path().join("rules/rules.yaml"), &v2);
+    wait_rules(&server, &["new", "same"]);
+    assert!(server.stop().success());
+
+    let server = Server::start(&dir, &config);
+    // The retry goes where `old` said, signed with its secret, and says so.
+    let got = old_rx.wait_for(3, T);
+    let retry = &got[2];
+    assert_eq!(retry.path, "/old");
+    assert_eq!(retry.header("X-Rulehook-Delivery"), Some(d_old.as_str()));
+    assert_eq!(retry.header("X-Rulehook-Rule"), Some("old"));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"old-signing-secret-0123").unwrap();
+    mac.update(&retry.body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        retry.header("X-Rulehook-Signature"),
+        Some(format!("sha256={hex}").as_str())
+    );
+    wait_for(T, "the old rule's delivery to succeed", || {
+        (server.delivery(&d_old)["delivery"]["state"] == "succeeded").then_some(())
+    });
+    let shown = server.delivery(&d_old);
+    assert_eq!(shown["bound_to"]["running"], false, "{shown}");
+    assert_eq!(shown["bound_to"]["rule"], "old", "{shown}");
+    assert_eq!(shown["bound_to"]["url"], old_rx.url("/old"), "{shown}");
+
+    // `old` was renamed: there is no running rule of that name to follow.
+    let r = server.admin(
+        "POST",
+        &format!("/v1/deliveries/{d_old}/redeliver?rule=current"),
+        None,
+    );
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("not in the running set"), "{}", r.text());
+    let r = server.admin(
+        "POST",
+        &format!("/v1/deliveries/{d_same}/redeliver?rule=sideways"),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // `same` kept its name: its pending retry can be sent as it is now.
+    let r = server.admin(
+        "POST",
+        &format!("/v1/deliveries/{d_same}/redeliver?rule=current"),
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let got = new_rx.wait_for(1, T);
+    assert_eq!(got[0].path, "/same");
+    assert_eq!(got[0].header("X-Rulehook-Delivery"), Some(d_same.as_str()));
+    let shown = server.delivery(&d_same);
+    assert_eq!(shown["bound_to"]["running"], true, "{shown}");
+    assert_eq!(
+        old_rx.received().len(),
+        3,
+        "nothing else went to the old URL"
+    );
 }

@@ -93,6 +93,8 @@ fn main() {
                     body: body.clone(),
                     unbuilt: false,
                     space: None,
+                    // As ingest stores it: 16 hex digits per delivery.
+                    rule_version: Some("0123456789abcdef".into()),
                 }],
             }));
         }

@@ -116,7 +116,9 @@ impl Api {
                 self.list_deliveries(req.uri().query().unwrap_or("")).await
             }
             (Method::GET, ["v1", "deliveries", id]) => self.show_delivery(id).await,
-            (Method::POST, ["v1", "deliveries", id, "redeliver"]) => self.redeliver(id).await,
+            (Method::POST, ["v1", "deliveries", id, "redeliver"]) => {
+                self.redeliver(id, req.uri().query().unwrap_or("")).await
+            }
             (Method::GET, ["v1", "rules"]) => self.rules(),
             (Method::POST, ["v1", "rules", "reload"]) => self.reload().await,
             (Method::POST, ["v1", "rules", name, "test"]) => self.test_connection(name).await,
@@ -447,9 +449,10 @@ impl Api {
                     serde_json::from_slice::<Value>(&b)
                         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()))
                 });
+                let bound_to = self.binding(&d);
                 json_response(
                     StatusCode::OK,
-                    &json!({"delivery": d, "body": body, "attempts": attempts}),
+                    &json!({"delivery": d, "bound_to": bound_to, "body": body, "attempts": attempts}),
                 )
             }
             Ok(Ok((None, _, _))) => error(
@@ -473,7 +476,11 @@ impl Api {
         }
     }
 
-    async fn redeliver(&self, id: &str) -> Resp {
+    /// `POST /v1/deliveries/{id}/redeliver[?rule=current]`: sends it again
+    /// with the rule version it is bound to, or with `rule=current` the
+    /// version of its rule that runs now (the admin's explicit choice to
+    /// let pending or failed work follow a changed rule).
+    async fn redeliver(&self, id: &str, query: &str) -> Resp {
         let Some(id) = DeliveryId::parse(id) else {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -482,6 +489,23 @@ impl Api {
                 None,
             );
         };
+        let mut current = false;
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match (k.as_ref(), v.as_ref()) {
+                ("rule", "current") => current = true,
+                ("rule", "bound") => current = false,
+                (k, v) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_query",
+                        format!(
+                            "`{k}={v}` is unknown; use rule=current to send with the running version of its rule, or leave it out to keep the version it is bound to"
+                        ),
+                        Some(k),
+                    );
+                }
+            }
+        }
         if self.shared.is_active(id) {
             return error(
                 StatusCode::CONFLICT,
@@ -490,14 +514,14 @@ impl Api {
                 None,
             );
         }
-        let body = match self.rebuild(id).await {
+        let (body, rebind) = match self.rebuild(id, current).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
         match self
             .shared
             .outbox
-            .write(vec![Op::Redeliver { id, body }])
+            .write(vec![Op::Redeliver { id, body, rebind }])
             .await
         {
             Ok(done) => match done.into_iter().next() {
@@ -523,8 +547,14 @@ impl Api {
     }
 
     /// For a delivery whose plugin chain failed, runs the chain again with
-    /// the rule and plugins running now, so a fixed plugin takes effect.
-    async fn rebuild(&self, id: DeliveryId) -> Result<Rebuilt, Resp> {
+    /// the rule and plugins running now, so a fixed plugin takes effect;
+    /// such a delivery, and any with `current`, is then bound to the
+    /// running version of its rule (the second value).
+    async fn rebuild(
+        &self,
+        id: DeliveryId,
+        current: bool,
+    ) -> Result<(Rebuilt, Option<String>), Resp> {
         let store = self.shared.store.clone();
         let found = tokio::task::spawn_blocking(move || {
             let d = store.delivery(id)?;
@@ -534,7 +564,7 @@ impl Api {
         .await;
         let (delivery, body) = match found {
             Ok(Ok((Some(d), body))) => (d, body),
-            Ok(Ok((None, _))) => return Ok(Rebuilt::Same),
+            Ok(Ok((None, _))) => return Ok((Rebuilt::Same, None)),
             Ok(Err(e)) => {
                 return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -552,10 +582,28 @@ impl Api {
                 ));
             }
         };
-        if !delivery.unbuilt {
-            return Ok(Rebuilt::Same);
-        }
         let snapshot = self.ingest.rules.load_full();
+        let running = snapshot
+            .targets
+            .get(&delivery.rule)
+            .map(|t| t.version.0.clone());
+        if !delivery.unbuilt {
+            if !current {
+                return Ok((Rebuilt::Same, None));
+            }
+            return match running {
+                Some(v) => Ok((Rebuilt::Same, Some(v))),
+                None => Err(error(
+                    StatusCode::CONFLICT,
+                    "rule_gone",
+                    format!(
+                        "rule `{}` is not in the running set, so delivery {id} cannot follow it; restore the rule, or redeliver without ?rule=current to send with the version it is bound to",
+                        delivery.rule
+                    ),
+                    None,
+                )),
+            };
+        }
         if snapshot.get(&delivery.rule).is_none() {
             return Err(error(
                 StatusCode::CONFLICT,
@@ -591,11 +639,39 @@ impl Api {
                 None,
             )
         })?;
-        Ok(match outcome {
+        let rebuilt = match outcome {
             ChainOutcome::Send(b) => Rebuilt::Body(b),
             ChainOutcome::Skip(why) => Rebuilt::Skipped(why),
             ChainOutcome::Failed(why) => Rebuilt::Failed(why),
-        })
+        };
+        // Built by the running rule, so sent with its version.
+        Ok((rebuilt, running))
+    }
+
+    /// The rule version a delivery is bound to, for `GET /v1/deliveries/{id}`:
+    /// whether it is the one running now, and where it sends.
+    fn binding(&self, d: &crate::store::Delivery) -> Value {
+        let Some(version) = &d.rule_version else {
+            return json!({"rule": d.rule, "version": null, "running": true,
+                "note": "stored before rule versions existed: sent with the running rule of this name"});
+        };
+        let running = self
+            .ingest
+            .rules
+            .load()
+            .targets
+            .get(&d.rule)
+            .is_some_and(|t| t.version.0 == *version);
+        let target = self
+            .shared
+            .targets
+            .get(&crate::rules::target::RuleVersion(version.clone()));
+        let (url, problem) = match target.as_deref().map(|t| &t.webhook) {
+            Some(Ok(w)) => (w.url.as_ref().map(|u| u.to_string()), None),
+            Some(Err(why)) => (None, Some(why.clone())),
+            None => (None, Some("this version is not in the store".to_string())),
+        };
+        json!({"rule": d.rule, "version": version, "running": running, "url": url, "problem": problem})
     }
 
     /// Reloads now and answers with the outcome: 200 when the new set

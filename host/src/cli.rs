@@ -150,8 +150,13 @@ pub enum DeliveriesCommand {
     Show {
         id: String,
     },
+    /// Send it again with the same id. It keeps the rule version it is
+    /// bound to (the rule as it was when the event was accepted) unless
+    /// `--current-rule` says to send it with the rule as it runs now.
     Redeliver {
         id: String,
+        #[arg(long)]
+        current_rule: bool,
     },
 }
 
@@ -427,9 +432,14 @@ async fn deliveries(
         DeliveriesCommand::Show { id } => {
             c.call("GET", &format!("/v1/deliveries/{id}"), None).await?
         }
-        DeliveriesCommand::Redeliver { id } => {
-            c.call("POST", &format!("/v1/deliveries/{id}/redeliver"), None)
-                .await?
+        DeliveriesCommand::Redeliver { id, current_rule } => {
+            let query = if current_rule { "?rule=current" } else { "" };
+            c.call(
+                "POST",
+                &format!("/v1/deliveries/{id}/redeliver{query}"),
+                None,
+            )
+            .await?
         }
     };
     ok_or(status, value)

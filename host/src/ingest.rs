@@ -23,12 +23,14 @@ use crate::outbox::{Outbox, OutboxError};
 use crate::plugins::{CallContext, ChainOutcome};
 use crate::reload::Snapshot;
 use crate::rules::Transport;
+use crate::rules::target::RuleVersion;
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, Op, State};
 
 /// A delivery to hand to the dispatcher after the commit.
 struct Fresh {
     id: DeliveryId,
     rule: String,
+    version: Option<RuleVersion>,
     body: Bytes,
     space: Option<String>,
 }
@@ -136,6 +138,7 @@ impl Ingest {
                     self.queue.enqueue(Work {
                         id: fresh.id,
                         rule: fresh.rule,
+                        version: fresh.version,
                         event_id: event_id.clone(),
                         attempts: 0,
                         body: Some(fresh.body),
@@ -196,10 +199,14 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                     }
                 }
             };
+            // Bound to the version that matched: a reload after the commit
+            // cannot change where it goes (see `targets`).
+            let version = snapshot.targets.get(&rule.name).map(|t| t.version.clone());
             if state == State::Pending {
                 handover.push(Fresh {
                     id: did,
                     rule: rule.name.clone(),
+                    version: version.clone(),
                     body: body.clone(),
                     space: space.clone(),
                 });
@@ -212,6 +219,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                 body,
                 unbuilt,
                 space,
+                rule_version: version.map(|v| v.0),
             });
         }
         ops.push(Op::Accept(NewEvent {

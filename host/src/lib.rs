@@ -8,7 +8,8 @@
 //!   an event and why not. Pure: no I/O, clock or randomness.
 //! - [`payload`]: the payload a matching rule starts from.
 //! - [`plugins`]: the rule's WASM plugin chain that reshapes it (wasmtime).
-//! - [`ingest`], [`outbox`], [`store`]: matched, built and durably stored.
+//! - [`ingest`], [`outbox`], [`store`]: matched, built and durably stored,
+//!   each delivery bound to the rule version that matched it ([`targets`]).
 //! - [`deliver`], [`sign`]: signed and sent, retried, every attempt recorded.
 //! - [`api`], [`serve`], [`reload`]: the server around them.
 //! - [`cli`]: the `rulehook` command line.
@@ -34,3 +35,4 @@ pub mod rules;
 pub mod serve;
 pub mod sign;
 pub mod store;
+pub mod targets;

@@ -74,6 +74,16 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Stopped)?
     }
 
+    /// `write` for a caller on a plain thread (a reload), which must not
+    /// be a runtime thread.
+    pub fn write_blocking(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Request::Write { ops, reply })
+            .map_err(|_| OutboxError::Stopped)?;
+        rx.blocking_recv().map_err(|_| OutboxError::Stopped)?
+    }
+
     /// Has the writer commit everything sent before this call and stop;
     /// later writes fail with `Stopped`. A stop uses it so that joining the
     /// writer never waits for the last handle to be dropped: a task that

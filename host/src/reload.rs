@@ -5,10 +5,11 @@
 //! atomic swap. A bad change keeps the last good snapshot running and is
 //! reported here.
 
+use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,7 +17,8 @@ use serde::Serialize;
 
 use crate::metrics::Metrics;
 use crate::plugins::{PluginSet, Runtime};
-use crate::rules::{Diagnostic, RuleSet};
+use crate::rules::{Diagnostic, RuleSet, Severity};
+use crate::targets::{Target, Targets};
 
 /// Rules and the plugins they name, swapped together: an event is matched
 /// and transformed by one snapshot, never by a mix of two.
@@ -25,6 +27,9 @@ pub struct Snapshot {
     pub plugins: Arc<PluginSet>,
     /// Some rule has a plugin chain (`fields` or `plugins`).
     pub chains: bool,
+    /// Rule name → the version of it that runs: what ingest binds each new
+    /// delivery to.
+    pub targets: HashMap<String, Arc<Target>>,
 }
 
 impl Deref for Snapshot {
@@ -63,6 +68,9 @@ pub struct Loader {
     last: Mutex<LoadReport>,
     /// One load at a time: two overlapping reloads could swap in the older.
     loading: Mutex<()>,
+    /// Where a load's rule versions are made durable before it runs; set
+    /// once the store is open.
+    targets: OnceLock<Arc<Targets>>,
 }
 
 impl Loader {
@@ -79,7 +87,14 @@ impl Loader {
             metrics,
             last: Mutex::new(LoadReport::default()),
             loading: Mutex::new(()),
+            targets: OnceLock::new(),
         }
+    }
+
+    /// From now on every reload stores its rule versions in `targets`
+    /// before it swaps them in.
+    pub fn bind_targets(&self, targets: Arc<Targets>) {
+        let _ = self.targets.set(targets);
     }
 
     pub fn report(&self) -> LoadReport {
@@ -110,7 +125,21 @@ impl Loader {
         report.trigger = trigger.to_string();
         report.loads += 1;
         let started = std::time::Instant::now();
-        let loaded = self.load(Some(&previous));
+        let loaded = self.load(Some(&previous)).and_then(|(snapshot, diagnostics)| {
+            // Before the swap: the first event matched by the new rules
+            // must find its rule version in the store.
+            match self.targets.get().map(|t| t.publish(snapshot.targets.values())) {
+                Some(Err(e)) => Err(vec![Diagnostic {
+                    severity: Severity::Error,
+                    file: self.rules_dir.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot store the new rule versions: {e}"),
+                    fix: Some("the running rules are kept; reload again once the store accepts writes".into()),
+                }]),
+                _ => Ok((snapshot, diagnostics)),
+            }
+        });
         report.duration_ms = started.elapsed().as_millis() as u64;
         match loaded {
             Ok((snapshot, diagnostics)) => {
@@ -254,11 +283,20 @@ pub fn load(
         return Err(diagnostics);
     }
     let chains = rules.rules().iter().any(PluginSet::has_chain);
+    let targets = rules
+        .rules()
+        .iter()
+        .map(|r| {
+            let before = previous.and_then(|p| p.targets.get(&r.name));
+            (r.name.clone(), Target::of(r, before))
+        })
+        .collect();
     Ok((
         Snapshot {
             rules,
             plugins: Arc::new(plugins),
             chains,
+            targets,
         },
         diagnostics,
     ))

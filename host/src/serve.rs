@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::reload::{self, Loader, Snapshot};
 use crate::store::{Op, Store};
+use crate::targets::Targets;
 
 /// The API keys file written when the config names none, so a fresh
 /// install is never open: `data/api-keys.json`, readable by the owner only.
@@ -103,6 +104,18 @@ pub async fn run(
         config.plugins_dir.clone(),
         metrics.clone(),
     ));
+    // The store first: the rule versions the loaded rules bind deliveries
+    // to are made durable before the first event is matched.
+    let db_path = config.data_dir.join("rulehook.redb");
+    let cache = config.cache_bytes;
+    let store = tokio::task::spawn_blocking(move || Store::open(&db_path, cache)).await??;
+    let store = Arc::new(store);
+    let (outbox, writer) = Outbox::start(store.clone());
+    let targets = Arc::new(Targets::open(
+        &store,
+        outbox.clone(),
+        config.rules_dir.clone(),
+    )?);
     let started = {
         let loader = loader.clone();
         tokio::task::spawn_blocking(move || loader.load(None)).await?
@@ -122,6 +135,13 @@ pub async fn run(
     for d in &diagnostics {
         tracing::warn!(at = %d.location(), warning = %d.message, "rule file warning");
     }
+    {
+        let (targets, running) = (targets.clone(), snapshot.targets.clone());
+        tokio::task::spawn_blocking(move || targets.publish(running.values()))
+            .await?
+            .context("storing the rule versions")?;
+    }
+    loader.bind_targets(targets.clone());
     loader.started(&snapshot, diagnostics);
     let rules = Arc::new(ArcSwap::from_pointee(snapshot));
     // Edits to rule and plugin files apply on their own; SIGHUP and
@@ -139,10 +159,6 @@ pub async fn run(
     };
     let hangups = tokio::spawn(reload_on_sighup(loader.clone(), rules.clone()));
 
-    let db_path = config.data_dir.join("rulehook.redb");
-    let cache = config.cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open(&db_path, cache)).await??;
-    let store = Arc::new(store);
     let endpoints: HashMap<String, crate::store::Endpoint> = store
         .endpoints()?
         .into_iter()
@@ -154,13 +170,13 @@ pub async fn run(
         config.api_keys.clone()
     };
 
-    let (outbox, writer) = Outbox::start(store.clone());
     let sender =
         deliver::client::Sender::new(config.outbound.clone()).map_err(anyhow::Error::msg)?;
     let shared = Arc::new(Shared {
         store: store.clone(),
         outbox: outbox.clone(),
         rules: rules.clone(),
+        targets,
         sender,
         config: config.clone(),
         metrics: metrics.clone(),
@@ -173,6 +189,7 @@ pub async fn run(
     let (queue, dispatcher) = deliver::start(shared.clone(), stop_rx.clone());
     let retention = tokio::spawn(retention_loop(
         outbox.clone(),
+        (store.clone(), shared.targets.clone()),
         config.retention,
         stop_rx.clone(),
     ));
@@ -317,7 +334,12 @@ async fn reload_on_sighup(loader: Arc<Loader>, rules: Arc<ArcSwap<Snapshot>>) {
 
 /// Compacts old final deliveries now and then; events with pending
 /// deliveries are kept however old.
-async fn retention_loop(outbox: Outbox, retention: Duration, mut stop: watch::Receiver<bool>) {
+async fn retention_loop(
+    outbox: Outbox,
+    (store, targets): (Arc<Store>, Arc<Targets>),
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let every = Duration::from_secs(3600)
         .min(retention / 4)
         .max(Duration::from_secs(1));
@@ -355,6 +377,17 @@ async fn retention_loop(outbox: Outbox, retention: Duration, mut stop: watch::Re
         }
         if removed > 0 {
             tracing::info!(events = removed, "removed events past the retention period");
+        }
+        // Rule versions no delivery can use any more go after the events.
+        let (store, targets) = (store.clone(), targets.clone());
+        match tokio::task::spawn_blocking(move || targets.drop_unused(&store, retention)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                versions = n,
+                "removed rule versions retired past the retention period"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "removing retired rule versions failed"),
+            Err(_) => {}
         }
     }
 }

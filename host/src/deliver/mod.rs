@@ -27,7 +27,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rules::Transport;
+use crate::rules::target::RuleVersion;
 use crate::store::{Attempt, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
+use crate::targets::{Target, Targets};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
 
@@ -39,6 +41,9 @@ pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
 pub struct Work {
     pub id: DeliveryId,
     pub rule: String,
+    /// The rule version it is bound to (`None`: stored before versions
+    /// existed; it follows the running rule of the same name).
+    pub version: Option<RuleVersion>,
     pub event_id: String,
     /// Attempts already made.
     pub attempts: u32,
@@ -53,6 +58,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub outbox: Outbox,
     pub rules: Arc<ArcSwap<crate::reload::Snapshot>>,
+    /// The rule versions deliveries are bound to.
+    pub targets: Arc<Targets>,
     pub sender: Sender,
     pub config: Config,
     pub metrics: Arc<Metrics>,
@@ -67,6 +74,26 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The rule version `work` is sent with: the one it is bound to, or for
+    /// a delivery stored before versions existed, the running rule of its
+    /// name. `Err` says why it cannot be sent.
+    pub fn target(&self, work: &Work) -> Result<Arc<Target>, String> {
+        match &work.version {
+            Some(v) => self.targets.get(v).ok_or_else(|| {
+                format!(
+                    "version {v} of rule `{}` is not in the store; redeliver it with the current rule",
+                    work.rule
+                )
+            }),
+            None => self.rules.load().targets.get(&work.rule).cloned().ok_or_else(|| {
+                format!(
+                    "rule `{}` no longer exists; restore it and redeliver",
+                    work.rule
+                )
+            }),
+        }
+    }
+
     pub fn is_active(&self, id: DeliveryId) -> bool {
         self.active
             .lock()
@@ -386,18 +413,20 @@ impl Dispatcher {
     }
 
     fn dispatch(&mut self, work: Work) {
-        let endpoint = {
-            let rules = self.shared.rules.load();
-            // WebSocket deliveries are limited per shared space, the way
-            // HTTP ones are per endpoint.
-            rules
-                .get(&work.rule)
-                .and_then(|r| match (r.webhook.transport, &work.space) {
-                    (Transport::WebSocket, Some(space)) => Some(channel::endpoint(space)),
-                    _ => r.webhook.url.as_ref().map(endpoint_key),
-                })
-                .unwrap_or_default()
-        };
+        // WebSocket deliveries are limited per shared space, the way HTTP
+        // ones are per endpoint.
+        let endpoint = self
+            .shared
+            .target(&work)
+            .ok()
+            .and_then(|t| match (&t.webhook, &work.space) {
+                (Ok(w), Some(space)) if w.transport == Transport::WebSocket => {
+                    Some(channel::endpoint(space))
+                }
+                (Ok(w), _) => w.url.as_ref().map(endpoint_key),
+                (Err(_), _) => None,
+            })
+            .unwrap_or_default();
         let limit = *self
             .limits
             .get(&endpoint)
@@ -524,6 +553,7 @@ impl Dispatcher {
             self.dispatch(Work {
                 id: d.id,
                 rule: d.rule,
+                version: d.rule_version.map(RuleVersion),
                 event_id: d.event_id,
                 attempts: d.attempts,
                 body: body.map(Bytes::from),
@@ -571,16 +601,15 @@ impl Dispatcher {
 
 /// Makes one attempt and decides what to record; the caller commits it.
 async fn attempt(shared: &Shared, work: Work) -> Outcome {
-    let rules = shared.rules.load();
     use std::sync::atomic::Ordering::Relaxed;
-    let Some(rule) = rules.get(&work.rule) else {
-        let why = format!(
-            "rule `{}` no longer exists; restore it and redeliver",
-            work.rule
-        );
-        return cannot_send(shared, &work, why);
+    let target = match shared.target(&work) {
+        Ok(t) => t,
+        Err(why) => return cannot_send(shared, &work, why),
     };
-    let webhook = &rule.webhook;
+    let webhook = match &target.webhook {
+        Ok(w) => w,
+        Err(why) => return cannot_send(shared, &work, why.clone()),
+    };
     let url = match (webhook.transport, webhook.url.as_ref()) {
         (Transport::WebSocket, _) => return channel_attempt(shared, work, webhook).await,
         (Transport::Http, Some(url)) => url,
@@ -590,7 +619,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
                 &work,
                 Next::Failed(format!(
                     "rule `{}` has no url; add one and redeliver",
-                    rule.name
+                    target.rule
                 )),
             );
         }
@@ -614,7 +643,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     let id_text = work.id.to_string();
     let per_attempt = [
         ("X-Rulehook-Event", work.event_id.clone()),
-        ("X-Rulehook-Rule", rule.name.clone()),
+        ("X-Rulehook-Rule", target.rule.clone()),
         ("X-Rulehook-Attempt", number.to_string()),
     ];
     let (request, recorded) = build_request(webhook, &id_text, &per_attempt, now / 1000, body);
@@ -711,7 +740,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         shared.metrics.endpoints_blocked.fetch_add(1, Relaxed);
         tracing::warn!(endpoint = %endpoint, until, "endpoint blocked after repeated failures");
     }
-    tracing::debug!(delivery = %work.id, rule = %rule.name, attempt = number, outcome = %record.outcome, "attempt");
+    tracing::debug!(delivery = %work.id, rule = %target.rule, version = %target.version, attempt = number, outcome = %record.outcome, "attempt");
     let slow_down = matches!(
         result,
         policy::Result::Status {

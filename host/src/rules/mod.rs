@@ -3,7 +3,8 @@
 //! `yaml` reads text into a spanned tree, `parse` validates it into
 //! [`Rule`]s (reporting every mistake with its place), [`RuleSet`] indexes
 //! them, `eval` decides whether a rule's conditions hold for an event, and
-//! `explain` says why a rule did or did not match.
+//! `explain` says why a rule did or did not match, and `target` names the
+//! version of a rule's sending part that each delivery is bound to.
 //!
 //! **Invariant: this module does no I/O and reads no clock or randomness.**
 //! Reading the rules directory and resolving secrets from the environment
@@ -17,6 +18,7 @@ pub mod load;
 pub mod model;
 pub mod parse;
 pub mod schema;
+pub mod target;
 pub mod value;
 pub mod yaml;
 

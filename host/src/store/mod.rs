@@ -8,6 +8,7 @@
 
 pub mod records;
 pub mod schema;
+mod versions;
 
 use std::path::Path;
 
@@ -66,6 +67,8 @@ pub struct NewDelivery {
     pub unbuilt: bool,
     /// For WebSocket rules: the shared space whose clients get it.
     pub space: Option<String>,
+    /// The rule version it is bound to (stored with `PutRuleVersions`).
+    pub rule_version: Option<String>,
 }
 
 /// A redelivery's body: the stored one, or the outcome of running an
@@ -115,7 +118,23 @@ pub enum Op {
         id: DeliveryId,
         /// For an unbuilt delivery, what running its chain again gave.
         body: Rebuilt,
+        /// Bind it to this rule version instead of the one it has: an
+        /// admin's explicit "send it with the rule as it is now".
+        rebind: Option<String>,
     },
+    /// Store rule versions (version → JSON `TargetSpec`) not stored yet
+    /// (one already there is left as it is: equal versions, equal specs),
+    /// and record which run: every stored version not in `running` is
+    /// retired from `at` on (if it was not already), every one in it is not.
+    PutRuleVersions {
+        add: Vec<(String, Vec<u8>)>,
+        running: Vec<String>,
+        at: u64,
+    },
+    /// Delete these retired rule versions (the caller checked that no
+    /// pending or parked delivery is bound to them); one that runs again
+    /// since is kept.
+    DropRuleVersions(Vec<String>),
     /// Remove events accepted before `before_ms` whose deliveries are
     /// final, looking at up to `limit` events after `after` (where the
     /// previous call stopped), so events kept for a pending delivery never
@@ -139,6 +158,8 @@ pub enum Done {
     EndpointSaved,
     Unparked(Vec<DeliveryId>),
     Redelivered(Delivery),
+    RuleVersionsSaved,
+    RuleVersionsDropped(Vec<String>),
     /// How many events were removed; `resume` is where to go on from when
     /// `limit` events were looked at (more may be old enough), else `None`.
     Compacted {
@@ -200,6 +221,8 @@ impl Store {
             tx.open_table(BY_RULE).map_err(io("open"))?;
             tx.open_table(BY_STATE).map_err(io("open"))?;
             tx.open_table(ENDPOINTS).map_err(io("open"))?;
+            tx.open_table(RULE_VERSIONS).map_err(io("open"))?;
+            tx.open_table(RULE_VERSIONS_RETIRED).map_err(io("open"))?;
             let mut meta = tx.open_table(META).map_err(io("open"))?;
             let found = meta
                 .get("schema_version")
@@ -238,7 +261,15 @@ impl Store {
         {
             let mut tables = Tables::open(&tx)?;
             for op in ops {
-                out.push(apply_one(&mut tables, op, now)?);
+                let done = match op {
+                    // Rare (once per reload, once per retention run):
+                    // their tables are opened only then, not for every commit.
+                    op @ (Op::PutRuleVersions { .. } | Op::DropRuleVersions(_)) => {
+                        versions::apply(&tx, op)?
+                    }
+                    op => apply_one(&mut tables, op, now)?,
+                };
+                out.push(done);
             }
         }
         tx.commit().map_err(io("commit"))?;
@@ -703,6 +734,9 @@ fn save_delivery(
 
 fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
     match op {
+        Op::PutRuleVersions { .. } | Op::DropRuleVersions(_) => {
+            unreachable!("Store::apply writes rule versions itself")
+        }
         Op::Accept(ev) => {
             if let Some((_, existing)) = find_event(&t.event_ids, &t.events, &ev.id)? {
                 return Ok(Done::Accepted {
@@ -738,6 +772,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     last_status: None,
                     unbuilt: nd.unbuilt,
                     space: nd.space,
+                    rule_version: nd.rule_version,
                 };
                 t.bodies
                     .insert(d.id.0, nd.body.as_ref())
@@ -826,11 +861,14 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             }
             Ok(Done::Unparked(moved))
         }
-        Op::Redeliver { id, body } => {
+        Op::Redeliver { id, body, rebind } => {
             let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
             let mut d = old.clone();
+            if let Some(version) = rebind {
+                d.rule_version = Some(version);
+            }
             d.parked_on = None;
             d.next_attempt_at = None;
             d.updated_at = now;

@@ -126,6 +126,13 @@ pub struct Delivery {
     /// it, fixed when the delivery is made (the event is not kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<String>,
+    /// The version of its rule that matched it (see `rules::target`): every
+    /// attempt sends with that version's URL, signing, headers, credentials
+    /// and retry policy, whatever the rule files say now. `None` only for
+    /// deliveries stored before versions existed; those follow the rule of
+    /// the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_version: Option<String>,
 }
 
 /// One attempt to send a delivery, as sent and as answered.

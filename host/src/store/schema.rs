@@ -48,6 +48,16 @@ pub const BY_EVENT_V1: TableDefinition<'_, (&str, DeliveryKey), ()> =
     TableDefinition::new("by_event");
 /// endpoint (scheme://host:port) → endpoint state (JSON): failures, blocks, 410.
 pub const ENDPOINTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("endpoints");
+/// rule version (16 hex digits) → what it sends with (JSON `TargetSpec`,
+/// secrets as references): every delivery names the version that matched
+/// it, so it can be sent as accepted after the rule changed or went.
+pub const RULE_VERSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("rule_versions");
+/// rule version → when it stopped running (ms since the epoch). A version
+/// retired longer than the retention period, and bound to no pending or
+/// parked delivery, is deleted: every final delivery made under it has been
+/// compacted by then.
+pub const RULE_VERSIONS_RETIRED: TableDefinition<'_, &str, u64> =
+    TableDefinition::new("rule_versions_retired");
 /// Small settings such as the schema version.
 pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 

@@ -49,6 +49,7 @@ fn new_event(id: &str, rules: &[&str]) -> NewEvent {
                 body: bytes::Bytes::from(format!("{{\"event\":\"{id}\",\"rule\":\"{r}\"}}")),
                 unbuilt: false,
                 space: None,
+                rule_version: Some(format!("version-of-{r}")),
             })
             .collect(),
     }
@@ -250,6 +251,7 @@ fn a_delivery_moves_through_its_states_with_the_indexes_in_step() {
             Op::Redeliver {
                 id: a[0],
                 body: Rebuilt::Same,
+                rebind: None,
             },
             State::Pending,
         ),
@@ -641,4 +643,121 @@ fn parked_deliveries_are_counted_per_endpoint_under_a_prefix() {
     );
     assert_eq!(store.parked_by_prefix("ftp:").unwrap(), []);
     assert_eq!(store.parked_count("https://example.test:443").unwrap(), 1);
+}
+
+#[test]
+fn rule_versions_are_stored_once_and_a_redelivery_can_rebind() {
+    let db = TempDb::new("versions");
+    let store = db.open();
+    let ids = accept(&store, new_event("evt-v", &["r"]));
+    assert_eq!(
+        store
+            .delivery(ids[0])
+            .unwrap()
+            .unwrap()
+            .rule_version
+            .as_deref(),
+        Some("version-of-r"),
+        "ingest's binding is stored with the delivery"
+    );
+    let put = |rows: &[(&str, &str)]| {
+        let rows = rows
+            .iter()
+            .map(|(v, j)| (v.to_string(), j.as_bytes().to_vec()))
+            .collect();
+        store
+            .apply(vec![Op::PutRuleVersions {
+                add: rows,
+                running: vec!["v1".into(), "v2".into()],
+                at: 1_000,
+            }])
+            .unwrap()
+    };
+    assert_eq!(
+        put(&[("v1", "{\"a\":1}"), ("v2", "{\"a\":2}")]),
+        vec![Done::RuleVersionsSaved]
+    );
+    // Equal versions have equal specs: an existing one is never rewritten.
+    put(&[("v1", "{\"a\":\"other\"}")]);
+    let stored = store.rule_versions().unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            ("v1".to_string(), b"{\"a\":1}".to_vec()),
+            ("v2".to_string(), b"{\"a\":2}".to_vec())
+        ]
+    );
+    drop(store);
+    let store = db.open();
+    assert_eq!(
+        store.rule_versions().unwrap().len(),
+        2,
+        "kept across a reopen"
+    );
+
+    // Redelivering keeps the binding unless asked to rebind.
+    let redeliver = |rebind: Option<&str>| {
+        store
+            .apply(vec![Op::Redeliver {
+                id: ids[0],
+                body: Rebuilt::Same,
+                rebind: rebind.map(str::to_string),
+            }])
+            .unwrap();
+        store.delivery(ids[0]).unwrap().unwrap().rule_version
+    };
+    assert_eq!(redeliver(None).as_deref(), Some("version-of-r"));
+    assert_eq!(redeliver(Some("v2")).as_deref(), Some("v2"));
+    assert_indexes(&store);
+}
+
+#[test]
+fn retired_rule_versions_go_once_old_and_unused() {
+    let db = TempDb::new("versions-gc");
+    let store = db.open();
+    let put = |running: &[&str], at: u64| {
+        let add = ["in-use", "unused", "back"]
+            .iter()
+            .map(|v| (v.to_string(), b"{}".to_vec()))
+            .collect();
+        let running = running.iter().map(|v| v.to_string()).collect();
+        store
+            .apply(vec![Op::PutRuleVersions { add, running, at }])
+            .unwrap();
+    };
+    put(&["in-use", "unused", "back"], 1_000);
+    assert!(
+        store.unused_rule_versions(u64::MAX).unwrap().is_empty(),
+        "all running"
+    );
+    // A reload retires all three at t=2,000; a pending delivery is bound to one.
+    put(&[], 2_000);
+    let mut ev = new_event("evt-gc", &["r"]);
+    ev.deliveries[0].rule_version = Some("in-use".into());
+    accept(&store, ev);
+    assert!(
+        store.unused_rule_versions(2_000).unwrap().is_empty(),
+        "not old enough"
+    );
+    assert_eq!(
+        store.unused_rule_versions(2_001).unwrap(),
+        vec!["back".to_string(), "unused".to_string()],
+        "the pending delivery keeps its version"
+    );
+    // `back` runs again before the clean-up commits: it is kept.
+    put(&["back"], 3_000);
+    let done = store
+        .apply(vec![Op::DropRuleVersions(vec![
+            "back".into(),
+            "unused".into(),
+        ])])
+        .unwrap();
+    assert_eq!(done, vec![Done::RuleVersionsDropped(vec!["unused".into()])]);
+    let left: Vec<String> = store
+        .rule_versions()
+        .unwrap()
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect();
+    assert_eq!(left, vec!["back".to_string(), "in-use".to_string()]);
 }
