@@ -6,7 +6,9 @@
 //! - `drain`: delivery alone: deliveries/s from a backlog in the store, and
 //!   the CPU each delivery costs the server and the receiver.
 //! - `backlog`: RSS with N pending deliveries while the receiver is down,
-//!   and the time a restart takes to serve again with that backlog.
+//!   and the time a restart takes to serve again with that backlog, after
+//!   a clean stop and after kill -9 (`--no-quick-repair` to compare redb's
+//!   full repair).
 //!
 //! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog] [--backlog N]`
 
@@ -51,7 +53,13 @@ impl Sink {
 }
 
 async fn receiver(sink: Arc<Sink>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    receiver_on(sink, 0).await
+}
+
+async fn receiver_on(sink: Arc<Sink>, port: u16) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -386,7 +394,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn backlog(n: usize) {
+async fn backlog(n: usize, quick_repair: bool) {
     // A port with nothing listening: every delivery stays pending.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -394,6 +402,18 @@ async fn backlog(n: usize) {
         .unwrap()
         .port();
     let dir = setup("backlog", &format!("http://127.0.0.1:{dead}/down"), dead);
+    if !quick_repair {
+        use std::io::Write as _;
+        let mut config = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("rulehook.yaml"))
+            .unwrap();
+        writeln!(config, "quick_repair: false").unwrap();
+    }
+    println!(
+        "backlog: quick repair {}",
+        if quick_repair { "on" } else { "off" }
+    );
     let (server, _) = start_server(&dir);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let started = Instant::now();
@@ -461,6 +481,37 @@ async fn backlog(n: usize) {
         "backlog: RSS 2 s after the restart: {:.0} MiB",
         rss_kib(server.child.id()) as f64 / 1024.0
     );
+
+    // A crash: kill -9 leaves the file as the last commit left it, not
+    // cleanly closed. The receiver comes up on the port that was dead, so
+    // the restart also shows when the backlog starts moving again.
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    drop(server);
+    let sink = Sink::new(false);
+    receiver_on(sink.clone(), dead).await;
+    let t0 = Instant::now();
+    let (server, listening) = start_server(&dir);
+    let mut accepted = None;
+    let mut delivered = None;
+    while t0.elapsed() < Duration::from_secs(60) && (accepted.is_none() || delivered.is_none()) {
+        if accepted.is_none() && post(&client, server.addr, event("after-kill"), false).await == 202
+        {
+            accepted = Some(t0.elapsed());
+        }
+        if delivered.is_none() && sink.count.load(Relaxed) > 0 {
+            delivered = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ms = |d: Option<Duration>| d.expect("within 60 s").as_secs_f64() * 1000.0;
+    println!(
+        "backlog: restart after kill -9 with {total} pending: listening after {:.0} ms, first event accepted after {:.0} ms, first delivery after {:.0} ms",
+        listening.as_secs_f64() * 1000.0,
+        ms(accepted),
+        ms(delivered)
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -506,7 +557,7 @@ fn main() {
             println!("drain: delivery alone from a backlog of 200,000: {rate:.0} deliveries/s; CPU per delivery: server {:.1} µs, receiver {:.1} µs", server_ms * 1000.0, bench_ms * 1000.0);
         }
         if want("backlog") {
-            backlog(backlog_n).await;
+            backlog(backlog_n, !args.iter().any(|a| a == "--no-quick-repair")).await;
         }
     });
 }

@@ -4,12 +4,16 @@
 //! and the successful attempts of the previous round's deliveries, which
 //! is what the writer sees under end-to-end load.
 //!
-//! `cargo bench -p rulehook --bench store [-- --rounds N] [--sequential-ids]`
+//! `cargo bench -p rulehook --bench store [-- --rounds N] [--sequential-ids] [--per-round N] [--no-quick-repair]`
+//!
+//! `--per-round 1` is the low-rate case: one event and one attempt record per
+//! commit, as a server at a few hundred events/s commits.
 
 use std::time::Instant;
 
 use rulehook::store::{Attempt, DeliveryId, Done, NewDelivery, NewEvent, Next, Op, State, Store};
 
+/// Events (and attempts) per commit, unless `--per-round` says otherwise.
 const PER_ROUND: usize = 150;
 
 fn attempt() -> Attempt {
@@ -56,9 +60,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
     let sequential = args.iter().any(|a| a == "--sequential-ids");
+    let quick_repair = !args.iter().any(|a| a == "--no-quick-repair");
+    let per_round: usize = args
+        .iter()
+        .position(|a| a == "--per-round")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PER_ROUND);
     let dir = std::env::temp_dir().join(format!("rulehook-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open(&dir.join("rulehook.redb"), 64 << 20).expect("open the store");
+    let store = Store::open_with(&dir.join("rulehook.redb"), 64 << 20, quick_repair)
+        .expect("open the store");
     let body = bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1300)));
     let mut previous: Vec<DeliveryId> = Vec::new();
     let mut serial = 0u64;
@@ -66,7 +78,7 @@ fn main() {
     let cpu_before = thread_cpu_ns();
     let mut round_times = Vec::with_capacity(rounds);
     for round in 0..rounds {
-        let mut ops = Vec::with_capacity(2 * PER_ROUND);
+        let mut ops = Vec::with_capacity(2 * per_round);
         for id in previous.drain(..) {
             ops.push(Op::Finish {
                 id,
@@ -74,7 +86,7 @@ fn main() {
                 next: Next::Succeeded,
             });
         }
-        for _ in 0..PER_ROUND {
+        for _ in 0..per_round {
             serial += 1;
             // Senders' ids are usually random (UUIDv4), which scatters
             // the event index's inserts over its pages.
@@ -106,17 +118,18 @@ fn main() {
         }
         round_times.push(t.elapsed());
         if round == 0 {
-            assert_eq!(previous.len(), PER_ROUND);
+            assert_eq!(previous.len(), per_round);
         }
     }
     let total = started.elapsed();
     let cpu = (thread_cpu_ns() - cpu_before) as f64 / 1e9;
-    let deliveries = (rounds * PER_ROUND) as f64;
+    let deliveries = (rounds * per_round) as f64;
     round_times.sort();
     let median = round_times[round_times.len() / 2];
     println!(
-        "store ({} event ids): {rounds} commits of {PER_ROUND} accepts + {PER_ROUND} finishes: {:.1} µs of writer time per delivery, of which {:.1} µs on the CPU ({:.0} deliveries/s on one thread), median commit {:.2} ms",
+        "store ({} event ids, quick repair {}): {rounds} commits of {per_round} accepts + {per_round} finishes: {:.1} µs of writer time per delivery, of which {:.1} µs on the CPU ({:.0} deliveries/s on one thread), median commit {:.2} ms",
         if sequential { "sequential" } else { "random" },
+        if quick_repair { "on" } else { "off" },
         total.as_secs_f64() * 1e6 / deliveries,
         cpu * 1e6 / deliveries,
         deliveries / total.as_secs_f64(),

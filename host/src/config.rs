@@ -40,6 +40,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// redb page cache; most of the memory a large backlog costs.
     pub cache_bytes: usize,
+    /// Save redb's allocator state with every commit, so a restart after a
+    /// crash needs no walk of the whole file (see `Store::open_with`).
+    pub quick_repair: bool,
     /// Per-call plugin limits: CPU deadline, memory, output and log size.
     pub plugin_limits: crate::plugins::Limits,
     /// Reload on file changes (off: only SIGHUP and `POST /v1/rules/reload`,
@@ -150,6 +153,7 @@ impl Default for Config {
             retry_after_cap: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
             cache_bytes: 64 << 20,
+            quick_repair: true,
             plugin_limits: crate::plugins::Limits::default(),
             watch: true,
         }
@@ -195,6 +199,7 @@ struct FileConfig {
     retry_after_cap: Option<String>,
     shutdown_grace: Option<String>,
     cache_size: Option<String>,
+    quick_repair: Option<bool>,
     plugin_timeout: Option<String>,
     plugin_memory: Option<String>,
     plugin_output_max: Option<String>,
@@ -404,6 +409,9 @@ impl Config {
         }
         if let Some(w) = f.watch {
             self.watch = w;
+        }
+        if let Some(q) = f.quick_repair {
+            self.quick_repair = q;
         }
         if let Some(s) = f.plugin_timeout {
             self.plugin_limits.timeout = duration(src, "plugin_timeout", &s)?;

@@ -107,8 +107,10 @@ pub async fn run(
     // The store first: the rule versions the loaded rules bind deliveries
     // to are made durable before the first event is matched.
     let db_path = config.data_dir.join("rulehook.redb");
-    let cache = config.cache_bytes;
-    let store = tokio::task::spawn_blocking(move || Store::open(&db_path, cache)).await??;
+    let (cache, quick_repair) = (config.cache_bytes, config.quick_repair);
+    let store =
+        tokio::task::spawn_blocking(move || Store::open_with(&db_path, cache, quick_repair))
+            .await??;
     let store = Arc::new(store);
     let (outbox, writer) = Outbox::start(store.clone());
     let targets = Arc::new(Targets::open(

@@ -172,6 +172,10 @@ pub enum Done {
 
 pub struct Store {
     db: Database,
+    /// Each commit also saves redb's allocator state (and commits in two
+    /// phases), so opening a file that was not closed cleanly needs no walk
+    /// of the whole file (see `open_with`).
+    quick_repair: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -193,6 +197,18 @@ impl Store {
     /// Opens (or creates) the database file. `cache_bytes` bounds redb's
     /// page cache, which is most of rulehook's memory with a large backlog.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        Store::open_with(path, cache_bytes, true)
+    }
+
+    /// `open`, choosing quick repair. With it, a restart after a crash
+    /// (kill -9, power loss) opens at once; without it redb rebuilds its
+    /// allocator state by walking the whole file first, seconds for a
+    /// large backlog. It costs a little on every commit (BENCHMARKS.md).
+    pub fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        quick_repair: bool,
+    ) -> Result<Store, StoreError> {
         let name = path.display().to_string();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
@@ -200,15 +216,35 @@ impl Store {
                 message: format!("{}: {e}", dir.display()),
             })?;
         }
+        // A file not closed cleanly (kill -9, power loss) is repaired while
+        // it opens; say so, and how long it took, since it delays serving.
+        let repairing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = repairing.clone();
+        let started = std::time::Instant::now();
         let db = Database::builder()
             .set_cache_size(cache_bytes)
+            .set_repair_callback(move |_| {
+                if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("the database was not closed cleanly (a crash or kill -9); repairing it before serving");
+                }
+            })
             .create(path)
             .map_err(|source| StoreError::Open {
                 path: name.clone(),
                 source,
             })?;
-        let store = Store { db };
-        let tx = store.db.begin_write().map_err(io("open"))?;
+        let ms = started.elapsed().as_millis() as u64;
+        if repairing.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(path = %name, ms, "database repaired");
+        } else {
+            // With quick repair a file a crash left opens from the
+            // allocator state its last commit saved: nothing to report
+            // beyond the time it took.
+            tracing::info!(path = %name, ms, quick_repair, "database opened");
+        }
+        let store = Store { db, quick_repair };
+        let mut tx = store.db.begin_write().map_err(io("open"))?;
+        tx.set_quick_repair(quick_repair);
         {
             // Create every table so reads never meet a missing one.
             tx.open_table(EVENTS).map_err(io("open"))?;
@@ -255,7 +291,8 @@ impl Store {
     /// Applies a batch in one transaction with one durable commit. Either
     /// every op's effect is stored, or (on a storage error) none is.
     pub fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        let tx = self.db.begin_write().map_err(io("begin write"))?;
+        let mut tx = self.db.begin_write().map_err(io("begin write"))?;
+        tx.set_quick_repair(self.quick_repair);
         let now = now_ms();
         let mut out = Vec::with_capacity(ops.len());
         {
