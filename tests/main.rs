@@ -6,6 +6,7 @@ mod support;
 
 mod cli_delivery;
 mod cli_rules;
+mod console_api;
 mod delivery;
 mod failure;
 mod plugins;

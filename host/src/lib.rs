@@ -34,3 +34,4 @@ pub mod rules;
 pub mod serve;
 pub mod sign;
 pub mod store;
+pub mod time;

@@ -176,6 +176,9 @@ pub async fn run(
         config.retention,
         stop_rx.clone(),
     ));
+    // Connections are told to finish when serving stops (see below); the
+    // console's live tails watch the same signal.
+    let (close_conns, conns_closing) = watch::channel(false);
     let api = Arc::new(Api {
         ingest: Ingest {
             rules: rules.clone(),
@@ -187,13 +190,13 @@ pub async fn run(
         queue,
         keys,
         loader: loader.clone(),
+        console: crate::api::Console::new(conns_closing.clone()),
     });
 
     // Connections are told to finish when serving stops; each holds an
     // `alive` sender, so the receiver sees the channel close when the last
     // one is done. (hyper-util's GracefulShutdown cannot watch connections
     // that allow upgrades, which the WebSocket channel needs.)
-    let (close_conns, conns_closing) = watch::channel(false);
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     // Announced only now, with the rules loaded and the store open: a

@@ -3,9 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
@@ -156,7 +154,7 @@ impl Api {
         let (with_counts, channels) = listed;
         json_response(
             StatusCode::OK,
-            &json!({ "endpoints": with_counts, "channels": channels }),
+            &super::with_times(json!({ "endpoints": with_counts, "channels": channels })),
         )
     }
 
@@ -274,7 +272,7 @@ impl Api {
                 u64::from(self.loader.report().ok),
             ),
         ]);
-        let mut r = Response::new(Full::new(Bytes::from(text)));
+        let mut r = Response::new(super::full(text));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -5,7 +5,6 @@
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
@@ -157,7 +156,7 @@ impl Api {
             registration.serve(ws).await;
             tracing::info!(space, client, "WebSocket client disconnected");
         });
-        let mut resp = Response::new(Full::new(Bytes::new()));
+        let mut resp = Response::new(super::full(Bytes::new()));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let h = resp.headers_mut();
         h.insert(

@@ -1,72 +1,361 @@
-//! Delivery records: `GET /v1/deliveries` (filtered, paged),
-//! `GET /v1/deliveries/{id}` (with attempts and body) and
-//! `POST /v1/deliveries/{id}/redeliver`.
+//! Delivery records: `GET /v1/deliveries` (filtered, cursor-paged),
+//! `GET /v1/deliveries/counts`, `GET /v1/deliveries/{id}` (with attempts
+//! and body), `POST /v1/deliveries/{id}/redeliver`, the bulk
+//! `POST /v1/deliveries/redeliver` by filter, and the live tail
+//! `GET /v1/deliveries/stream` (server-sent events).
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{Api, Resp, error, json_response};
+use super::{Api, Resp, error, json_response, with_times};
 use crate::plugins::ChainOutcome;
-use crate::store::{DeliveryId, Done, Filter, Op, Rebuilt, State};
+use crate::store::{
+    DeliveryId, Done, EndpointMatch, Filter, Op, Rebuilt, State, StatusMatch, StoreError,
+};
+
+/// Records one list request looks at, at most: a filter that matches
+/// rarely answers within this with a cursor to go on from, instead of
+/// walking a million records.
+const SCAN_BUDGET: usize = 20_000;
+/// Failed and skipped deliveries counted one by one, at most (see `Store::counts`).
+const COUNT_CAP: u64 = 200_000;
+/// Bulk redeliver: default and largest `max`, and records looked at, at most.
+const BULK_DEFAULT: usize = 1_000;
+const BULK_MAX: usize = 10_000;
+const BULK_SCAN: usize = 200_000;
+/// Live-tail streams open at once, at most.
+pub(super) const MAX_STREAMS: usize = 32;
+
+/// A delivery list request's filters and paging.
+pub(super) struct Query {
+    pub filter: Filter,
+    pub before: Option<DeliveryId>,
+    pub limit: usize,
+}
+
+/// `a=b&c=d` as owned pairs.
+fn query_pairs(query: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn storage_error(e: StoreError) -> Resp {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "storage",
+        e.to_string(),
+        None,
+    )
+}
+
+fn internal(e: impl std::fmt::Display) -> Resp {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        e.to_string(),
+        None,
+    )
+}
 
 impl Api {
     pub(super) async fn list_deliveries(&self, query: &str) -> Resp {
-        let mut filter = Filter::default();
-        let mut limit = 50usize;
-        let mut before = None;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match k.as_ref() {
-                "rule" => filter.rule = Some(v.into_owned()),
-                "event" => filter.event = Some(v.into_owned()),
-                "status" | "state" => match State::parse(&v) {
-                    Some(s) => filter.state = Some(s),
+        let q = match self.parse_query(&query_pairs(query), false) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let store = self.shared.store.clone();
+        let (filter, before, limit) = (q.filter, q.before, q.limit);
+        let found =
+            tokio::task::spawn_blocking(move || store.page(&filter, before, limit, SCAN_BUDGET))
+                .await;
+        match found {
+            Ok(Ok(page)) => json_response(
+                StatusCode::OK,
+                &with_times(json!({
+                    "deliveries": page.deliveries,
+                    "next_before": page.next_before.map(|id| id.to_string()),
+                    "scanned": page.scanned,
+                })),
+            ),
+            Ok(Err(e)) => storage_error(e),
+            Err(e) => internal(e),
+        }
+    }
+
+    /// Reads the filters of `GET /v1/deliveries` (also the stream's and,
+    /// from a JSON body, the bulk redeliver's). `strict` refuses names it
+    /// does not know, for the bulk route, where a typo must not widen the
+    /// filter to more deliveries than meant.
+    pub(super) fn parse_query(
+        &self,
+        pairs: &[(String, String)],
+        strict: bool,
+    ) -> Result<Query, Resp> {
+        let mut q = Query {
+            filter: Filter::default(),
+            before: None,
+            limit: 50,
+        };
+        let bad = |field: &str, message: String| {
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                message,
+                Some(field),
+            ))
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "rule" => q.filter.rule = Some(v.clone()),
+                "event" => q.filter.event = Some(v.clone()),
+                "status" | "state" => match State::parse(v) {
+                    Some(s) => q.filter.state = Some(s),
                     None => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "bad_query",
+                        return bad(
+                            "status",
                             format!(
                                 "status `{v}` is unknown; use pending, parked, succeeded, failed or skipped"
                             ),
-                            Some("status"),
                         );
                     }
                 },
-                "limit" => limit = v.parse().unwrap_or(50).clamp(1, 1000),
-                "before" => match DeliveryId::parse(&v) {
-                    Some(id) => before = Some(id),
+                "status_code" => match StatusMatch::parse(v) {
+                    Some(m) => q.filter.status_code = Some(m),
                     None => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "bad_query",
-                            format!("`{v}` is not a delivery id"),
-                            Some("before"),
+                        return bad(
+                            "status_code",
+                            format!(
+                                "status_code `{v}` is neither an HTTP status (100-599) nor a class (1xx-5xx)"
+                            ),
                         );
                     }
                 },
+                "endpoint" => q.filter.endpoint = Some(self.endpoint_match(v)),
+                "since" | "until" => match crate::time::parse_time(v) {
+                    Ok(ms) if k == "since" => q.filter.since_ms = Some(ms),
+                    Ok(ms) => q.filter.until_ms = Some(ms),
+                    Err(e) => return bad(k, e.to_string()),
+                },
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) => q.limit = n.clamp(1, 1000),
+                    Err(_) => return bad("limit", format!("limit `{v}` is not a number (1-1000)")),
+                },
+                "before" => match DeliveryId::parse(v) {
+                    Some(id) => q.before = Some(id),
+                    None => return bad("before", format!("`{v}` is not a delivery id")),
+                },
+                other if strict => {
+                    return bad(
+                        other,
+                        format!(
+                            "`{other}` is not a filter; use rule, event, status, endpoint, status_code, since, until (and dry_run, max)"
+                        ),
+                    );
+                }
                 _ => {}
             }
         }
+        Ok(q)
+    }
+
+    /// An endpoint filter, with the running rules that send there (for
+    /// deliveries not attempted yet, which have no URL of their own).
+    fn endpoint_match(&self, key: &str) -> EndpointMatch {
+        let snapshot = self.ingest.rules.load();
+        let rules = snapshot
+            .rules()
+            .iter()
+            .filter(|r| {
+                r.webhook
+                    .url
+                    .as_ref()
+                    .is_some_and(|u| crate::deliver::endpoint_key(u) == key)
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        EndpointMatch {
+            key: key.to_string(),
+            rules,
+            space: crate::deliver::channel::space_of(key).map(str::to_string),
+        }
+    }
+
+    /// `GET /v1/deliveries/counts`: deliveries by state.
+    pub(super) async fn counts(&self) -> Resp {
         let store = self.shared.store.clone();
-        let found = tokio::task::spawn_blocking(move || store.list(&filter, before, limit)).await;
-        match found {
-            Ok(Ok(list)) => {
-                let next = (list.len() == limit)
-                    .then(|| list.last().map(|d| d.id.to_string()))
-                    .flatten();
+        match tokio::task::spawn_blocking(move || store.counts(COUNT_CAP)).await {
+            Ok(Ok((counts, exact))) => {
+                json_response(StatusCode::OK, &json!({"counts": counts, "exact": exact}))
+            }
+            Ok(Err(e)) => storage_error(e),
+            Err(e) => internal(e),
+        }
+    }
+
+    /// `POST /v1/deliveries/redeliver` with the list's filters as a JSON
+    /// object, plus `dry_run` (count, change nothing) and `max` (default
+    /// 1,000, at most 10,000). More matches than `max` are refused whole,
+    /// so a broad filter never half-happens; deliveries already pending
+    /// are left as they are, so repeating a request sends nothing twice.
+    pub(super) async fn bulk_redeliver(&self, req: http::Request<hyper::body::Incoming>) -> Resp {
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "expected a JSON object of filters, e.g. {\"rule\": \"r\", \"status\": \"failed\", \"dry_run\": true}",
+                None,
+            );
+        };
+        let mut dry_run = false;
+        let mut max = BULK_DEFAULT;
+        let mut pairs = Vec::new();
+        for (k, v) in fields {
+            match (k.as_str(), v) {
+                ("dry_run", Value::Bool(b)) => dry_run = b,
+                ("max", Value::Number(n))
+                    if n.as_u64()
+                        .is_some_and(|n| (1..=BULK_MAX as u64).contains(&n)) =>
+                {
+                    max = n.as_u64().unwrap_or(BULK_DEFAULT as u64) as usize;
+                }
+                ("dry_run" | "max", _) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!(
+                            "`dry_run` is true or false; `max` is a number from 1 to {BULK_MAX}"
+                        ),
+                        Some(&k),
+                    );
+                }
+                (_, Value::String(s)) => pairs.push((k, s)),
+                (_, Value::Number(n)) => pairs.push((k, n.to_string())),
+                (_, Value::Null) => {}
+                (_, _) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("filter `{k}` must be a string or a number"),
+                        Some(&k),
+                    );
+                }
+            }
+        }
+        if pairs.is_empty() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "no_filter",
+                "name at least one filter (rule, event, status, endpoint, status_code, since, until); redelivering everything is not a bulk action",
+                None,
+            );
+        }
+        let q = match self.parse_query(&pairs, true) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let store = self.shared.store.clone();
+        let filter = q.filter.clone();
+        // One more than `max`, to tell "exactly max" from "too many".
+        let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+            let mut matched = Vec::new();
+            let mut before = None;
+            let mut scanned = 0;
+            loop {
+                let page = store.page(&filter, before, max + 1 - matched.len(), SCAN_BUDGET)?;
+                scanned += page.scanned;
+                matched.extend(page.deliveries);
+                match page.next_before {
+                    Some(next) if matched.len() <= max && scanned < BULK_SCAN => {
+                        before = Some(next)
+                    }
+                    Some(_) if matched.len() <= max => return Ok((matched, false)),
+                    _ => return Ok((matched, true)),
+                }
+            }
+        })
+        .await;
+        let (matched, complete) = match found {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return storage_error(e),
+            Err(e) => return internal(e),
+        };
+        if !complete {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_broad",
+                format!(
+                    "looked at {BULK_SCAN} deliveries without reaching the end of this filter; narrow it (rule, status, since/until)"
+                ),
+                None,
+            );
+        }
+        if matched.len() > max {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "too_many",
+                format!(
+                    "more than {max} deliveries match; narrow the filter or pass a larger max (up to {BULK_MAX})"
+                ),
+                None,
+            );
+        }
+        let (pending, todo): (Vec<_>, Vec<_>) = matched
+            .into_iter()
+            .partition(|d| d.state == State::Pending || self.shared.is_active(d.id));
+        if dry_run {
+            return json_response(
+                StatusCode::OK,
+                &json!({
+                    "dry_run": true,
+                    "matched": todo.len() + pending.len(),
+                    "would_redeliver": todo.len(),
+                    "already_pending": pending.len(),
+                }),
+            );
+        }
+        let mut ops = Vec::with_capacity(todo.len());
+        for d in &todo {
+            let body = match self.rebuild(d.id).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            };
+            ops.push(Op::Redeliver { id: d.id, body });
+        }
+        let ids: Vec<String> = todo.iter().map(|d| d.id.to_string()).collect();
+        match self.shared.outbox.write(ops).await {
+            Ok(done) => {
+                let redelivered = done
+                    .iter()
+                    .filter(|d| matches!(d, Done::Redelivered(_)))
+                    .count();
+                self.queue.kick();
+                tracing::info!(
+                    redelivered,
+                    already_pending = pending.len(),
+                    rule = ?q.filter.rule,
+                    state = ?q.filter.state,
+                    "bulk redelivery by an admin"
+                );
                 json_response(
-                    StatusCode::OK,
-                    &json!({"deliveries": list, "next_before": next}),
+                    StatusCode::ACCEPTED,
+                    &json!({
+                        "redelivered": redelivered,
+                        "already_pending": pending.len(),
+                        "deliveries": ids,
+                    }),
                 )
             }
-            Ok(Err(e)) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage",
-                e.to_string(),
-                None,
-            ),
             Err(e) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
                 e.to_string(),
                 None,
             ),
@@ -95,7 +384,7 @@ impl Api {
                 });
                 json_response(
                     StatusCode::OK,
-                    &json!({"delivery": d, "body": body, "attempts": attempts}),
+                    &with_times(json!({"delivery": d, "body": body, "attempts": attempts})),
                 )
             }
             Ok(Ok((None, _, _))) => error(
@@ -149,7 +438,7 @@ impl Api {
             Ok(done) => match done.into_iter().next() {
                 Some(Done::Redelivered(d)) => {
                     self.queue.kick();
-                    json_response(StatusCode::ACCEPTED, &json!({ "delivery": d }))
+                    json_response(StatusCode::ACCEPTED, &with_times(json!({ "delivery": d })))
                 }
                 Some(Done::Rejected(why)) => error(StatusCode::NOT_FOUND, "not_found", why, None),
                 _ => error(
@@ -242,5 +531,126 @@ impl Api {
             ChainOutcome::Skip(why) => Rebuilt::Skipped(why),
             ChainOutcome::Failed(why) => Rebuilt::Failed(why),
         })
+    }
+}
+
+impl Api {
+    /// `GET /v1/deliveries/stream` (the list's filters): server-sent
+    /// events, a `delivery` event with the record each time a delivery
+    /// passing the filters is made or changes, `lagged` when this stream
+    /// fell behind (reload the list), a comment every 15 s. It ends when
+    /// the client goes or the server stops.
+    pub(super) fn stream(&self, query: &str) -> Resp {
+        let q = match self.parse_query(&query_pairs(query), false) {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
+        let Some(slot) = self.console.stream_slot() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!("{MAX_STREAMS} live tails are open already; close one and try again"),
+                None,
+            );
+        };
+        let mut changes = self.shared.outbox.subscribe();
+        let store = self.shared.store.clone();
+        let mut closing = self.console.closing();
+        let filter = Arc::new(q.filter);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if tx
+                .send(Bytes::from_static(b"retry: 2000\n: live\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut beat = tokio::time::interval(std::time::Duration::from_secs(15));
+            beat.tick().await;
+            loop {
+                use tokio::sync::broadcast::error::RecvError;
+                let frame = tokio::select! {
+                    got = changes.recv() => match got {
+                        Ok(ids) => {
+                            let (store, filter) = (store.clone(), filter.clone());
+                            let built = tokio::task::spawn_blocking(move || {
+                                changed_frames(&store, &filter, &ids)
+                            });
+                            match built.await {
+                                Ok(f) => f,
+                                Err(_) => break,
+                            }
+                        }
+                        Err(RecvError::Lagged(n)) => Bytes::from(format!(
+                            "event: lagged\ndata: {{\"missed_commits\": {n}}}\n\n"
+                        )),
+                        Err(RecvError::Closed) => break,
+                    },
+                    _ = beat.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                    _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => break,
+                };
+                if !frame.is_empty() && tx.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut resp = http::Response::new(http_body_util::BodyExt::boxed(LiveBody(rx)));
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-cache"),
+        );
+        resp
+    }
+}
+
+/// The `delivery` events for the deliveries of one commit that pass
+/// `filter`, as one chunk (empty when none does).
+fn changed_frames(store: &crate::store::Store, filter: &Filter, ids: &[DeliveryId]) -> Bytes {
+    let mut out = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(*id) {
+            continue;
+        }
+        let Ok(Some(d)) = store.delivery(*id) else {
+            continue;
+        };
+        let last = if filter.endpoint.is_some() {
+            store.last_attempt(&d).ok().flatten()
+        } else {
+            None
+        };
+        if filter.matches(&d, last.as_ref()) {
+            let data = with_times(json!(d)).to_string();
+            out.push_str("event: delivery\ndata: ");
+            out.push_str(&data);
+            out.push_str("\n\n");
+        }
+    }
+    Bytes::from(out)
+}
+
+/// A streamed body fed by the live tail's task; it ends when the task
+/// drops its sender.
+struct LiveBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for LiveBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }
