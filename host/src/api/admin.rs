@@ -65,7 +65,7 @@ impl Api {
                 } else {
                     StatusCode::UNPROCESSABLE_ENTITY
                 };
-                json_response(status, &json!({ "reload": report }))
+                json_response(status, &super::with_times(json!({ "reload": report })))
             }
             Err(e) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,7 +98,9 @@ impl Api {
             .collect();
         json_response(
             StatusCode::OK,
-            &json!({"rules": list, "plugins": plugins, "last_reload": self.loader.report()}),
+            &super::with_times(
+                json!({"rules": list, "plugins": plugins, "last_reload": self.loader.report()}),
+            ),
         )
     }
 

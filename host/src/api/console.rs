@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::{Api, Resp, error, full, json_response};
+use super::{Api, Refusal, Resp, error, full, json_response};
 use crate::config::Role;
 
 /// The console session's cookie.
@@ -212,7 +212,7 @@ impl Api {
 
     /// The role of the request's console session. `Ok(None)` without a
     /// valid session; `Err` for a write that fails the CSRF checks.
-    pub(super) fn session_role(&self, req: &Request<Incoming>) -> Result<Option<Role>, Resp> {
+    pub(super) fn session_role(&self, req: &Request<Incoming>) -> Result<Option<Role>, Refusal> {
         let Some(session) = session_token(req).and_then(|t| self.console.find(&t)) else {
             return Ok(None);
         };
@@ -222,11 +222,10 @@ impl Api {
                 crate::sign::constant_time_eq(v.as_bytes(), session.csrf.as_bytes())
             });
             if !token_ok || !same_origin(req) {
-                return Err(error(
+                return Err(Refusal::new(
                     StatusCode::FORBIDDEN,
                     "csrf",
                     "a console write needs the session's X-Rulehook-CSRF header and this server's Origin; reload the console",
-                    None,
                 ));
             }
         }

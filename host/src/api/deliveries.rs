@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{Api, Resp, error, json_response, with_times};
+use super::{Api, Refusal, Resp, error, json_response, with_times};
 use crate::plugins::ChainOutcome;
 use crate::store::{
     DeliveryId, Done, EndpointMatch, Filter, Op, Rebuilt, State, StatusMatch, StoreError,
@@ -65,25 +65,61 @@ impl Api {
     pub(super) async fn list_deliveries(&self, query: &str) -> Resp {
         let q = match self.parse_query(&query_pairs(query), false) {
             Ok(q) => q,
-            Err(resp) => return resp,
+            Err(refused) => return refused.answer(),
         };
         let store = self.shared.store.clone();
         let (filter, before, limit) = (q.filter, q.before, q.limit);
-        let found =
-            tokio::task::spawn_blocking(move || store.page(&filter, before, limit, SCAN_BUDGET))
-                .await;
+        let found = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let page = store.page(&filter, before, limit, SCAN_BUDGET)?;
+            let last = store.last_attempts(&page.deliveries)?;
+            Ok((page, last))
+        })
+        .await;
         match found {
-            Ok(Ok(page)) => json_response(
-                StatusCode::OK,
-                &with_times(json!({
-                    "deliveries": page.deliveries,
-                    "next_before": page.next_before.map(|id| id.to_string()),
-                    "scanned": page.scanned,
-                })),
-            ),
+            Ok(Ok((page, last))) => {
+                let rows: Vec<Value> = page
+                    .deliveries
+                    .iter()
+                    .zip(&last)
+                    .map(|(d, a)| self.row(d, a.as_ref()))
+                    .collect();
+                json_response(
+                    StatusCode::OK,
+                    &with_times(json!({
+                        "deliveries": rows,
+                        "next_before": page.next_before.map(|id| id.to_string()),
+                        "scanned": page.scanned,
+                    })),
+                )
+            }
             Ok(Err(e)) => storage_error(e),
             Err(e) => internal(e),
         }
+    }
+
+    /// A delivery as the list shows it: the record, plus where it goes
+    /// (`endpoint`: the last attempt's, the one it is parked on, its
+    /// WebSocket space's, else its rule's now) and the last attempt's
+    /// `duration_ms`.
+    pub(super) fn row(
+        &self,
+        d: &crate::store::Delivery,
+        last: Option<&crate::store::Attempt>,
+    ) -> Value {
+        let endpoint = d
+            .parked_on
+            .clone()
+            .or_else(|| d.space.as_deref().map(crate::deliver::channel::endpoint))
+            .or_else(|| last.and_then(|a| crate::store::url_endpoint(&a.url)))
+            .or_else(|| {
+                let rules = self.ingest.rules.load();
+                let url = rules.get(&d.rule)?.webhook.url.clone()?;
+                Some(crate::deliver::endpoint_key(&url))
+            });
+        let mut v = json!(d);
+        v["endpoint"] = json!(endpoint);
+        v["duration_ms"] = json!(last.map(|a| a.duration_ms));
+        v
     }
 
     /// Reads the filters of `GET /v1/deliveries` (also the stream's and,
@@ -94,19 +130,14 @@ impl Api {
         &self,
         pairs: &[(String, String)],
         strict: bool,
-    ) -> Result<Query, Resp> {
+    ) -> Result<Query, Refusal> {
         let mut q = Query {
             filter: Filter::default(),
             before: None,
             limit: 50,
         };
         let bad = |field: &str, message: String| {
-            Err(error(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                message,
-                Some(field),
-            ))
+            Err(Refusal::new(StatusCode::BAD_REQUEST, "bad_query", message).field(field))
         };
         for (k, v) in pairs {
             match k.as_str() {
@@ -259,7 +290,7 @@ impl Api {
         }
         let q = match self.parse_query(&pairs, true) {
             Ok(q) => q,
-            Err(resp) => return resp,
+            Err(refused) => return refused.answer(),
         };
         let store = self.shared.store.clone();
         let filter = q.filter.clone();
@@ -543,7 +574,7 @@ impl Api {
     pub(super) fn stream(&self, query: &str) -> Resp {
         let q = match self.parse_query(&query_pairs(query), false) {
             Ok(q) => q,
-            Err(resp) => return resp,
+            Err(refused) => return refused.answer(),
         };
         let Some(slot) = self.console.stream_slot() else {
             return error(
@@ -622,13 +653,27 @@ fn changed_frames(store: &crate::store::Store, filter: &Filter, ids: &[DeliveryI
         let Ok(Some(d)) = store.delivery(*id) else {
             continue;
         };
-        let last = if filter.endpoint.is_some() {
-            store.last_attempt(&d).ok().flatten()
-        } else {
-            None
-        };
+        let last = store.last_attempt(&d).ok().flatten();
         if filter.matches(&d, last.as_ref()) {
-            let data = with_times(json!(d)).to_string();
+            // The list's row shape, as far as the record tells (a delivery
+            // not attempted yet has no endpoint here; the page keeps the
+            // one it showed).
+            let mut row = json!(d);
+            let endpoint = d
+                .parked_on
+                .clone()
+                .or_else(|| d.space.as_deref().map(crate::deliver::channel::endpoint))
+                .or_else(|| {
+                    last.as_ref()
+                        .and_then(|a| crate::store::url_endpoint(&a.url))
+                });
+            if let Some(ep) = endpoint {
+                row["endpoint"] = json!(ep);
+            }
+            if let Some(a) = &last {
+                row["duration_ms"] = json!(a.duration_ms);
+            }
+            let data = with_times(row).to_string();
             out.push_str("event: delivery\ndata: ");
             out.push_str(&data);
             out.push_str("\n\n");

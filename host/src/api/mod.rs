@@ -74,6 +74,35 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>, field: Opti
     json_response(status, &json!({ "error": e }))
 }
 
+/// A refused request, as data until it becomes the JSON error answer
+/// (`error`); small, so helpers can return it in a `Result`.
+pub(super) struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn field(mut self, field: &str) -> Refusal {
+        self.field = Some(field.to_string());
+        self
+    }
+
+    pub fn answer(self) -> Resp {
+        error(self.status, self.code, self.message, self.field.as_deref())
+    }
+}
+
 impl Api {
     /// The role of the Bearer key the request carries, if any.
     fn bearer_role(&self, req: &Request<Incoming>) -> Option<Role> {
@@ -134,7 +163,7 @@ impl Api {
                         None,
                     ));
                 }
-                Err(refused) => return Ok(refused),
+                Err(refused) => return Ok(refused.answer()),
             },
         };
         let is_ingest = method == Method::POST && path == "/v1/events";
@@ -207,7 +236,7 @@ impl Api {
 }
 
 /// `value` with an RFC 3339 copy (`…_rfc3339`) beside every timestamp in
-/// milliseconds (keys ending in `_at` or `_until`), at any depth: people
+/// milliseconds (`at` and keys ending in `_at` or `_until`), at any depth: people
 /// read the one, programs keep using the other.
 pub fn with_times(mut value: Value) -> Value {
     add_times(&mut value);
@@ -219,7 +248,7 @@ fn add_times(value: &mut Value) {
         Value::Object(map) => {
             let stamps: Vec<(String, String)> = map
                 .iter()
-                .filter(|(k, _)| k.ends_with("_at") || k.ends_with("_until"))
+                .filter(|(k, _)| *k == "at" || k.ends_with("_at") || k.ends_with("_until"))
                 .filter_map(|(k, v)| {
                     Some((format!("{k}_rfc3339"), crate::time::rfc3339(v.as_u64()?)))
                 })

@@ -284,66 +284,14 @@ impl Store {
     }
 
     /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
+    /// `page` without a scan budget.
     pub fn list(
         &self,
         filter: &Filter,
         before: Option<DeliveryId>,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let tx = self.read()?;
-        let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
-        let upper = before.map_or(u128::MAX, |b| b.0.saturating_sub(1));
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        // Candidates come newest first from the most selective source; each
-        // is checked against every filter, until `limit` are kept.
-        let mut take = |id: u128| -> Result<bool, StoreError> {
-            if let Some(v) = deliveries.get(id).map_err(io("list"))? {
-                let d: Delivery = from_json(v.value(), "delivery")?;
-                if filter.keeps(&d) {
-                    out.push(d);
-                }
-            }
-            Ok(out.len() >= limit)
-        };
-        match (&filter.event, &filter.rule, filter.state) {
-            (Some(event), _, _) => {
-                let mut ids: Vec<u128> = read_event(&tx, event)?
-                    .map(|r| r.deliveries.iter().map(|d| d.0).collect())
-                    .unwrap_or_default();
-                ids.retain(|id| *id <= upper);
-                ids.sort_unstable_by(|a, b| b.cmp(a));
-                feed(ids, &mut take)?;
-            }
-            (None, Some(rule), _) => newest_in_index(&tx, BY_RULE, rule, upper, &mut take)?,
-            (None, None, Some(State::Pending)) => {
-                let due = tx.open_table(DUE).map_err(io("list"))?;
-                let keys = due.iter().map_err(io("list"))?;
-                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
-                feed(ids, &mut take)?;
-            }
-            (None, None, Some(State::Parked)) => {
-                let parked = tx.open_table(PARKED).map_err(io("list"))?;
-                let keys = parked.iter().map_err(io("list"))?;
-                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
-                feed(ids, &mut take)?;
-            }
-            (None, None, Some(state)) => {
-                newest_in_index(&tx, BY_STATE, state.as_str(), upper, &mut take)?
-            }
-            (None, None, None) => {
-                let all = tx.open_table(DELIVERIES).map_err(io("list"))?;
-                for item in all.range(..=upper).map_err(io("list"))?.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    if take(k.value())? {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.page(filter, before, limit, usize::MAX)?.deliveries)
     }
 
     /// Up to `limit` pending deliveries due at `now`, oldest due first,
@@ -659,6 +607,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The last attempt of each delivery (`None` for one not attempted),
+    /// in one read transaction: the list shows its URL and duration.
+    pub fn last_attempts(&self, list: &[Delivery]) -> Result<Vec<Option<Attempt>>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
+        list.iter()
+            .map(|d| {
+                if d.attempts == 0 {
+                    return Ok(None);
+                }
+                t.get((d.id.0, d.attempts))
+                    .map_err(io("read attempts"))?
+                    .map(|a| from_json(a.value(), "attempt"))
+                    .transpose()
+            })
+            .collect()
+    }
+
     /// A delivery's last attempt, if it has one (for the live tail's
     /// endpoint filter).
     pub fn last_attempt(&self, d: &Delivery) -> Result<Option<Attempt>, StoreError> {
@@ -803,7 +769,7 @@ impl EndpointMatch {
         }
         match last_attempt {
             Some(a) => url_endpoint(&a.url).as_deref() == Some(self.key.as_str()),
-            None => self.rules.iter().any(|r| *r == d.rule),
+            None => self.rules.contains(&d.rule),
         }
     }
 }
@@ -883,25 +849,6 @@ fn feed(
     Ok(())
 }
 
-/// Walks a (key, delivery id) index for `key`, newest first, from `upper` down.
-fn newest_in_index(
-    tx: &ReadTransaction,
-    def: TableDefinition<'_, (&str, DeliveryKey), ()>,
-    key: &str,
-    upper: u128,
-    take: &mut impl FnMut(u128) -> Result<bool, StoreError>,
-) -> Result<(), StoreError> {
-    let idx = tx.open_table(def).map_err(io("list"))?;
-    let range = idx.range((key, 0u128)..=(key, upper)).map_err(io("list"))?;
-    for item in range.rev() {
-        let (k, _) = item.map_err(io("list"))?;
-        if take(k.value().1)? {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// The `k` largest ids at or below `upper`, largest first, from a table
 /// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
 fn newest<E: std::fmt::Display>(
@@ -910,7 +857,7 @@ fn newest<E: std::fmt::Display>(
     k: usize,
 ) -> Result<Vec<u128>, StoreError> {
     use std::cmp::Reverse;
-    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    let mut heap = std::collections::BinaryHeap::with_capacity(k.min(4096) + 1);
     for id in ids {
         let id = id.map_err(io("list"))?;
         if id <= upper {
