@@ -35,7 +35,11 @@ pub fn two_receivers(name: &str) -> (crate::support::TempDir, Server, Receiver, 
         ok.url("/ok"),
         broken.url("/broken")
     );
-    let ports = format!("http_ports: [{}, {}]\n", ok.addr.port(), broken.addr.port());
+    let ports = format!(
+        "http_ports: [{}, {}]\nshutdown_grace: 60s\n",
+        ok.addr.port(),
+        broken.addr.port()
+    );
     let (dir, config) = setup(name, &rules, &ports);
     add_viewer_key(&config);
     let server = Server::start(&dir, &config);
@@ -469,4 +473,70 @@ fn console_sessions_need_the_csrf_token_and_origin_to_write() {
         b"",
     );
     assert_eq!(r.status, 401, "{}", r.text());
+}
+
+#[test]
+fn console_sign_in_stops_answering_guesses_after_twenty_failures() {
+    let (_dir, server, _ok, _broken) = two_receivers("console-guesses");
+    let attempt = |key: &str| {
+        request(
+            server.addr,
+            "POST",
+            "/v1/session",
+            &[],
+            json!({"key": key}).to_string().as_bytes(),
+        )
+    };
+    for i in 0..20 {
+        assert_eq!(attempt(&format!("guess-{i}")).status, 401);
+    }
+    // Past the bound every sign-in waits for the window to end, the right
+    // key too, so guessing cannot go on by mixing in a good key.
+    for key in ["guess-21", ADMIN_KEY] {
+        let r = attempt(key);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+        );
+        assert!(r.text().contains("failed sign-ins"), "{}", r.text());
+    }
+    // Bearer keys on the API are not affected.
+    assert_eq!(server.admin("GET", "/v1/deliveries", None).status, 200);
+}
+
+#[test]
+fn an_open_live_tail_does_not_hold_up_shutdown() {
+    let (_dir, server, _ok, _broken) = two_receivers("console-stream-stop");
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    write!(
+        s,
+        "GET /v1/deliveries/stream HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n",
+        server.addr
+    )
+    .expect("send");
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    while !line.starts_with(": live") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).expect("stream opens") > 0,
+            "stream closed early"
+        );
+    }
+    // The config's shutdown grace is 60 s; a stream that held its
+    // connection open would keep the server up that long.
+    let started = Instant::now();
+    let status = server.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopping took {:?}: the live tail held the connection",
+        started.elapsed()
+    );
+    // And the stream itself ended (the body's last chunk, then EOF).
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
 }

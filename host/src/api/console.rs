@@ -32,6 +32,11 @@ pub const CSRF_HEADER: &str = "x-rulehook-csrf";
 const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions kept at once; signing in past that ends the oldest.
 const MAX_SESSIONS: usize = 1_000;
+/// Failed sign-ins allowed per window, over all clients: past that every
+/// sign-in is refused until the window ends, which bounds guessing keys
+/// (the router does not see client addresses to count per client).
+const MAX_FAILED_SIGN_INS: u32 = 20;
+const SIGN_IN_WINDOW: Duration = Duration::from_secs(10);
 
 /// The console's shared state.
 pub struct Console {
@@ -41,6 +46,8 @@ pub struct Console {
     /// Live-tail streams open now.
     streams: Arc<AtomicUsize>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Failed sign-ins in the current window: (window start, count).
+    failures: Mutex<(Instant, u32)>,
 }
 
 #[derive(Clone)]
@@ -67,7 +74,27 @@ impl Console {
             closing,
             streams: Arc::default(),
             sessions: Mutex::default(),
+            failures: Mutex::new((Instant::now(), 0)),
         }
+    }
+
+    /// `Some(wait)` while sign-ins are refused after too many failures.
+    fn sign_in_locked(&self) -> Option<Duration> {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = f.0.elapsed();
+        if elapsed >= SIGN_IN_WINDOW {
+            *f = (Instant::now(), 0);
+            return None;
+        }
+        (f.1 >= MAX_FAILED_SIGN_INS).then(|| SIGN_IN_WINDOW - elapsed)
+    }
+
+    fn sign_in_failed(&self) {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if f.0.elapsed() >= SIGN_IN_WINDOW {
+            *f = (Instant::now(), 0);
+        }
+        f.1 += 1;
     }
 
     pub(super) fn closing(&self) -> watch::Receiver<bool> {
@@ -166,6 +193,24 @@ impl Api {
                 None,
             );
         }
+        if let Some(wait) = self.console.sign_in_locked() {
+            tracing::warn!("console sign-in refused: too many failed sign-ins");
+            let mut resp = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sign_ins",
+                format!(
+                    "more than {MAX_FAILED_SIGN_INS} failed sign-ins in {} s; try again in {} s",
+                    SIGN_IN_WINDOW.as_secs(),
+                    wait.as_secs() + 1
+                ),
+                None,
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(wait.as_secs() + 1),
+            );
+            return resp;
+        }
         let body = match self.read_body(req).await {
             Ok(b) => b,
             Err(r) => return r,
@@ -182,6 +227,7 @@ impl Api {
             );
         };
         let Some((name, role)) = self.key_role(key.trim()) else {
+            self.console.sign_in_failed();
             tracing::warn!("console sign-in refused: unknown API key");
             return error(
                 StatusCode::UNAUTHORIZED,
