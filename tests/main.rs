@@ -6,6 +6,8 @@ mod support;
 
 mod cli_delivery;
 mod cli_rules;
+mod console_api;
+mod console_browser;
 mod delivery;
 mod failure;
 mod plugins;

@@ -144,6 +144,21 @@ pub enum DeliveriesCommand {
         /// pending, parked, succeeded, failed or skipped.
         #[arg(long)]
         status: Option<String>,
+        /// The endpoint it goes to: scheme://host:port.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The last attempt's HTTP status: a code (404) or a class (5xx).
+        #[arg(long)]
+        status_code: Option<String>,
+        /// Made at or after this time (RFC 3339, or ms since the epoch).
+        #[arg(long)]
+        since: Option<String>,
+        /// Made at or before this time (RFC 3339, or ms since the epoch).
+        #[arg(long)]
+        until: Option<String>,
+        /// Older than this delivery id (the `next_before` of the last page).
+        #[arg(long)]
+        before: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
@@ -413,17 +428,28 @@ async fn deliveries(
             rule,
             event,
             status,
+            endpoint,
+            status_code,
+            since,
+            until,
+            before,
             limit,
         } => {
             let mut q = url::form_urlencoded::Serializer::new(String::new());
-            if let Some(r) = rule {
-                q.append_pair("rule", &r);
-            }
-            if let Some(e) = event {
-                q.append_pair("event", &e);
-            }
-            if let Some(s) = status {
-                q.append_pair("status", &s);
+            let filters = [
+                ("rule", rule),
+                ("event", event),
+                ("status", status),
+                ("endpoint", endpoint),
+                ("status_code", status_code),
+                ("since", since),
+                ("until", until),
+                ("before", before),
+            ];
+            for (name, value) in filters {
+                if let Some(v) = value {
+                    q.append_pair(name, &v);
+                }
             }
             q.append_pair("limit", &limit.to_string());
             c.call("GET", &format!("/v1/deliveries?{}", q.finish()), None)
@@ -469,7 +495,8 @@ fn print_admin(value: &Value) {
     if let Some(list) = value["deliveries"].as_array() {
         for d in list {
             println!(
-                "{}  {:<9}  attempts {}  rule {}  event {}{}",
+                "{}  {}  {:<9}  attempts {}  rule {}  event {}{}",
+                d["created_at_rfc3339"].as_str().unwrap_or_default(),
                 d["id"].as_str().unwrap_or_default(),
                 d["state"].as_str().unwrap_or_default(),
                 d["attempts"],
@@ -482,6 +509,9 @@ fn print_admin(value: &Value) {
             );
         }
         println!("{} deliveries", list.len());
+        if let Some(next) = value["next_before"].as_str() {
+            println!("older: --before {next}");
+        }
     } else if let Some(list) = value["endpoints"].as_array() {
         for e in list {
             println!(
@@ -501,6 +531,9 @@ fn print_admin(value: &Value) {
                     .map(|r| format!("  last error: {r}"))
                     .unwrap_or_default()
             );
+            if let Some(until) = e["blocked_until_rfc3339"].as_str() {
+                println!("  blocked until {until}");
+            }
         }
         for c in value["channels"].as_array().into_iter().flatten() {
             println!(

@@ -105,6 +105,9 @@ pub enum Role {
     Ingest,
     /// May use every route.
     Admin,
+    /// May read every route (deliveries, rules, endpoints, metrics, the
+    /// console) and change nothing: every write answers 403.
+    Viewer,
     /// May only sign in to the WebSocket channel and receive deliveries
     /// (`client_id` is the key's name, `client_secret` its value).
     WebSocket,
@@ -348,11 +351,12 @@ impl Config {
                     "ingest" => Role::Ingest,
                     "admin" => Role::Admin,
                     "websocket" => Role::WebSocket,
+                    "viewer" => Role::Viewer,
                     other => {
                         return Err(cfg_err(
                             src,
                             format!(
-                                "api key `{}`: role `{other}` is unknown; use ingest, admin or websocket",
+                                "api key `{}`: role `{other}` is unknown; use ingest, admin, viewer or websocket",
                                 k.name
                             ),
                         ));

@@ -36,3 +36,4 @@ pub mod serve;
 pub mod sign;
 pub mod store;
 pub mod targets;
+pub mod time;

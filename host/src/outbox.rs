@@ -6,14 +6,17 @@
 //! one fsync covers many events: redb commits about 3,750 times a second
 //! here, and batching is how ingest goes well past that. Callers wait for
 //! the commit before they answer (ingest's 202 means "on disk").
+//!
+//! After each commit it tells subscribers (the console's live tail) which
+//! deliveries changed; with no subscriber that costs one atomic load.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::store::{Done, Op, Store, StoreError};
+use crate::store::{DeliveryId, Done, Op, Store, StoreError};
 
 /// Upper bound on ops in one transaction, so one commit stays short and
 /// callers that arrive during it wait at most about one commit.
@@ -48,7 +51,14 @@ pub struct OutboxStats {
 pub struct Outbox {
     tx: mpsc::Sender<Request>,
     pub stats: Arc<OutboxStats>,
+    /// The deliveries each commit changed (accepted, attempted, parked,
+    /// unparked, redelivered), for live views. Bounded: a subscriber that
+    /// falls behind is told it lagged and reads the store instead.
+    changes: broadcast::Sender<Arc<[DeliveryId]>>,
 }
+
+/// Commits a live view may fall behind by before it is told it lagged.
+const CHANGES_BACKLOG: usize = 256;
 
 impl Outbox {
     /// Starts the writer thread. It ends after `close`, or when every
@@ -57,11 +67,18 @@ impl Outbox {
         let (tx, rx) = mpsc::channel(8192);
         let stats = Arc::new(OutboxStats::default());
         let thread_stats = stats.clone();
+        let (changes, _) = broadcast::channel(CHANGES_BACKLOG);
+        let thread_changes = changes.clone();
         let handle = std::thread::Builder::new()
             .name("rulehook-outbox".into())
-            .spawn(move || writer(store, rx, thread_stats))
+            .spawn(move || writer(store, rx, thread_stats, thread_changes))
             .expect("spawn the outbox writer thread");
-        (Outbox { tx, stats }, handle)
+        (Outbox { tx, stats, changes }, handle)
+    }
+
+    /// The ids of the deliveries each commit from now on changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[DeliveryId]>> {
+        self.changes.subscribe()
     }
 
     /// Writes `ops` durably, sharing a commit with other callers.
@@ -94,7 +111,12 @@ impl Outbox {
     }
 }
 
-fn writer(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, stats: Arc<OutboxStats>) {
+fn writer(
+    store: Arc<Store>,
+    mut rx: mpsc::Receiver<Request>,
+    stats: Arc<OutboxStats>,
+    changes: broadcast::Sender<Arc<[DeliveryId]>>,
+) {
     let mut closing = false;
     while !closing {
         let Some(first) = rx.blocking_recv() else {
@@ -128,10 +150,26 @@ fn writer(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, stats: Arc<OutboxS
             ops.extend(req_ops);
             replies.push(reply);
         }
+        let watched = changes.receiver_count() > 0;
+        let mut changed = if watched {
+            changed_by(&ops)
+        } else {
+            Vec::new()
+        };
         match store.apply(ops) {
             Ok(results) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+                if watched {
+                    for done in &results {
+                        if let Done::Unparked(ids) = done {
+                            changed.extend(ids.iter().copied());
+                        }
+                    }
+                    if !changed.is_empty() {
+                        let _ = changes.send(changed.into());
+                    }
+                }
                 let mut results = results.into_iter();
                 for (reply, len) in replies.into_iter().zip(lens) {
                     let part: Vec<Done> = results.by_ref().take(len).collect();
@@ -147,4 +185,21 @@ fn writer(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, stats: Arc<OutboxS
             }
         }
     }
+}
+
+/// The deliveries a batch names (unparked ones are known only after it).
+fn changed_by(ops: &[Op]) -> Vec<DeliveryId> {
+    let mut ids = Vec::new();
+    for op in ops {
+        match op {
+            Op::Accept(ev) => ids.extend(ev.deliveries.iter().map(|d| d.id)),
+            Op::Finish { id, .. } | Op::Redeliver { id, .. } => ids.push(*id),
+            Op::PutEndpoint(_)
+            | Op::Unpark { .. }
+            | Op::Compact { .. }
+            | Op::PutRuleVersions { .. }
+            | Op::DropRuleVersions(_) => {}
+        }
+    }
+    ids
 }

@@ -195,6 +195,9 @@ pub async fn run(
         config.retention,
         stop_rx.clone(),
     ));
+    // Connections are told to finish when serving stops (see below); the
+    // console's live tails watch the same signal.
+    let (close_conns, conns_closing) = watch::channel(false);
     let api = Arc::new(Api {
         ingest: Ingest {
             rules: rules.clone(),
@@ -206,13 +209,13 @@ pub async fn run(
         queue,
         keys,
         loader: loader.clone(),
+        console: crate::api::Console::new(conns_closing.clone()),
     });
 
     // Connections are told to finish when serving stops, and are kept in a
     // set so the stop can wait for them within the grace and then cut the
     // rest. (hyper-util's GracefulShutdown cannot watch connections that
     // allow upgrades, which the WebSocket channel needs.)
-    let (close_conns, conns_closing) = watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     // Announced only now, with the rules loaded and the store open: a

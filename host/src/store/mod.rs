@@ -352,66 +352,14 @@ impl Store {
     }
 
     /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
+    /// `page` without a scan budget.
     pub fn list(
         &self,
         filter: &Filter,
         before: Option<DeliveryId>,
         limit: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let tx = self.read()?;
-        let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
-        let upper = before.map_or(u128::MAX, |b| b.0.saturating_sub(1));
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        // Candidates come newest first from the most selective source; each
-        // is checked against every filter, until `limit` are kept.
-        let mut take = |id: u128| -> Result<bool, StoreError> {
-            if let Some(v) = deliveries.get(id).map_err(io("list"))? {
-                let d: Delivery = from_json(v.value(), "delivery")?;
-                if filter.keeps(&d) {
-                    out.push(d);
-                }
-            }
-            Ok(out.len() >= limit)
-        };
-        match (&filter.event, &filter.rule, filter.state) {
-            (Some(event), _, _) => {
-                let mut ids: Vec<u128> = read_event(&tx, event)?
-                    .map(|r| r.deliveries.iter().map(|d| d.0).collect())
-                    .unwrap_or_default();
-                ids.retain(|id| *id <= upper);
-                ids.sort_unstable_by(|a, b| b.cmp(a));
-                feed(ids, &mut take)?;
-            }
-            (None, Some(rule), _) => newest_in_index(&tx, BY_RULE, rule, upper, &mut take)?,
-            (None, None, Some(State::Pending)) => {
-                let due = tx.open_table(DUE).map_err(io("list"))?;
-                let keys = due.iter().map_err(io("list"))?;
-                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
-                feed(ids, &mut take)?;
-            }
-            (None, None, Some(State::Parked)) => {
-                let parked = tx.open_table(PARKED).map_err(io("list"))?;
-                let keys = parked.iter().map_err(io("list"))?;
-                let ids = newest(keys.map(|k| k.map(|(k, _)| k.value().1)), upper, limit)?;
-                feed(ids, &mut take)?;
-            }
-            (None, None, Some(state)) => {
-                newest_in_index(&tx, BY_STATE, state.as_str(), upper, &mut take)?
-            }
-            (None, None, None) => {
-                let all = tx.open_table(DELIVERIES).map_err(io("list"))?;
-                for item in all.range(..=upper).map_err(io("list"))?.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    if take(k.value())? {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(out)
+        Ok(self.page(filter, before, limit, usize::MAX)?.deliveries)
     }
 
     /// Up to `limit` pending deliveries due at `now`, oldest due first,
@@ -534,6 +482,230 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// A page of deliveries newest first: up to `limit` that pass every
+    /// filter, strictly older than `before`, looking at no more than
+    /// `budget` records. Candidates come from the most selective index
+    /// (event record, `BY_RULE`, the state's index, else every delivery in
+    /// the time range), so the common filters cost about one read per row
+    /// shown; the others are checked per candidate within the budget.
+    pub fn page(
+        &self,
+        filter: &Filter,
+        before: Option<DeliveryId>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<Page, StoreError> {
+        let tx = self.read()?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
+        let attempts = tx.open_table(ATTEMPTS).map_err(io("list"))?;
+        let (lower, upper) = filter.id_range(before);
+        let mut page = Page::default();
+        if limit == 0 || lower > upper {
+            return Ok(page);
+        }
+        let budget = budget.max(1);
+        // The last id looked at, and whether looking stopped early.
+        let mut last = None;
+        let mut stopped = false;
+        let mut take = |id: u128| -> Result<bool, StoreError> {
+            page.scanned += 1;
+            last = Some(DeliveryId(id));
+            if let Some(v) = deliveries.get(id).map_err(io("list"))? {
+                let d: Delivery = from_json(v.value(), "delivery")?;
+                let keep = filter.keeps(&d)
+                    && match &filter.endpoint {
+                        None => true,
+                        Some(ep) => {
+                            let attempt = if d.attempts == 0 {
+                                None
+                            } else {
+                                attempts
+                                    .get((id, d.attempts))
+                                    .map_err(io("list"))?
+                                    .map(|a| from_json::<Attempt>(a.value(), "attempt"))
+                                    .transpose()?
+                            };
+                            ep.matches(&d, attempt.as_ref())
+                        }
+                    };
+                if keep {
+                    page.deliveries.push(d);
+                }
+            }
+            stopped = page.deliveries.len() >= limit || page.scanned >= budget;
+            Ok(stopped)
+        };
+        // Unordered indexes yield their newest `k`; when more than `k`
+        // were in range, the page goes on below the smallest of them.
+        let k = if filter.post_filters() { budget } else { limit };
+        let mut capped = false;
+        match (&filter.event, &filter.rule, filter.state) {
+            (Some(event), _, _) => {
+                let mut ids: Vec<u128> = read_event(&tx, event)?
+                    .map(|r| r.deliveries.iter().map(|d| d.0).collect())
+                    .unwrap_or_default();
+                ids.retain(|id| (lower..=upper).contains(id));
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                feed(ids, &mut take)?;
+            }
+            (None, Some(rule), _) => {
+                let idx = tx.open_table(BY_RULE).map_err(io("list"))?;
+                let range = idx
+                    .range((rule.as_str(), lower)..=(rule.as_str(), upper))
+                    .map_err(io("list"))?;
+                for item in range.rev() {
+                    let (key, _) = item.map_err(io("list"))?;
+                    if take(key.value().1)? {
+                        break;
+                    }
+                }
+            }
+            (None, None, Some(state @ (State::Pending | State::Parked))) => {
+                let ids = if state == State::Pending {
+                    let due = tx.open_table(DUE).map_err(io("list"))?;
+                    let keys = due.iter().map_err(io("list"))?;
+                    newest_between(keys.map(|k| k.map(|(k, _)| k.value().1)), lower, upper, k)?
+                } else {
+                    let parked = tx.open_table(PARKED).map_err(io("list"))?;
+                    let keys = parked.iter().map_err(io("list"))?;
+                    newest_between(keys.map(|k| k.map(|(k, _)| k.value().1)), lower, upper, k)?
+                };
+                capped = ids.len() >= k;
+                feed(ids, &mut take)?;
+            }
+            (None, None, Some(state)) => {
+                let idx = tx.open_table(BY_STATE).map_err(io("list"))?;
+                let key = state.as_str();
+                let range = idx.range((key, lower)..=(key, upper)).map_err(io("list"))?;
+                for item in range.rev() {
+                    let (k, _) = item.map_err(io("list"))?;
+                    if take(k.value().1)? {
+                        break;
+                    }
+                }
+            }
+            (None, None, None) => {
+                let all = tx.open_table(DELIVERIES).map_err(io("list"))?;
+                for item in all.range(lower..=upper).map_err(io("list"))?.rev() {
+                    let (k, _) = item.map_err(io("list"))?;
+                    if take(k.value())? {
+                        break;
+                    }
+                }
+            }
+        }
+        if stopped || capped {
+            page.next_before = last;
+        }
+        Ok(page)
+    }
+
+    /// Deliveries by state. Pending, parked and all final ones are table
+    /// lengths (redb keeps them); failed and skipped are counted from
+    /// `BY_STATE`, up to `cap` each, and succeeded is the rest. A count
+    /// that reached `cap` is `cap`, and `exact` says so.
+    pub fn counts(&self, cap: u64) -> Result<(StateCounts, bool), StoreError> {
+        let tx = self.read()?;
+        let len = |def: TableDefinition<'_, (u64, DeliveryKey), ()>| -> Result<u64, StoreError> {
+            tx.open_table(def)
+                .map_err(io("count"))?
+                .len()
+                .map_err(io("count"))
+        };
+        let pending = len(DUE)?;
+        let parked_t = tx.open_table(PARKED).map_err(io("count"))?;
+        let parked = parked_t.len().map_err(io("count"))?;
+        let by_state = tx.open_table(BY_STATE).map_err(io("count"))?;
+        let finals = by_state.len().map_err(io("count"))?;
+        let mut exact = true;
+        let mut count = |state: State| -> Result<u64, StoreError> {
+            let key = state.as_str();
+            let n = by_state
+                .range((key, 0u128)..=(key, u128::MAX))
+                .map_err(io("count"))?
+                .take(usize::try_from(cap).unwrap_or(usize::MAX))
+                .count() as u64;
+            if n >= cap {
+                exact = false;
+            }
+            Ok(n)
+        };
+        let failed = count(State::Failed)?;
+        let skipped = count(State::Skipped)?;
+        let counts = StateCounts {
+            pending,
+            parked,
+            succeeded: finals.saturating_sub(failed + skipped),
+            failed,
+            skipped,
+        };
+        Ok((counts, exact))
+    }
+
+    /// The newest deliveries made at or after `since_ms`, up to `limit`,
+    /// each with its last attempt: what the console's traffic charts are
+    /// drawn from (a range of the time-ordered delivery ids).
+    pub fn recent(
+        &self,
+        since_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Delivery, Option<Attempt>)>, StoreError> {
+        let tx = self.read()?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("recent"))?;
+        let attempts = tx.open_table(ATTEMPTS).map_err(io("recent"))?;
+        let mut out = Vec::new();
+        let range = deliveries
+            .range(u128::from(since_ms) << 80..)
+            .map_err(io("recent"))?;
+        for item in range.rev().take(limit) {
+            let (k, v) = item.map_err(io("recent"))?;
+            let d: Delivery = from_json(v.value(), "delivery")?;
+            let last = if d.attempts == 0 {
+                None
+            } else {
+                attempts
+                    .get((k.value(), d.attempts))
+                    .map_err(io("recent"))?
+                    .map(|a| from_json::<Attempt>(a.value(), "attempt"))
+                    .transpose()?
+            };
+            out.push((d, last));
+        }
+        Ok(out)
+    }
+
+    /// The last attempt of each delivery (`None` for one not attempted),
+    /// in one read transaction: the list shows its URL and duration.
+    pub fn last_attempts(&self, list: &[Delivery]) -> Result<Vec<Option<Attempt>>, StoreError> {
+        let tx = self.read()?;
+        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
+        list.iter()
+            .map(|d| {
+                if d.attempts == 0 {
+                    return Ok(None);
+                }
+                t.get((d.id.0, d.attempts))
+                    .map_err(io("read attempts"))?
+                    .map(|a| from_json(a.value(), "attempt"))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// A delivery's last attempt, if it has one (for the live tail's
+    /// endpoint filter).
+    pub fn last_attempt(&self, d: &Delivery) -> Result<Option<Attempt>, StoreError> {
+        if d.attempts == 0 {
+            return Ok(None);
+        }
+        let tx = self.read()?;
+        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
+        t.get((d.id.0, d.attempts))
+            .map_err(io("read attempts"))?
+            .map(|a| from_json(a.value(), "attempt"))
+            .transpose()
+    }
 }
 
 /// A position in the due index: (due at, delivery id).
@@ -552,12 +724,66 @@ pub struct DueScan {
     pub next_due: Option<u64>,
 }
 
-/// Filters for listing deliveries.
+/// Filters for listing deliveries. Every filter given must hold.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub rule: Option<String>,
     pub event: Option<String>,
     pub state: Option<State>,
+    /// The endpoint it goes to (see `EndpointMatch`).
+    pub endpoint: Option<EndpointMatch>,
+    /// The HTTP status of its last attempt.
+    pub status_code: Option<StatusMatch>,
+    /// Made at or after this time (ms since the epoch). Delivery ids are
+    /// UUIDv7, so time bounds are bounds on the id: a range, not a filter.
+    pub since_ms: Option<u64>,
+    /// Made at or before this time (ms since the epoch, inclusive).
+    pub until_ms: Option<u64>,
+}
+
+/// Which endpoint (`scheme://host:port`, or a WebSocket space's key) a
+/// delivery goes to. Deliveries do not store their URL: one that was
+/// attempted is matched by its last attempt's URL, a parked one by the
+/// endpoint it waits on, a WebSocket one by its space, and one not yet
+/// attempted by its rule, through `rules` (the rules of the running set
+/// that send there, which the caller looks up).
+#[derive(Clone, Debug, Default)]
+pub struct EndpointMatch {
+    pub key: String,
+    pub rules: Vec<String>,
+    /// The shared space, when `key` is a WebSocket space's.
+    pub space: Option<String>,
+}
+
+/// An HTTP status filter: one code (`404`) or a class (`5xx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusMatch {
+    Code(u16),
+    /// The hundreds digit: `5` for `5xx`.
+    Class(u16),
+}
+
+impl StatusMatch {
+    /// `404`, or `1xx` … `5xx` (the `x`s in either case).
+    pub fn parse(text: &str) -> Option<StatusMatch> {
+        let t = text.trim().to_ascii_lowercase();
+        if let Some(class) = t.strip_suffix("xx") {
+            let c: u16 = class.parse().ok()?;
+            return (1..=5).contains(&c).then_some(StatusMatch::Class(c));
+        }
+        let code: u16 = t.parse().ok()?;
+        (100..=599)
+            .contains(&code)
+            .then_some(StatusMatch::Code(code))
+    }
+
+    pub fn matches(self, status: Option<u16>) -> bool {
+        match (self, status) {
+            (StatusMatch::Code(c), Some(s)) => c == s,
+            (StatusMatch::Class(c), Some(s)) => s / 100 == c,
+            (_, None) => false,
+        }
+    }
 }
 
 impl Filter {
@@ -565,7 +791,90 @@ impl Filter {
         self.rule.as_ref().is_none_or(|r| *r == d.rule)
             && self.event.as_ref().is_none_or(|e| *e == d.event_id)
             && self.state.is_none_or(|s| s == d.state)
+            && self.status_code.is_none_or(|m| m.matches(d.last_status))
+            && self.since_ms.is_none_or(|t| d.id.created_ms() >= t)
+            && self.until_ms.is_none_or(|t| d.id.created_ms() <= t)
     }
+
+    /// Whether `d` passes every filter, its last attempt (for the endpoint
+    /// filter) given when it has one. For checking deliveries one at a
+    /// time, such as the live tail's.
+    pub fn matches(&self, d: &Delivery, last_attempt: Option<&Attempt>) -> bool {
+        self.keeps(d)
+            && self
+                .endpoint
+                .as_ref()
+                .is_none_or(|ep| ep.matches(d, last_attempt))
+    }
+
+    /// Whether checking a candidate takes more than its index entry: then
+    /// candidates from an index not ordered by id are collected up to the
+    /// scan budget instead of up to the page size.
+    fn post_filters(&self) -> bool {
+        self.endpoint.is_some() || self.status_code.is_some()
+    }
+
+    /// The id range the time bounds allow, intersected with `below` (an
+    /// exclusive cursor).
+    fn id_range(&self, below: Option<DeliveryId>) -> (u128, u128) {
+        let lower = self.since_ms.map_or(0, |t| u128::from(t) << 80);
+        let mut upper = below.map_or(u128::MAX, |b| b.0.saturating_sub(1));
+        if let Some(t) = self.until_ms {
+            let end = (u128::from(t) + 1) << 80;
+            upper = upper.min(end.saturating_sub(1));
+        }
+        (lower, upper)
+    }
+}
+
+impl EndpointMatch {
+    pub fn matches(&self, d: &Delivery, last_attempt: Option<&Attempt>) -> bool {
+        if d.parked_on.as_deref() == Some(self.key.as_str()) {
+            return true;
+        }
+        if let Some(space) = &d.space {
+            return self.space.as_deref() == Some(space.as_str());
+        }
+        match last_attempt {
+            Some(a) => url_endpoint(&a.url).as_deref() == Some(self.key.as_str()),
+            None => self.rules.contains(&d.rule),
+        }
+    }
+}
+
+/// `scheme://host:port` of a URL, the way the dispatcher keys endpoints
+/// (`deliver::endpoint_key`; the store does not import the dispatcher, and
+/// a test keeps the two equal).
+pub fn url_endpoint(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    Some(format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or_default(),
+        u.port_or_known_default().unwrap_or(0)
+    ))
+}
+
+/// A page of deliveries, newest first, and where the next one starts.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    pub deliveries: Vec<Delivery>,
+    /// Pass as `before` for the next page; `None` once nothing older can
+    /// match. Set also when the scan budget ran out before the page filled,
+    /// so a rare filter answers quickly and paging goes on from there.
+    pub next_before: Option<DeliveryId>,
+    /// Records looked at for this page.
+    pub scanned: usize,
+}
+
+/// Deliveries by state, for the console's counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StateCounts {
+    pub pending: u64,
+    pub parked: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub skipped: u64,
 }
 
 fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -608,25 +917,6 @@ fn feed(
     Ok(())
 }
 
-/// Walks a (key, delivery id) index for `key`, newest first, from `upper` down.
-fn newest_in_index(
-    tx: &ReadTransaction,
-    def: TableDefinition<'_, (&str, DeliveryKey), ()>,
-    key: &str,
-    upper: u128,
-    take: &mut impl FnMut(u128) -> Result<bool, StoreError>,
-) -> Result<(), StoreError> {
-    let idx = tx.open_table(def).map_err(io("list"))?;
-    let range = idx.range((key, 0u128)..=(key, upper)).map_err(io("list"))?;
-    for item in range.rev() {
-        let (k, _) = item.map_err(io("list"))?;
-        if take(k.value().1)? {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// The `k` largest ids at or below `upper`, largest first, from a table
 /// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
 fn newest<E: std::fmt::Display>(
@@ -635,7 +925,7 @@ fn newest<E: std::fmt::Display>(
     k: usize,
 ) -> Result<Vec<u128>, StoreError> {
     use std::cmp::Reverse;
-    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    let mut heap = std::collections::BinaryHeap::with_capacity(k.min(4096) + 1);
     for id in ids {
         let id = id.map_err(io("list"))?;
         if id <= upper {
@@ -647,6 +937,18 @@ fn newest<E: std::fmt::Display>(
     }
     // Ascending `Reverse` is descending ids.
     Ok(heap.into_sorted_vec().into_iter().map(|r| r.0).collect())
+}
+
+/// The `k` largest ids in `lower..=upper`, largest first, from a table
+/// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
+fn newest_between<E: std::fmt::Display>(
+    ids: impl Iterator<Item = Result<u128, E>>,
+    lower: u128,
+    upper: u128,
+    k: usize,
+) -> Result<Vec<u128>, StoreError> {
+    let in_range = ids.filter(|id| id.as_ref().map_or(true, |id| *id >= lower));
+    newest(in_range, upper, k)
 }
 
 /// Brings a file of an older schema version up to date, inside the

@@ -123,6 +123,7 @@ fn listed(
         rule: rule.map(Into::into),
         event: event.map(Into::into),
         state,
+        ..Filter::default()
     };
     ids(store.list(&filter, None, 100).unwrap())
 }
@@ -760,4 +761,183 @@ fn retired_rule_versions_go_once_old_and_unused() {
         .map(|(v, _)| v)
         .collect();
     assert_eq!(left, vec!["back".to_string(), "in-use".to_string()]);
+}
+
+/// Every page of `filter`, `limit` rows and `budget` records at a time,
+/// followed to the end: the ids in order, and how many pages it took.
+fn all_pages(
+    store: &Store,
+    filter: &Filter,
+    limit: usize,
+    budget: usize,
+) -> (Vec<DeliveryId>, usize) {
+    let (mut out, mut pages, mut before) = (Vec::new(), 0, None);
+    loop {
+        let page = store.page(filter, before, limit, budget).unwrap();
+        assert!(
+            page.scanned <= budget,
+            "a page looked at more than its budget"
+        );
+        pages += 1;
+        out.extend(ids(page.deliveries));
+        match page.next_before {
+            Some(next) => before = Some(next),
+            None => return (out, pages),
+        }
+        assert!(pages < 1000, "paging does not end");
+    }
+}
+
+#[test]
+fn pages_follow_a_cursor_within_a_scan_budget_for_every_source() {
+    let db = TempDb::new("pages");
+    let store = db.open();
+    let mut made = Vec::new();
+    for i in 0..12 {
+        made.extend(accept(&store, new_event(&format!("e{i}"), &["a", "b"])));
+    }
+    // Every third delivery fails with a 503, the others succeed; one stays pending.
+    for (n, id) in made.iter().enumerate().skip(1) {
+        if n % 3 == 0 {
+            finish(&store, *id, 1, 503, Next::Failed("HTTP 503".into()));
+        } else {
+            finish(&store, *id, 1, 200, Next::Succeeded);
+        }
+    }
+    let newest_first = |keep: &dyn Fn(usize) -> bool| -> Vec<DeliveryId> {
+        let mut v: Vec<_> = made
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| keep(*n))
+            .map(|(_, id)| *id)
+            .collect();
+        v.reverse();
+        v
+    };
+    let cases: Vec<(Filter, Vec<DeliveryId>)> = vec![
+        (Filter::default(), newest_first(&|_| true)),
+        (
+            Filter {
+                rule: Some("a".into()),
+                ..Filter::default()
+            },
+            newest_first(&|n| n % 2 == 0),
+        ),
+        (
+            Filter {
+                state: Some(State::Failed),
+                ..Filter::default()
+            },
+            newest_first(&|n| n > 0 && n % 3 == 0),
+        ),
+        (
+            Filter {
+                status_code: StatusMatch::parse("5xx"),
+                ..Filter::default()
+            },
+            newest_first(&|n| n > 0 && n % 3 == 0),
+        ),
+        (
+            Filter {
+                rule: Some("b".into()),
+                status_code: StatusMatch::parse("200"),
+                ..Filter::default()
+            },
+            newest_first(&|n| n % 2 == 1 && n % 3 != 0),
+        ),
+        (
+            Filter {
+                state: Some(State::Pending),
+                ..Filter::default()
+            },
+            vec![made[0]],
+        ),
+        (
+            Filter {
+                endpoint: Some(EndpointMatch {
+                    key: "https://example.test:443".into(),
+                    ..Default::default()
+                }),
+                ..Filter::default()
+            },
+            newest_first(&|n| n > 0),
+        ),
+    ];
+    for (filter, expected) in &cases {
+        for (limit, budget) in [(5, 1000), (100, 1000), (2, 3), (100, 4)] {
+            let (got, _) = all_pages(&store, filter, limit, budget);
+            assert_eq!(&got, expected, "{filter:?} limit {limit} budget {budget}");
+        }
+    }
+    // A budget smaller than the rows asked for still answers, in more pages.
+    let (_, pages) = all_pages(&store, &cases[3].0, 100, 4);
+    assert!(pages >= 24 / 4, "{pages} pages");
+    // Time bounds are id bounds: nothing before the first, all from it.
+    let first = made[0].created_ms();
+    let until_before = Filter {
+        until_ms: Some(first - 1),
+        ..Filter::default()
+    };
+    assert!(all_pages(&store, &until_before, 10, 100).0.is_empty());
+    let since_first = Filter {
+        since_ms: Some(first),
+        ..Filter::default()
+    };
+    assert_eq!(all_pages(&store, &since_first, 10, 100).0.len(), 24);
+}
+
+#[test]
+fn counts_by_state_match_the_indexes() {
+    let db = TempDb::new("counts");
+    let store = db.open();
+    let made = accept(&store, new_event("e", &["a", "b", "c", "d"]));
+    finish(&store, made[0], 1, 200, Next::Succeeded);
+    finish(&store, made[1], 1, 500, Next::Failed("HTTP 500".into()));
+    let park = Next::Park {
+        endpoint: "https://x:443".into(),
+        reason: "blocked".into(),
+    };
+    finish(&store, made[2], 1, 500, park);
+    let (counts, exact) = store.counts(1000).unwrap();
+    assert!(exact);
+    assert_eq!(
+        counts,
+        StateCounts {
+            pending: 1,
+            parked: 1,
+            succeeded: 1,
+            failed: 1,
+            skipped: 0
+        }
+    );
+    let (capped, exact) = store.counts(1).unwrap();
+    assert!(!exact, "{capped:?}");
+}
+
+#[test]
+fn url_endpoint_keys_urls_like_the_dispatcher() {
+    for url in [
+        "https://example.test/hook",
+        "http://127.0.0.1:8080/x?y=1",
+        "http://h",
+    ] {
+        let parsed = url::Url::parse(url).unwrap();
+        assert_eq!(
+            url_endpoint(url),
+            Some(crate::deliver::endpoint_key(&parsed))
+        );
+    }
+    assert_eq!(url_endpoint("not a url"), None);
+}
+
+#[test]
+fn status_matches_codes_and_classes() {
+    assert_eq!(StatusMatch::parse("404"), Some(StatusMatch::Code(404)));
+    assert_eq!(StatusMatch::parse("5XX"), Some(StatusMatch::Class(5)));
+    for bad in ["6xx", "0xx", "99", "600", "abc", ""] {
+        assert_eq!(StatusMatch::parse(bad), None, "{bad}");
+    }
+    assert!(StatusMatch::Class(5).matches(Some(503)));
+    assert!(!StatusMatch::Class(5).matches(Some(499)));
+    assert!(!StatusMatch::Code(200).matches(None));
 }

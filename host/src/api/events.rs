@@ -1,0 +1,58 @@
+//! `POST /v1/events`: one event as JSON, or a batch as NDJSON.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::{Api, Resp, error, json_response};
+use crate::ingest::IngestError;
+
+impl Api {
+    pub(super) async fn post_events(&self, req: Request<Incoming>) -> Resp {
+        let ndjson = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl")
+            });
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err(resp) => {
+                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                return resp;
+            }
+        };
+        let events = match crate::ingest::parse_body(&body, ndjson) {
+            Ok(e) => e,
+            Err(e) => return self.ingest_error(e),
+        };
+        let batch = ndjson;
+        match self.ingest.accept(events).await {
+            Ok(accepted) if !batch => json_response(StatusCode::ACCEPTED, &json!(accepted[0])),
+            Ok(accepted) => json_response(StatusCode::ACCEPTED, &json!({ "events": accepted })),
+            Err(e) => self.ingest_error(e),
+        }
+    }
+
+    pub(super) fn ingest_error(&self, e: IngestError) -> Resp {
+        match e {
+            IngestError::BadEvent { line, error: ev } => {
+                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                let mut resp = json!({"error": {"code": "bad_event", "message": format!("{}{ev}", line.map(|l| format!("line {l}: ")).unwrap_or_default()), "field": ev.field}});
+                if let Some(l) = line {
+                    resp["error"]["line"] = json!(l);
+                }
+                json_response(StatusCode::BAD_REQUEST, &resp)
+            }
+            IngestError::Store(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage",
+                e.to_string(),
+                None,
+            ),
+        }
+    }
+}

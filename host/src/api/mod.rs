@@ -1,0 +1,289 @@
+//! The HTTP API (JSON, versioned under `/v1`), `/healthz` and `/metrics`.
+//! Every route but `/healthz` needs an API key (`Authorization: Bearer
+//! KEY`); ingest keys may only post events.
+//!
+//! This file routes, checks keys and roles, and shapes errors; the routes
+//! live beside it by what they serve: `events` (ingest), `deliveries`
+//! (records, redeliver, live tail), `admin` (rules, endpoints, metrics),
+//! `channel` (the WebSocket channel's sign-in and upgrade) and `console`
+//! (the web console at `/ui/` and its sessions).
+//!
+//! Who may do what: `admin` keys everything; `viewer` keys read every
+//! route and change nothing (any method but GET answers 403); `ingest`
+//! keys only post events; `websocket` keys only use the channel. The
+//! console signs in with an admin or viewer key and then carries a
+//! session cookie instead of the key (see `console`).
+
+mod admin;
+mod channel;
+mod console;
+mod deliveries;
+mod events;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::config::{ApiKey, Role};
+use crate::deliver::{Queue, Shared};
+use crate::ingest::Ingest;
+use crate::reload::Loader;
+
+pub struct Api {
+    pub ingest: Ingest,
+    pub shared: Arc<Shared>,
+    pub queue: Queue,
+    pub keys: Vec<ApiKey>,
+    pub loader: Arc<Loader>,
+    /// Console sessions, live-tail streams and the shutdown signal.
+    pub console: console::Console,
+}
+
+pub use console::Console;
+
+/// A response body: whole (JSON, assets) or streamed (the live tail).
+pub type Body = BoxBody<Bytes, Infallible>;
+type Resp = Response<Body>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Resp {
+    let mut r = Response::new(full(serde_json::to_vec(body).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Errors as `{"error": {"code": …, "message": …, "field": …}}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Resp {
+    let mut e = json!({"code": code, "message": message.into()});
+    if let Some(f) = field {
+        e["field"] = json!(f);
+    }
+    json_response(status, &json!({ "error": e }))
+}
+
+/// A refused request, as data until it becomes the JSON error answer
+/// (`error`); small, so helpers can return it in a `Result`.
+pub(super) struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn field(mut self, field: &str) -> Refusal {
+        self.field = Some(field.to_string());
+        self
+    }
+
+    pub fn answer(self) -> Resp {
+        error(self.status, self.code, self.message, self.field.as_deref())
+    }
+}
+
+impl Api {
+    /// The role of the Bearer key the request carries, if any.
+    fn bearer_role(&self, req: &Request<Incoming>) -> Option<Role> {
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let presented = header.strip_prefix("Bearer ")?.trim();
+        self.key_role(presented).map(|(_, role)| role)
+    }
+
+    /// The name and role of an API key's value. Every key is compared,
+    /// always, so timing says nothing about which key (or how much of one)
+    /// matched.
+    fn key_role(&self, presented: &str) -> Option<(String, Role)> {
+        let mut found = None;
+        for k in &self.keys {
+            if crate::sign::constant_time_eq(k.key.as_bytes(), presented.as_bytes()) {
+                found = Some((k.name.clone(), k.role.clone()));
+            }
+        }
+        found
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        if path == "/healthz" {
+            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+        }
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            // The WebSocket channel authenticates the way its clients
+            // already do (see `deliver::channel`), not with a Bearer key.
+            (&Method::POST, ["authentication", "sign_in"]) => return Ok(self.sign_in(req).await),
+            (&Method::GET, ["messaging", "shared_spaces", space, "webhooks"]) => {
+                let space = space.to_string();
+                return Ok(self.open_channel(req, space));
+            }
+            // The console's page and assets hold no data; signing in
+            // turns a key into a session.
+            (&Method::GET, ["ui", ..]) | (&Method::GET, [""]) => {
+                return Ok(console::asset(&path));
+            }
+            (&Method::POST, ["v1", "session"]) => return Ok(self.console_sign_in(req).await),
+            _ => {}
+        }
+        let role = match self.bearer_role(&req) {
+            Some(role) => role,
+            None => match self.session_role(&req) {
+                Ok(Some(role)) => role,
+                Ok(None) => {
+                    return Ok(error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "missing or unknown API key; send Authorization: Bearer KEY (or sign in to the console at /ui/)",
+                        None,
+                    ));
+                }
+                Err(refused) => return Ok(refused.answer()),
+            },
+        };
+        let is_ingest = method == Method::POST && path == "/v1/events";
+        let reads = method == Method::GET || method == Method::HEAD;
+        let allowed = match role {
+            Role::Admin => true,
+            Role::Viewer => reads,
+            Role::Ingest => is_ingest,
+            Role::WebSocket => false,
+        };
+        if !allowed {
+            let why = if role == Role::Viewer {
+                "viewer keys can read every route but change nothing; this needs an admin key"
+            } else {
+                "this route needs an admin key; ingest keys may only POST /v1/events, and websocket keys only sign in to the WebSocket channel"
+            };
+            return Ok(error(StatusCode::FORBIDDEN, "forbidden", why, None));
+        }
+        let query = req.uri().query().unwrap_or("").to_string();
+        let resp = match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "events"]) => self.post_events(req).await,
+            (Method::GET, ["v1", "deliveries"]) => self.list_deliveries(&query).await,
+            (Method::GET, ["v1", "deliveries", "counts"]) => self.counts().await,
+            (Method::GET, ["v1", "deliveries", "stream"]) => self.stream(&query),
+            (Method::POST, ["v1", "deliveries", "redeliver"]) => self.bulk_redeliver(req).await,
+            (Method::GET, ["v1", "deliveries", id]) => self.show_delivery(id).await,
+            (Method::POST, ["v1", "deliveries", id, "redeliver"]) => {
+                self.redeliver(id, req.uri().query().unwrap_or("")).await
+            }
+            (Method::GET, ["v1", "overview"]) => self.overview().await,
+            (Method::GET, ["v1", "session"]) => self.session_info(&req),
+            (Method::POST, ["v1", "session", "sign-out"]) => self.console_sign_out(&req),
+            (Method::GET, ["v1", "rules"]) => self.rules(),
+            (Method::POST, ["v1", "rules", "reload"]) => self.reload().await,
+            (Method::POST, ["v1", "rules", name, "test"]) => self.test_connection(name).await,
+            (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
+            (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
+            (Method::GET, ["metrics"]) => self.metrics().await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}"),
+                None,
+            ),
+        };
+        Ok(resp)
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Resp> {
+        let max = self.shared.config.max_body_bytes;
+        match Limited::new(req.into_body(), max).collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the body is larger than {max} bytes (max_body)"),
+                    None,
+                ))
+            }
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("cannot read the body: {e}"),
+                None,
+            )),
+        }
+    }
+}
+
+/// `value` with an RFC 3339 copy (`…_rfc3339`) beside every timestamp in
+/// milliseconds (`at` and keys ending in `_at` or `_until`), at any depth: people
+/// read the one, programs keep using the other.
+pub fn with_times(mut value: Value) -> Value {
+    add_times(&mut value);
+    value
+}
+
+fn add_times(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let stamps: Vec<(String, String)> = map
+                .iter()
+                .filter(|(k, _)| *k == "at" || k.ends_with("_at") || k.ends_with("_until"))
+                .filter_map(|(k, v)| {
+                    Some((format!("{k}_rfc3339"), crate::time::rfc3339(v.as_u64()?)))
+                })
+                .collect();
+            for v in map.values_mut() {
+                add_times(v);
+            }
+            for (k, v) in stamps {
+                map.insert(k, Value::String(v));
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(add_times),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_get_an_rfc3339_twin_at_any_depth() {
+        let v = with_times(json!({
+            "created_at": 0, "name": "x", "blocked_until": 1_795_341_600_123u64,
+            "attempts": [{"started_at": 1000}], "next_attempt_at": null
+        }));
+        assert_eq!(v["created_at_rfc3339"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["blocked_until_rfc3339"], "2026-11-22T10:00:00.123Z");
+        assert_eq!(
+            v["attempts"][0]["started_at_rfc3339"],
+            "1970-01-01T00:00:01.000Z"
+        );
+        assert!(v.get("next_attempt_at_rfc3339").is_none());
+        assert!(v.get("name_rfc3339").is_none());
+    }
+}
