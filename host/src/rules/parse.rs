@@ -118,11 +118,12 @@ pub fn parse_file(
         Ok(Some(root)) => root,
         Ok(None) => return Vec::new(),
         Err(e) => {
-            sink.error(
-                e.span,
-                format!("invalid YAML: {}", e.message),
-                Some("fix the YAML syntax at this position".into()),
-            );
+            let message = if e.is_syntax() {
+                format!("invalid YAML: {}", e.message)
+            } else {
+                e.message
+            };
+            sink.error(e.span, message, Some(e.fix));
             return Vec::new();
         }
     };
