@@ -11,4 +11,5 @@ mod failure;
 mod plugins;
 mod proxy;
 mod reload;
+mod rule_limits;
 mod websocket;

@@ -518,6 +518,22 @@ impl Builder {
             );
         }
         let chars: Vec<char> = text.chars().collect();
+        if info == "recursion limit exceeded" {
+            // yaml-rust2 reads up to 255 open `[`/`{` ahead before it hands
+            // out the first event, so our own depth check may not have
+            // seen the level that crosses the limit: find it in the text.
+            // Count on from the innermost container the builder has, past
+            // its own `[` or `{` if it is a flow collection.
+            let (from, levels) = self.stack.last().map_or((0, 0), |open| {
+                let start = open.start.index();
+                let after = flow_opener(&chars, start).map_or(start, |(i, _)| i + 1);
+                (after, self.stack.len())
+            });
+            let wanted = (self.limits.max_depth + 1).saturating_sub(levels).max(1);
+            let span = nth_flow_opener(&chars, from, wanted)
+                .map_or_else(|| Span::from(at), |index| span_of(&chars, index));
+            return self.too_deep(span, None);
+        }
         let at_end = chars[at.index().min(chars.len())..]
             .iter()
             .all(|c| c.is_whitespace());
@@ -587,6 +603,32 @@ fn flow_opener(chars: &[char], mut index: usize) -> Option<(usize, char)> {
             _ => return None,
         }
     }
+}
+
+/// The index of the flow opener that brings the nesting (counted from
+/// `from`) to `level`, skipping quoted text and comments.
+fn nth_flow_opener(chars: &[char], from: usize, level: usize) -> Option<usize> {
+    let mut depth = 0;
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    for (i, &c) in chars.iter().enumerate().skip(from) {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            _ if comment => comment = c != '\n',
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '#') => comment = true,
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth == level {
+                    return Some(i);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The line and column of the character at `index`.
@@ -696,6 +738,122 @@ mod tests {
         let err = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(err.span, Span { line: 3, column: 1 });
         assert!(err.message.contains("duplicate key `a`"), "{}", err.message);
+    }
+
+    /// A billion-laughs document: `levels` anchors, each a list of
+    /// `width` aliases of the one before.
+    fn bomb(levels: usize, width: usize) -> String {
+        let mut text = String::from("a0: &a0 [lol]\n");
+        for level in 1..levels {
+            let items = vec![format!("*a{}", level - 1); width].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{items}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_at_the_alias_that_crosses_the_budget() {
+        // 9 levels of 9: 9^8 = 43 million copies of `lol` if expanded.
+        let text = bomb(9, 9);
+        assert!(text.len() < 500, "{} bytes", text.len());
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert!(
+            err.message.starts_with("alias `*a")
+                && err.message.contains("past the limit of 1000000 nodes"),
+            "{err}"
+        );
+        // The position is an alias in the text.
+        let line = text.lines().nth(err.span.line - 1).unwrap();
+        assert_eq!(&line[err.span.column - 1..err.span.column], "*", "{err}");
+    }
+
+    #[test]
+    fn alias_text_counts_against_the_text_budget() {
+        let limits = Limits {
+            max_text_bytes: 1000,
+            ..Limits::default()
+        };
+        let long = "x".repeat(400);
+        let ok = format!("a: &a {long}\nb: *a\n");
+        assert!(parse_with(&ok, &limits).is_ok());
+        let err = parse_with(&format!("{ok}c: *a\n"), &limits).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooLarge);
+        assert_eq!(err.span, Span { line: 3, column: 4 });
+        assert!(err.message.contains("alias `*a`"), "{err}");
+        assert!(err.message.contains("1000 bytes of text"), "{err}");
+    }
+
+    #[test]
+    fn alias_uses_are_counted() {
+        let limits = Limits {
+            max_aliases: 3,
+            ..Limits::default()
+        };
+        let text = "a: &x 1\nb: [*x, *x, *x]\nc: *x\n";
+        let err = parse_with(text, &limits).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooManyAliases);
+        assert_eq!(err.span, Span { line: 3, column: 4 });
+        assert!(
+            err.message.contains("`*x`") && err.message.contains("3 aliases"),
+            "{err}"
+        );
+        assert!(parse_with("a: &x 1\nb: [*x, *x, *x]\n", &limits).is_ok());
+    }
+
+    #[test]
+    fn depth_is_limited_where_it_is_crossed_written_or_through_an_alias() {
+        let limits = Limits {
+            max_depth: 4,
+            ..Limits::default()
+        };
+        // Four levels: the mapping and three lists.
+        assert!(parse_with("a: [[[1]]]\n", &limits).is_ok());
+        let err = parse_with("a: [[[[1]]]]\n", &limits).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooDeep);
+        assert_eq!(err.span, Span { line: 1, column: 7 });
+        assert!(err.message.contains("deeper than 4 levels"), "{err}");
+        // An alias of a two-level value at level three would be five deep.
+        let text = "a: &x [[1]]\nb: [[*x]]\n";
+        let err = parse_with(text, &limits).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooDeep);
+        assert_eq!(err.span, Span { line: 2, column: 6 });
+        assert!(err.message.contains("alias `*x`"), "{err}");
+        assert!(parse_with("a: &x [[1]]\nb: [*x]\n", &limits).is_ok());
+    }
+
+    #[test]
+    fn thousands_of_levels_are_refused_without_recursing() {
+        // yaml-rust2's own `load` recurses per level; the builder must not,
+        // and must stop at the limit instead of reading on.
+        for open in ["[", "{a: ", "- "] {
+            let text = if open == "- " {
+                (0..5000)
+                    .map(|i| format!("{}- \n", "  ".repeat(i)))
+                    .collect()
+            } else {
+                open.repeat(100_000)
+            };
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::TooDeep, "{open}: {err}");
+            assert!(err.message.contains("deeper than 64 levels"), "{err}");
+            // At the 65th level: the 65th `[`, or the 65th line of `- `.
+            let want = match open {
+                "[" => Span {
+                    line: 1,
+                    column: 65,
+                },
+                "{a: " => Span {
+                    line: 1,
+                    column: 64 * 4 + 1,
+                },
+                _ => Span {
+                    line: 65,
+                    column: 129,
+                },
+            };
+            assert_eq!(err.span, want, "{open}: {err}");
+        }
     }
 
     #[test]
