@@ -333,3 +333,104 @@ fn start_up_with_deep_nesting_is_a_clean_refusal_not_a_crash() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_names_files_past_the_size_limit_and_escapes_without_quoting_them() {
+    let dir = TempDir::new("limits-files");
+    // 2 MiB of comments: valid YAML, past the 1 MiB limit.
+    dir.write(
+        "rules/big.yaml",
+        &format!("rules: []\n{}", "# padding padding\n".repeat(120_000)),
+    );
+    dir.write("outside/key", "OUTSIDE-SECRET-VALUE\n");
+    dir.write(
+        "rules/escape.yaml",
+        "rules:\n  - name: escape\n    events: [create]\n    webhook: {url: \"https://x.test/h\", secret: {file: ../outside/key}}\n",
+    );
+    dir.write("etc/passwd", "root:x:0:0:SYSTEM-LINE:/root:/bin/sh\n");
+    std::os::unix::fs::symlink(
+        dir.path().join("etc/passwd"),
+        dir.path().join("rules/passwd.yaml"),
+    )
+    .expect("symlink");
+    let rules = dir.path().join("rules");
+    let (status, stdout, stderr) =
+        run_watched(&["check", rules.to_str().expect("utf-8"), "--format", "json"]);
+    assert_eq!(status.code(), Some(1), "{status}: {stdout}{stderr}");
+    for leak in ["OUTSIDE-SECRET-VALUE", "SYSTEM-LINE", "padding"] {
+        assert!(!stdout.contains(leak), "check quotes {leak}: {stdout}");
+    }
+    let report: Value = serde_json::from_str(&stdout).expect("JSON output");
+    let found: Vec<(String, u64, String)> = report["diagnostics"]
+        .as_array()
+        .expect("diagnostics")
+        .iter()
+        .map(|d| {
+            (
+                d["file"].as_str().unwrap_or_default().to_string(),
+                d["line"].as_u64().unwrap_or_default(),
+                d["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let path = |name: &str| rules.join(name).display().to_string();
+    assert_eq!(found.len(), 3, "{report:#}");
+    assert_eq!(
+        (found[0].0.as_str(), found[0].1),
+        (path("big.yaml").as_str(), 1)
+    );
+    assert!(found[0].2.contains("past the limit of 1 MiB"), "{found:?}");
+    assert_eq!(
+        (found[1].0.as_str(), found[1].1),
+        (path("escape.yaml").as_str(), 4)
+    );
+    assert!(
+        found[1].2.contains("outside the rules directory"),
+        "{found:?}"
+    );
+    assert_eq!(found[2].0, path("passwd.yaml"));
+    assert!(
+        found[2].2.contains("symbolic link to a file outside"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_rule_file_linked_to_a_system_file_is_not_shown_by_the_api() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let good = format!(
+        "rules:\n  - name: good\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/good")
+    );
+    let (dir, config) = setup(
+        "limits-link",
+        &good,
+        &format!("watch: false\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    dir.write(
+        "etc/shadow",
+        "root:$6$SYSTEM-HASH:19000:0:99999:7:::\nalice: {SYSTEM-LINE}\n",
+    );
+    std::os::unix::fs::symlink(
+        dir.path().join("etc/shadow"),
+        dir.path().join("rules/shadow.yaml"),
+    )
+    .expect("symlink");
+    let r = server.admin("POST", "/v1/rules/reload", None);
+    assert_eq!(r.status, 422, "{}", r.text());
+    let listing = server.admin("GET", "/v1/rules", None).text();
+    for text in [r.text(), listing.clone()] {
+        assert!(
+            !text.contains("SYSTEM-HASH") && !text.contains("SYSTEM-LINE"),
+            "the API shows the linked file's content: {text}"
+        );
+    }
+    assert!(
+        listing.contains("symbolic link to a file outside"),
+        "{listing}"
+    );
+    let event = json!({"id": "after", "event_type": "create", "entity_type": "story", "entity": {"id": "1"}});
+    assert_eq!(server.post_event(&event).status, 202);
+    assert_eq!(rx.wait_for(1, T)[0].path, "/good");
+}

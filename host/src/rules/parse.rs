@@ -62,6 +62,9 @@ impl<F: Fn(&SecretRef) -> Result<String, String> + Sync> SecretResolver for F {
 /// dropping a rule (all recursive) within a small, fixed stack.
 pub const MAX_CONDITION_DEPTH: usize = 32;
 
+/// Rules one file may hold.
+pub const MAX_RULES_PER_FILE: usize = 10_000;
+
 pub const FILE_KEYS: &[&str] = &["rules", "labels"];
 pub const RULE_KEYS: &[&str] = &[
     "name",
@@ -298,6 +301,17 @@ impl<'a> Decoder<'a> {
             self.expected(rules, "a list of rules", "rules");
             return Vec::new();
         };
+        if let Some(first_past) = items.get(MAX_RULES_PER_FILE) {
+            self.sink.error(
+                first_past.span,
+                format!(
+                    "rule file has {} rules, past the limit of {MAX_RULES_PER_FILE} rules in one file",
+                    items.len()
+                ),
+                Some("split the rules over several files".into()),
+            );
+            return Vec::new();
+        }
         items
             .iter()
             .filter_map(|node| self.rule(node, &file_labels))
@@ -1194,7 +1208,10 @@ impl<'a> Decoder<'a> {
                         SecretRef::Env(n) => format!(
                             "set the environment variable {n} for rulehook, or use {{file: PATH}}"
                         ),
-                        _ => "make the file readable by rulehook".into(),
+                        _ => format!(
+                            "keep secret files as regular files inside the rules directory (or a directory listed in {}), readable by rulehook",
+                            super::load::SECRET_DIRS_ENV
+                        ),
                     }),
                 );
                 None
