@@ -426,6 +426,19 @@ impl Builder {
 
     fn push_value(&mut self, node: Node, stats: Stats, anchor: usize) -> Result<(), SyntaxError> {
         if anchor > 0 {
+            // The anchor keeps a copy of its value for its aliases: that
+            // copy is memory too (63 nested anchors around one large list
+            // would otherwise hold 63 copies of it).
+            if let Some(limit) = self.charge(stats) {
+                return Err(SyntaxError {
+                    kind: ErrorKind::TooLarge,
+                    span: node.span,
+                    message: format!(
+                        "the anchor on this value copies the file past the limit of {limit} (an anchor keeps a copy of what it names)"
+                    ),
+                    fix: "anchor smaller values, or fewer of them".into(),
+                });
+            }
             self.anchors.insert(anchor, (node.clone(), stats));
         }
         let Some(open) = self.stack.last_mut() else {
@@ -770,8 +783,9 @@ mod tests {
 
     #[test]
     fn alias_text_counts_against_the_text_budget() {
+        // 400 bytes written, 400 kept by the anchor, 400 per alias.
         let limits = Limits {
-            max_text_bytes: 1000,
+            max_text_bytes: 1300,
             ..Limits::default()
         };
         let long = "x".repeat(400);
@@ -781,7 +795,24 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::TooLarge);
         assert_eq!(err.span, Span { line: 3, column: 4 });
         assert!(err.message.contains("alias `*a`"), "{err}");
-        assert!(err.message.contains("1000 bytes of text"), "{err}");
+        assert!(err.message.contains("1300 bytes of text"), "{err}");
+    }
+
+    #[test]
+    fn anchors_are_charged_for_the_copy_they_keep() {
+        let limits = Limits {
+            max_nodes: 1000,
+            ..Limits::default()
+        };
+        // 300 scalars in a list: 301 nodes written, 602 with one anchor.
+        let list = format!("[{}]", vec!["x"; 300].join(","));
+        assert!(parse_with(&format!("a: &a {list}\n"), &limits).is_ok());
+        // Each of three nested anchors keeps a copy: past 1000 nodes.
+        let nested = format!("a: &a [&b [&c {list}]]\n");
+        let err = parse_with(&nested, &limits).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert!(err.message.starts_with("the anchor on this value"), "{err}");
+        assert_eq!(err.span, Span { line: 1, column: 7 });
     }
 
     #[test]
