@@ -434,3 +434,26 @@ fn a_rule_file_linked_to_a_system_file_is_not_shown_by_the_api() {
     assert_eq!(server.post_event(&event).status, 202);
     assert_eq!(rx.wait_for(1, T)[0].path, "/good");
 }
+
+#[test]
+fn start_up_with_an_alias_bomb_is_a_clean_refusal_within_a_memory_bound() {
+    let (dir, config) = setup("limits-start-bomb", &bomb(), "");
+    let (status, _stdout, stderr) = run_watched(&[
+        "serve",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        status.code().is_some_and(|c| c != 0),
+        "serve ended with {status}: {stderr}"
+    );
+    let file = dir.path().join("rules/rules.yaml").display().to_string();
+    // The sixth `*a5` of line 7: each copy of a5 (and a5's anchor) is
+    // 125,479 nodes, so the budget of 1,000,000 runs out there.
+    assert!(
+        stderr.contains(&format!("{file}:7:30")) && stderr.contains("alias `*a5` expands the file"),
+        "{stderr}"
+    );
+}
