@@ -203,3 +203,67 @@ fn schema_describes_the_rule_format() {
         serde_json::json!(["string", "null"])
     );
 }
+
+#[test]
+fn check_points_at_the_construct_left_open() {
+    // Each file leaves one construct open; `check` must name the opener's
+    // line and column, not the end of the file where YAML gave up.
+    let dir = crate::support::TempDir::new("check-unclosed");
+    let files = [
+        (
+            "a-list.yaml",
+            "rules:\n  - name: [oops\n",
+            (2, 11),
+            "this `[` is never closed",
+        ),
+        (
+            "b-map.yaml",
+            "rules:\n  - name: x\n    scope: {workspace_id: 1002\n",
+            (3, 12),
+            "this `{` is never closed",
+        ),
+        (
+            "c-single.yaml",
+            "rules:\n  - name: x\n    description: 'never closed\n",
+            (3, 18),
+            "this `'` is never closed",
+        ),
+        (
+            "d-double.yaml",
+            "rules:\n  - name: x\n    description: \"never closed\n",
+            (3, 18),
+            "this `\"` is never closed",
+        ),
+        (
+            "e-inner.yaml",
+            "rules:\n  - name: x\n    events: [create, {a: 1\n",
+            (3, 22),
+            "this `{` is never closed",
+        ),
+    ];
+    for (name, text, _, _) in &files {
+        dir.write(&format!("rules/{name}"), text);
+    }
+    let rules = dir.path().join("rules");
+    let out = rulehook(&["check", rules.to_str().expect("utf-8"), "--format", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let diagnostics = report["diagnostics"].as_array().expect("diagnostics");
+    assert_eq!(diagnostics.len(), files.len(), "{report:#}");
+    for ((name, _, (line, column), message), d) in files.iter().zip(diagnostics) {
+        assert_eq!(d["file"], rules.join(name).display().to_string(), "{d}");
+        assert_eq!(
+            (d["line"].as_u64(), d["column"].as_u64()),
+            (Some(*line), Some(*column)),
+            "{name}: {d}"
+        );
+        assert!(
+            d["message"].as_str().unwrap_or_default().contains(message),
+            "{name}: {d}"
+        );
+        assert!(
+            d["fix"].as_str().unwrap_or_default().starts_with("add "),
+            "{name}: {d}"
+        );
+    }
+}

@@ -13,5 +13,6 @@ mod failure;
 mod plugins;
 mod proxy;
 mod reload;
+mod rule_limits;
 mod shutdown;
 mod websocket;

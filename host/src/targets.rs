@@ -70,7 +70,7 @@ impl Targets {
     /// Reads the stored versions and resolves their secrets (relative
     /// `file:` references from `rules_dir`, as when the rules are loaded).
     pub fn open(store: &Store, outbox: Outbox, rules_dir: PathBuf) -> Result<Targets, StoreError> {
-        let secrets = EnvSecrets { base: rules_dir };
+        let secrets = EnvSecrets::new(&rules_dir);
         let mut known = HashMap::new();
         for (version, json) in store.rule_versions()? {
             let version = RuleVersion(version);

@@ -57,6 +57,14 @@ impl<F: Fn(&SecretRef) -> Result<String, String> + Sync> SecretResolver for F {
     }
 }
 
+/// How deep `all` / `any` / `not` (and bare lists) may nest under `when`.
+/// Far more than any real rule needs; it keeps evaluation, `explain` and
+/// dropping a rule (all recursive) within a small, fixed stack.
+pub const MAX_CONDITION_DEPTH: usize = 32;
+
+/// Rules one file may hold.
+pub const MAX_RULES_PER_FILE: usize = 10_000;
+
 pub const FILE_KEYS: &[&str] = &["rules", "labels"];
 pub const RULE_KEYS: &[&str] = &[
     "name",
@@ -118,11 +126,12 @@ pub fn parse_file(
         Ok(Some(root)) => root,
         Ok(None) => return Vec::new(),
         Err(e) => {
-            sink.error(
-                e.span,
-                format!("invalid YAML: {}", e.message),
-                Some("fix the YAML syntax at this position".into()),
-            );
+            let message = if e.is_syntax() {
+                format!("invalid YAML: {}", e.message)
+            } else {
+                e.message
+            };
+            sink.error(e.span, message, Some(e.fix));
             return Vec::new();
         }
     };
@@ -292,6 +301,17 @@ impl<'a> Decoder<'a> {
             self.expected(rules, "a list of rules", "rules");
             return Vec::new();
         };
+        if let Some(first_past) = items.get(MAX_RULES_PER_FILE) {
+            self.sink.error(
+                first_past.span,
+                format!(
+                    "rule file has {} rules, past the limit of {MAX_RULES_PER_FILE} rules in one file",
+                    items.len()
+                ),
+                Some("split the rules over several files".into()),
+            );
+            return Vec::new();
+        }
         items
             .iter()
             .filter_map(|node| self.rule(node, &file_labels))
@@ -343,7 +363,7 @@ impl<'a> Decoder<'a> {
             }
         };
         let when = match e.get("when") {
-            Some(n) if !n.is_null() => self.condition(n, "when").map(Some),
+            Some(n) if !n.is_null() => self.condition(n, "when", 1).map(Some),
             _ => Some(None),
         };
         let mut labels = file_labels.to_vec();
@@ -597,11 +617,26 @@ impl<'a> Decoder<'a> {
         );
     }
 
-    fn condition(&mut self, node: &Node, path: &str) -> Option<Condition> {
+    /// `depth` counts the condition nodes from `when` (1) down to this
+    /// one. Evaluating, explaining and dropping a condition recurse once
+    /// per level, so a condition past [`MAX_CONDITION_DEPTH`] is refused
+    /// here and never reaches them.
+    fn condition(&mut self, node: &Node, path: &str, depth: usize) -> Option<Condition> {
+        if depth > MAX_CONDITION_DEPTH {
+            self.sink.error(
+                node.span,
+                format!("{path}: conditions nest deeper than {MAX_CONDITION_DEPTH} levels"),
+                Some(
+                    "put conditions side by side in one `all` or `any` instead of nesting them"
+                        .into(),
+                ),
+            );
+            return None;
+        }
         if let Some(items) = node.as_seq() {
             // A bare list reads as `all`.
             return self
-                .group(node.span, items, path, "all")
+                .group(node.span, items, path, "all", depth)
                 .map(|c| Condition {
                     path: path.to_string(),
                     span: node.span,
@@ -633,13 +668,15 @@ impl<'a> Decoder<'a> {
             let inner = &map[0].1;
             let child_path = format!("{path}.{group}");
             let kind = match group {
-                "not" => ConditionKind::Not(Box::new(self.condition(inner, &child_path)?)),
+                "not" => {
+                    ConditionKind::Not(Box::new(self.condition(inner, &child_path, depth + 1)?))
+                }
                 _ => {
                     let Some(items) = inner.as_seq() else {
                         self.expected(inner, "a list of conditions", &child_path);
                         return None;
                     };
-                    let children = self.group(inner.span, items, &child_path, group)?;
+                    let children = self.group(inner.span, items, &child_path, group, depth)?;
                     if group == "all" {
                         ConditionKind::All(children)
                     } else {
@@ -666,6 +703,7 @@ impl<'a> Decoder<'a> {
         items: &[Node],
         path: &str,
         group: &str,
+        depth: usize,
     ) -> Option<Vec<Condition>> {
         if items.is_empty() {
             self.sink.error(
@@ -678,7 +716,7 @@ impl<'a> Decoder<'a> {
         let mut out = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
-            match self.condition(item, &format!("{path}[{i}]")) {
+            match self.condition(item, &format!("{path}[{i}]"), depth + 1) {
                 Some(c) => out.push(c),
                 None => ok = false,
             }
@@ -1170,7 +1208,10 @@ impl<'a> Decoder<'a> {
                         SecretRef::Env(n) => format!(
                             "set the environment variable {n} for rulehook, or use {{file: PATH}}"
                         ),
-                        _ => "make the file readable by rulehook".into(),
+                        _ => format!(
+                            "keep secret files as regular files inside the rules directory (or a directory listed in {}), readable by rulehook",
+                            super::load::SECRET_DIRS_ENV
+                        ),
                     }),
                 );
                 None
@@ -1368,6 +1409,66 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 mod tests {
     use super::parse_duration;
     use std::time::Duration;
+
+    /// The deepest input the limits let through: a condition at exactly
+    /// `MAX_CONDITION_DEPTH` (through `not` and bare lists, one YAML level
+    /// each) and a plugin config at exactly `yaml::MAX_DEPTH`, the config
+    /// reached through an alias. Parsing, matching, `explain`, cloning and
+    /// dropping it must fit in a stack far smaller than any thread's here
+    /// (2 MiB for spawned and tokio threads), so no recursive walk can
+    /// overflow on input that passed the limits.
+    #[test]
+    fn the_deepest_accepted_rule_runs_in_a_small_stack() {
+        use super::super::{RuleSet, SecretRef, Source, explain::explain, yaml};
+        let mut when = String::from("{field: a, equals: 2}");
+        for level in 1..super::MAX_CONDITION_DEPTH {
+            when = if level % 2 == 1 {
+                format!("[{when}]")
+            } else {
+                format!("{{not: {when}}}")
+            };
+        }
+        // The rule's config mapping sits at level 6 (file, rules, rule,
+        // plugins, entry, config); nest it down to the limit.
+        let config_levels = yaml::MAX_DEPTH - 5;
+        let config = format!(
+            "{}1{}",
+            "{a: ".repeat(config_levels),
+            "}".repeat(config_levels)
+        );
+        let text = format!(
+            "rules:\n  - name: deepest\n    events: [create]\n    when: {when}\n    plugins: [{{name: redact, config: &deep {config}}}, {{name: redact, config: *deep}}]\n    webhook: {{url: \"https://x.test/h\"}}\n"
+        );
+        let run = move || {
+            let source = Source {
+                path: "deep.yaml".into(),
+                text,
+            };
+            let no_secrets = |_: &SecretRef| Err("no secrets here".to_string());
+            let (set, diagnostics) = RuleSet::compile(std::slice::from_ref(&source), &no_secrets);
+            let event = crate::event::Event::from_value(serde_json::json!({
+                "event_type": "create", "entity_type": "story", "entity": {"id": "1", "a": 1}
+            }))
+            .expect("event");
+            let matched = set.matching(&event).len();
+            let verdicts = explain(&set, &event);
+            let copy: Vec<_> = set.rules().to_vec();
+            drop(copy);
+            (diagnostics, matched, verdicts.len())
+        };
+        let (diagnostics, matched, verdicts) = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(run)
+            .expect("spawn")
+            .join()
+            .expect("no overflow");
+        assert_eq!(
+            diagnostics,
+            vec![],
+            "the rule is at the limits, not past them"
+        );
+        assert_eq!((matched, verdicts), (1, 1));
+    }
 
     #[test]
     fn durations() {
