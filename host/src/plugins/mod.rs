@@ -8,6 +8,7 @@
 //! nothing a plugin does can take the host down.
 
 pub mod runtime;
+pub mod sandbox;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
