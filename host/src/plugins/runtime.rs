@@ -49,6 +49,12 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Log text kept per call; the rest is counted and dropped.
     pub log_bytes: usize,
+    /// Log lines kept per call (empty lines cost no bytes but still a
+    /// line of the host's log each); the rest are counted and dropped.
+    pub log_lines: usize,
+    /// Size of a skip reason, error message or trap cause; longer ones are
+    /// cut, saying how long they were.
+    pub message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +64,8 @@ impl Default for Limits {
             memory_bytes: 32 << 20,
             output_bytes: 1 << 20,
             log_bytes: 64 << 10,
+            log_lines: 1000,
+            message_bytes: 4096,
         }
     }
 }
@@ -131,6 +139,8 @@ pub struct Call {
     pub logs: Vec<LogLine>,
     /// Log bytes dropped over the cap.
     pub logs_dropped: usize,
+    /// Log lines dropped over either cap.
+    pub log_lines_dropped: usize,
     pub elapsed: Duration,
 }
 
@@ -152,8 +162,10 @@ pub struct State {
     memory_exceeded: bool,
     log_cap: usize,
     log_used: usize,
+    log_line_cap: usize,
     logs: Vec<LogLine>,
     logs_dropped: usize,
+    log_lines_dropped: usize,
 }
 
 impl WasiView for State {
@@ -198,14 +210,17 @@ impl ResourceLimiter for State {
 }
 
 impl State {
-    /// Keeps a log line if it fits the call's log cap; counts it as dropped
-    /// otherwise.
+    /// Keeps a log line if it fits the call's caps on bytes and lines;
+    /// counts it as dropped otherwise. Control characters are escaped, so
+    /// a message cannot forge a line of the host's log.
     fn push_log(&mut self, level: &'static str, message: String) {
-        if self.log_used + message.len() > self.log_cap {
+        if self.logs.len() >= self.log_line_cap || self.log_used + message.len() > self.log_cap {
             self.logs_dropped += message.len();
+            self.log_lines_dropped += 1;
             return;
         }
         self.log_used += message.len();
+        let message = escape_controls(&message).into_owned();
         self.logs.push(LogLine { level, message });
     }
 }
@@ -375,8 +390,10 @@ impl Runtime {
             memory_exceeded: false,
             log_cap: self.limits.log_bytes,
             log_used: 0,
+            log_line_cap: self.limits.log_lines,
             logs: Vec::new(),
             logs_dropped: 0,
+            log_lines_dropped: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -495,7 +512,12 @@ impl Compiled {
             Ok(bindings) => Ok(Warm { store, bindings }),
             Err(e) => {
                 self.release(None);
-                Err(CallError::Instantiate(format!("{e:#}")))
+                // The root cause: the outer layers are backtrace headers.
+                let max = self.runtime.limits.message_bytes;
+                Err(CallError::Instantiate(plain_text(
+                    &e.root_cause().to_string(),
+                    max,
+                )))
             }
         }
     }
@@ -538,6 +560,7 @@ impl Compiled {
         let s = w.store.data_mut();
         s.log_used = 0;
         s.logs_dropped = 0;
+        s.log_lines_dropped = 0;
         s.logs.clear();
         s.memory_exceeded = false;
         let seed = sandbox::seed(&self.hash, export, parts);
@@ -555,6 +578,7 @@ impl Compiled {
                     result: Err(e),
                     logs: Vec::new(),
                     logs_dropped: 0,
+                    log_lines_dropped: 0,
                     elapsed: started.elapsed(),
                 };
             }
@@ -582,6 +606,7 @@ impl Compiled {
             .call_transform(&mut w.store, &wit_ctx, payload, config);
         let stderr = collect_stdio(w.store.data_mut());
         let limits = &self.runtime.limits;
+        let text = |t: &str| plain_text(t, limits.message_bytes);
         let (result, reusable) = match raw {
             Ok(Ok(WitOutcome::Send(out))) if out.len() > limits.output_bytes => (
                 Err(CallError::OutputTooLarge {
@@ -591,18 +616,20 @@ impl Compiled {
                 true,
             ),
             Ok(Ok(WitOutcome::Send(out))) => (Ok(Outcome::Send(out)), true),
-            Ok(Ok(WitOutcome::Skip(reason))) => (Ok(Outcome::Skip(reason)), true),
-            Ok(Err(message)) => (Err(CallError::Plugin(message)), true),
+            Ok(Ok(WitOutcome::Skip(reason))) => (Ok(Outcome::Skip(text(&reason))), true),
+            Ok(Err(message)) => (Err(CallError::Plugin(text(&message))), true),
             Err(e) => (Err(self.describe_trap(&e, w.store.data(), &stderr)), false),
         };
         let state = w.store.data_mut();
         let logs = std::mem::take(&mut state.logs);
         let logs_dropped = state.logs_dropped;
+        let log_lines_dropped = state.log_lines_dropped;
         self.release(reusable.then_some(w));
         Call {
             result,
             logs,
             logs_dropped,
+            log_lines_dropped,
             elapsed: started.elapsed(),
         }
     }
@@ -612,6 +639,15 @@ impl Compiled {
     /// panic log, or the end of what it printed to stderr, which is where
     /// interpreters put their traceback), else the trap itself.
     fn describe_trap(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
+        match self.trap_cause(e, state, stderr) {
+            CallError::Trap(cause) => {
+                CallError::Trap(plain_text(&cause, self.runtime.limits.message_bytes))
+            }
+            other => other,
+        }
+    }
+
+    fn trap_cause(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
         if state.memory_exceeded {
             return CallError::Memory(self.runtime.limits.memory_bytes >> 20);
         }
@@ -651,7 +687,7 @@ impl Compiled {
         match raw {
             Ok(r) => {
                 self.release(Some(w));
-                r.map_err(CallError::Plugin)
+                r.map_err(|m| CallError::Plugin(plain_text(&m, self.runtime.limits.message_bytes)))
             }
             Err(e) => {
                 let err = self.describe_trap(&e, w.store.data(), &stderr);
@@ -678,6 +714,40 @@ fn collect_stdio(state: &mut State) -> String {
         state.push_log("error", line.to_string());
     }
     err
+}
+
+/// `text` with its control characters escaped (`\\n`, `\\u{1b}`, and the
+/// Unicode line and paragraph separators), so that a guest's text logged
+/// or shown by the host stays on one line and cannot forge another.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A guest's reason or message as the host keeps it: control characters
+/// escaped, and cut to `max` bytes with a note of how long it was.
+pub fn plain_text(text: &str, max: usize) -> String {
+    let escaped = escape_controls(text);
+    if escaped.len() <= max {
+        return escaped.into_owned();
+    }
+    let note = format!("… ({} bytes in all; cut to {max})", text.len());
+    let mut cut = max.saturating_sub(note.len());
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{note}", &escaped[..cut])
 }
 
 /// Most of the guest's stderr a trap message quotes.
@@ -789,5 +859,68 @@ mod tests {
             cause.len() <= CAUSE_BYTES && cause.ends_with("é the end"),
             "{cause}"
         );
+    }
+
+    /// A runtime with a deadline long enough for calls that log or build
+    /// megabytes, so the caps are what stops them, not the clock.
+    fn patient() -> Arc<Runtime> {
+        let limits = Limits {
+            timeout: Duration::from_secs(20),
+            ..Limits::default()
+        };
+        Runtime::new(limits, None).unwrap()
+    }
+
+    #[test]
+    fn log_lines_are_capped_as_well_as_bytes() {
+        let rt = patient();
+        let flood = rt.load("log-flood", &wasm("log-flood")).unwrap();
+        let call = flood.transform(&CallContext::default(), "{}", r#"{"empty": 20000}"#);
+        assert_eq!(call.result, Ok(Outcome::Send("{}".into())));
+        assert_eq!(call.logs.len(), Limits::default().log_lines, "lines kept");
+        assert_eq!(call.log_lines_dropped, 20000 - call.logs.len());
+    }
+
+    #[test]
+    fn skip_reasons_and_error_messages_are_capped_like_the_output() {
+        let rt = patient();
+        let skip = rt.load("skip", &wasm("skip")).unwrap();
+        let ctx = CallContext::default();
+        let six_mib = r#"{"reason": "0123456789abcdef", "repeat": 393216}"#;
+        match skip.transform(&ctx, "{}", six_mib).result {
+            Ok(Outcome::Skip(reason)) => {
+                assert!(reason.len() <= 4096, "a {}-byte reason", reason.len());
+                assert!(reason.starts_with("0123456789abcdef"), "{reason:.100}");
+                assert!(
+                    reason.ends_with("(6291456 bytes in all; cut to 4096)"),
+                    "{reason:.100}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let failing = r#"{"reason": "0123456789abcdef", "repeat": 393216, "fail": true}"#;
+        match skip.transform(&ctx, "{}", failing).result {
+            Err(CallError::Plugin(message)) => {
+                assert!(message.len() <= 4096, "a {}-byte message", message.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_characters_in_plugin_text_are_escaped() {
+        let rt = patient();
+        let ctx = CallContext::default();
+        let flood = rt.load("log-flood", &wasm("log-flood")).unwrap();
+        let forged = r#"{"message": "hello\n2026-01-01T00:00:00Z ERROR forged\u001b[31m"}"#;
+        let call = flood.transform(&ctx, "{}", forged);
+        assert_eq!(call.logs.len(), 1, "{:?}", call.logs);
+        assert_eq!(
+            call.logs[0].message,
+            "hello\\n2026-01-01T00:00:00Z ERROR forged\\u{1b}[31m"
+        );
+        let skip = rt.load("skip", &wasm("skip")).unwrap();
+        let call = skip.transform(&ctx, "{}", r#"{"reason": "one\rtwo"}"#);
+        assert_eq!(call.result, Ok(Outcome::Skip("one\\rtwo".into())));
     }
 }
