@@ -7,6 +7,7 @@
 //! Every failure becomes a message that names the plugin and the cause;
 //! nothing a plugin does can take the host down.
 
+pub mod imports;
 pub mod runtime;
 pub mod sandbox;
 

@@ -320,6 +320,9 @@ impl Runtime {
         hash: &str,
     ) -> Result<Compiled, String> {
         let hash = hash.to_string();
+        // Before compiling: a big component takes seconds to compile, and
+        // wasmtime would only then find an import it cannot link.
+        super::imports::check(name, bytes).map_err(|e| e.to_string())?;
         let component = self.component(name, bytes, &hash)?;
         let http = sandbox::with_http_traps(&self.linker, &self.engine, &component)
             .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
@@ -922,5 +925,26 @@ mod tests {
         let skip = rt.load("skip", &wasm("skip")).unwrap();
         let call = skip.transform(&ctx, "{}", r#"{"reason": "one\rtwo"}"#);
         assert_eq!(call.result, Ok(Outcome::Skip("one\\rtwo".into())));
+    }
+
+    #[test]
+    fn a_component_importing_what_the_host_lacks_is_refused_naming_it() {
+        let rt = Runtime::new(Limits::default(), None).unwrap();
+        let kv = super::super::imports::tests::importing("wasi:keyvalue/store@0.2.0-draft");
+        let err = rt.load("kv", &kv).err().unwrap();
+        assert!(
+            err.starts_with(
+                "plugin kv imports wasi:keyvalue/store@0.2.0-draft, which the host does not provide"
+            ),
+            "{err}"
+        );
+        // wasi:http is linked (as traps): such a component gets as far as
+        // the world check.
+        let http = super::super::imports::tests::importing("wasi:http/outgoing-handler@0.2.0");
+        let err = rt.load("http", &http).err().unwrap();
+        assert!(
+            err.starts_with("plugin http does not implement the rulehook:plugin/transform world"),
+            "{err}"
+        );
     }
 }
