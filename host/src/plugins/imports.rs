@@ -8,7 +8,7 @@
 //! already uses) and an unknown interface is reported by name, with the
 //! build change that drops it.
 
-use wasmparser::{Encoding, Parser, Payload};
+use wasmparser::{ComponentTypeRef, Encoding, Parser, Payload};
 
 /// Interfaces the host links, by package, and the version range: WASI 0.2
 /// (wasmtime-wasi's p2; any 0.2.x import is matched to it by semver), the
@@ -64,7 +64,7 @@ pub enum ImportError {
         "plugin {plugin} is a core WebAssembly module, not a component; build it for wasm32-wasip2 (cargo build --target wasm32-wasip2), or wrap it with `wasm-tools component new`"
     )]
     CoreModule { plugin: String },
-    #[error("plugin {plugin} is not a WebAssembly component: {reason}")]
+    #[error("plugin {plugin} is not a valid component: {reason}")]
     Malformed { plugin: String, reason: String },
     #[error("plugin {plugin} imports {import}, which the host does not provide ({hint})")]
     Unknown {
@@ -96,7 +96,13 @@ pub fn check(plugin: &str, bytes: &[u8]) -> Result<(), ImportError> {
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ComponentImportSection(reader) if depth == 1 => {
                 for import in reader {
-                    let name = import.map_err(malformed)?.name.name;
+                    let import = import.map_err(malformed)?;
+                    // A type a world `use`s (`context`, `outcome`) is
+                    // imported by name but needs no definition.
+                    if matches!(import.ty, ComponentTypeRef::Type(_)) {
+                        continue;
+                    }
+                    let name = import.name.name;
                     if let Some(hint) = unprovided(name) {
                         return Err(ImportError::Unknown {
                             plugin: plugin.to_string(),
@@ -191,6 +197,19 @@ pub(crate) mod tests {
         ] {
             assert_eq!(check("p", &importing(name)), Ok(()), "{name}");
         }
+    }
+
+    #[test]
+    fn every_bundled_and_test_plugin_passes() {
+        // Real components also import the types their world `use`s.
+        let dir = std::path::Path::new(env!("RULEHOOK_WASM_DIR"));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            assert_eq!(check("p", &bytes), Ok(()), "{}", entry.path().display());
+            seen += 1;
+        }
+        assert!(seen >= 10, "only {seen} components in {}", dir.display());
     }
 
     #[test]

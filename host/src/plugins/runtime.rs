@@ -566,8 +566,8 @@ impl Compiled {
         s.log_lines_dropped = 0;
         s.logs.clear();
         s.memory_exceeded = false;
-        let seed = sandbox::seed(&self.hash, export, parts);
-        s.sandbox.begin(seed, self.runtime.limits.log_bytes);
+        s.sandbox
+            .begin(&self.hash, export, parts, self.runtime.limits.log_bytes);
         w.store.set_epoch_deadline(self.deadline_ticks());
     }
 

@@ -112,15 +112,21 @@ impl HostWallClock for FixedWallClock {
 /// length (u64, little-endian) so that no two different inputs can give the
 /// same byte string. `plugin_hash` is the hex SHA-256 of the component.
 pub fn seed(plugin_hash: &str, export: &str, parts: &[&str]) -> [u8; 32] {
-    let mut h = Sha256::new();
+    let mut input = Vec::new();
+    seed_input(&mut input, plugin_hash, export, parts);
+    Sha256::digest(&input).into()
+}
+
+/// The bytes [`seed`] hashes, written into `out` (cleared first).
+fn seed_input(out: &mut Vec<u8>, plugin_hash: &str, export: &str, parts: &[&str]) {
+    out.clear();
     for part in ["rulehook plugin seed v1", plugin_hash, export]
         .iter()
         .chain(parts)
     {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
+        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        out.extend_from_slice(part.as_bytes());
     }
-    h.finalize().into()
 }
 
 /// Random bytes of one call: block `i` is SHA-256(seed ‖ i as u64 LE).
@@ -273,7 +279,10 @@ impl tokio::io::AsyncWrite for Capture {
 /// The per-store handles the replaced WASI functions work on.
 pub struct Sandbox {
     pub time: VirtualTime,
-    pub random: SeededRandom,
+    /// The call's [`seed`] input; hashed only when the guest first asks for
+    /// a random number, so calls that never do pay a copy, not a hash.
+    seed_input: Vec<u8>,
+    random: Option<SeededRandom>,
     pub stdout: Capture,
     pub stderr: Capture,
 }
@@ -282,7 +291,8 @@ impl Sandbox {
     pub fn new() -> Self {
         Sandbox {
             time: VirtualTime::default(),
-            random: SeededRandom::new([0; 32]),
+            seed_input: Vec::new(),
+            random: None,
             stdout: Capture::default(),
             stderr: Capture::default(),
         }
@@ -299,12 +309,22 @@ impl Sandbox {
             .build()
     }
 
-    /// Starts a call: time back to 0, random from `seed`, empty stdio.
-    pub fn begin(&mut self, seed: [u8; 32], stdio_cap: usize) {
+    /// Starts a call of `export` of the component `plugin_hash` on
+    /// `parts`: time back to 0, random numbers from their [`seed`], empty
+    /// stdio.
+    pub fn begin(&mut self, plugin_hash: &str, export: &str, parts: &[&str], stdio_cap: usize) {
         self.time.reset();
-        self.random = SeededRandom::new(seed);
+        seed_input(&mut self.seed_input, plugin_hash, export, parts);
+        self.random = None;
         self.stdout.reset(stdio_cap);
         self.stderr.reset(stdio_cap);
+    }
+
+    /// The call's random stream, seeded on first use.
+    pub fn random(&mut self) -> &mut SeededRandom {
+        let input = &self.seed_input;
+        self.random
+            .get_or_insert_with(|| SeededRandom::new(Sha256::digest(input).into()))
     }
 }
 
@@ -368,12 +388,12 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             |mut cx: StoreContextMut<'_, State>, (len,): (u64,)| {
                 let len = check_random_len(len, &cx)?;
                 let mut out = vec![0; len];
-                cx.data_mut().sandbox.random.fill(&mut out);
+                cx.data_mut().sandbox.random().fill(&mut out);
                 Ok((out,))
             },
         )?;
         random.func_wrap(u64_fn, |mut cx: StoreContextMut<'_, State>, (): ()| {
-            Ok((cx.data_mut().sandbox.random.next_u64(),))
+            Ok((cx.data_mut().sandbox.random().next_u64(),))
         })?;
     }
     linker
@@ -381,7 +401,7 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         .func_wrap(
             "insecure-seed",
             |mut cx: StoreContextMut<'_, State>, (): ()| {
-                let r = &mut cx.data_mut().sandbox.random;
+                let r = cx.data_mut().sandbox.random();
                 Ok(((r.next_u64(), r.next_u64()),))
             },
         )?;
@@ -474,6 +494,22 @@ mod tests {
         assert_ne!(base, seed("abc", "transform", &["rule", "evt-2", "{}"]));
         // Length prefixes: moving a character across a boundary changes it.
         assert_ne!(base, seed("abc", "transform", &["rul", "eevt-1", "{}"]));
+    }
+
+    #[test]
+    fn a_call_draws_from_the_documented_seed() {
+        let mut sandbox = Sandbox::new();
+        sandbox.begin("abc", "transform", &["rule", "evt-1"], 0);
+        let mut got = [0u8; 40];
+        sandbox.random().fill(&mut got);
+        let mut want = [0u8; 40];
+        SeededRandom::new(seed("abc", "transform", &["rule", "evt-1"])).fill(&mut want);
+        assert_eq!(got, want);
+        // The next call starts its own stream.
+        sandbox.begin("abc", "transform", &["rule", "evt-1"], 0);
+        let mut again = [0u8; 40];
+        sandbox.random().fill(&mut again);
+        assert_eq!(again, want);
     }
 
     #[test]
