@@ -39,6 +39,16 @@ const HOSTILE: &[(&str, &str, &str)] = &[
     ("panic", "failed", "boom: test panic"),
     ("huge", "failed", "more than the 1048576-byte output limit"),
     ("read-file", "failed", "plugin read-file returned an error"),
+    (
+        "abort",
+        "failed",
+        "plugin abort trapped: Traceback (most recent call last):",
+    ),
+    (
+        "net",
+        "failed",
+        "plugin net trapped: plugins have no network access",
+    ),
 ];
 
 #[test]
@@ -70,6 +80,8 @@ fn hostile_plugins_fail_their_delivery_and_harm_nothing_else() {
         "panic",
         "huge",
         "read-file",
+        "abort",
+        "net",
         "read-env",
         "log-flood",
     ] {

@@ -381,7 +381,7 @@ impl Runtime {
     }
 
     fn new_store(&self) -> Store<State> {
-        let sandbox = Sandbox::new();
+        let sandbox = Sandbox::default();
         let state = State {
             // Nothing granted: no preopened directories, no environment, no
             // arguments, no sockets; clocks, random and stdio are the

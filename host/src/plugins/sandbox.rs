@@ -277,6 +277,7 @@ impl tokio::io::AsyncWrite for Capture {
 }
 
 /// The per-store handles the replaced WASI functions work on.
+#[derive(Default)]
 pub struct Sandbox {
     pub time: VirtualTime,
     /// The call's [`seed`] input; hashed only when the guest first asks for
@@ -288,16 +289,6 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn new() -> Self {
-        Sandbox {
-            time: VirtualTime::default(),
-            seed_input: Vec::new(),
-            random: None,
-            stdout: Capture::default(),
-            stderr: Capture::default(),
-        }
-    }
-
     /// The WASI context over these handles: nothing granted, clocks and
     /// stdio replaced.
     pub fn wasi_ctx(&self) -> wasmtime_wasi::WasiCtx {
@@ -498,7 +489,7 @@ mod tests {
 
     #[test]
     fn a_call_draws_from_the_documented_seed() {
-        let mut sandbox = Sandbox::new();
+        let mut sandbox = Sandbox::default();
         sandbox.begin("abc", "transform", &["rule", "evt-1"], 0);
         let mut got = [0u8; 40];
         sandbox.random().fill(&mut got);
