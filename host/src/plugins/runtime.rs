@@ -320,9 +320,6 @@ impl Runtime {
         hash: &str,
     ) -> Result<Compiled, String> {
         let hash = hash.to_string();
-        // Before compiling: a big component takes seconds to compile, and
-        // wasmtime would only then find an import it cannot link.
-        super::imports::check(name, bytes).map_err(|e| e.to_string())?;
         let component = self.component(name, bytes, &hash)?;
         let http = sandbox::with_http_traps(&self.linker, &self.engine, &component)
             .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
@@ -367,6 +364,11 @@ impl Runtime {
                 }
             }
         }
+        // Before compiling: a big component takes seconds to compile, and
+        // wasmtime would only then find an import it cannot link. (A cached
+        // one passed this check when it was compiled; linking below still
+        // checks it against this host.)
+        super::imports::check(name, bytes).map_err(|e| e.to_string())?;
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| format!("plugin {name} is not a valid component: {e:#}"))?;
         if let Some(path) = &cached {
