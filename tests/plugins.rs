@@ -39,6 +39,16 @@ const HOSTILE: &[(&str, &str, &str)] = &[
     ("panic", "failed", "boom: test panic"),
     ("huge", "failed", "more than the 1048576-byte output limit"),
     ("read-file", "failed", "plugin read-file returned an error"),
+    (
+        "abort",
+        "failed",
+        "plugin abort trapped: Traceback (most recent call last):",
+    ),
+    (
+        "net",
+        "failed",
+        "plugin net trapped: plugins have no network access",
+    ),
 ];
 
 #[test]
@@ -70,6 +80,8 @@ fn hostile_plugins_fail_their_delivery_and_harm_nothing_else() {
         "panic",
         "huge",
         "read-file",
+        "abort",
+        "net",
         "read-env",
         "log-flood",
     ] {
@@ -386,4 +398,247 @@ fn a_plugin_from_the_template_builds_and_runs() {
         "{}",
         String::from_utf8_lossy(&test.stderr)
     );
+}
+
+/// Rules for the sleeping plugin: `sleepy` runs it with `config`, `fields`
+/// runs select-fields (another plugin, sharing the engine's instance pool).
+fn sleepy_rules(rx: &Receiver, config: &str) -> String {
+    format!(
+        "rules:\n  - name: sleepy\n    events: [create]\n    plugins: [{{name: sleep, config: {config}}}]\n    webhook: {{url: \"{}\"}}\n  - name: fields\n    events: [create]\n    fields: [name]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/sleepy"),
+        rx.url("/fields")
+    )
+}
+
+fn sleepy_server(name: &str, rx: &Receiver, rules: &str, extra: &str) -> (TempDir, Server) {
+    let (dir, config) = setup(
+        name,
+        rules,
+        &format!(
+            "plugins_dir: plugins\nhttp_ports: [{}]\n{extra}",
+            rx.addr.port()
+        ),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(wasm("sleep"), dir.path().join("plugins/sleep.wasm")).unwrap();
+    let server = Server::start(&dir, &config);
+    (dir, server)
+}
+
+/// How long an answer may take when the plugin deadline is 50 ms; the
+/// sleeping plugin asks for 10 s and more, so waiting for it cannot pass.
+const ANSWER_BOUND: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_plugin_sleeping_in_a_host_call_times_out_in_wall_time() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (_dir, server) = sleepy_server(
+        "sleep-forever",
+        &rx,
+        &sleepy_rules(&rx, "{forever: true, ms: 10000}"),
+        "",
+    );
+    for round in 0..2 {
+        let id = format!("sleep-{round}");
+        let started = std::time::Instant::now();
+        let r = server.post_event(&story_created(&id));
+        let took = started.elapsed();
+        assert_eq!(r.status, 202, "{}", r.text());
+        assert!(
+            took < ANSWER_BOUND,
+            "ingest took {took:?} behind a plugin sleeping in a host call"
+        );
+        let list = server.deliveries(&format!("rule=sleepy&event={id}"));
+        assert_eq!(list[0]["state"], "failed", "{}", list[0]);
+        assert_eq!(
+            list[0]["reason"], "plugin sleep timed out after 50 ms",
+            "{}",
+            list[0]
+        );
+    }
+    // The other rule's plugin ran and its deliveries went out.
+    let got = rx.wait_for(2, T);
+    assert!(got.iter().all(|g| g.path == "/fields"), "{got:?}");
+}
+
+#[test]
+fn sleeping_calls_do_not_hold_ingest_or_starve_other_plugins() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (_dir, server) = sleepy_server(
+        "sleep-many",
+        &rx,
+        &sleepy_rules(&rx, "{forever: false, ms: 20000}"),
+        "",
+    );
+    const EVENTS: usize = 24;
+    let server = &server;
+    std::thread::scope(|s| {
+        let posts: Vec<_> = (0..EVENTS)
+            .map(|i| {
+                s.spawn(move || {
+                    let started = std::time::Instant::now();
+                    let r = server.post_event(&story_created(&format!("many-{i}")));
+                    (r.status, started.elapsed())
+                })
+            })
+            .collect();
+        for p in posts {
+            let (status, took) = p.join().unwrap();
+            assert_eq!(status, 202);
+            assert!(took < ANSWER_BOUND, "ingest took {took:?}");
+        }
+    });
+    // Sleeps take no real time, so the sleeping plugin passes every payload
+    // on, and select-fields on the other rule works for every event.
+    let got = rx.wait_for(2 * EVENTS, T);
+    let fields = got.iter().filter(|g| g.path == "/fields").count();
+    assert_eq!(fields, EVENTS, "{got:?}");
+    wait_for(T, "every select-fields delivery to succeed", || {
+        let list = server.deliveries("rule=fields&limit=100");
+        (list.len() == EVENTS && list.iter().all(|d| d["state"] == "succeeded")).then_some(())
+    });
+}
+
+#[test]
+fn a_sleeping_validate_config_does_not_hold_the_reload() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let good = sleepy_rules(&rx, "{forever: false, ms: 1}");
+    let (dir, server) = sleepy_server("sleep-validate", &rx, &good, "watch: false\n");
+    let file = dir.path().join("rules/rules.yaml");
+    std::fs::write(
+        &file,
+        sleepy_rules(&rx, "{in: validate, forever: true, ms: 10000}"),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = server.admin("POST", "/v1/rules/reload", None);
+    let took = started.elapsed();
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(took < ANSWER_BOUND, "the reload took {took:?}");
+    let text = r.text();
+    assert!(
+        text.contains("plugin `sleep` rejects its config: timed out after 50 ms"),
+        "{text}"
+    );
+    // The reload lock is free again: the next reload goes through.
+    std::fs::write(&file, &good).unwrap();
+    let r = server.admin("POST", "/v1/rules/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// What the entropy plugin saw, through `rulehook plugin run`.
+fn entropy_run(event: &Value) -> Value {
+    let dir = TempDir::new("entropy-run");
+    let event_file = dir.write("event.json", &event.to_string());
+    let out = rulehook(&[
+        "plugin",
+        "run",
+        wasm("entropy").to_str().unwrap(),
+        "--event",
+        event_file.to_str().unwrap(),
+        "--rule",
+        "entropic",
+        "--config",
+        "{}",
+        "--format",
+        "json",
+    ]);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_sandbox_shows_the_same_clocks_and_random_numbers_on_every_run() {
+    let event = story_created("entropy-1");
+    let first = entropy_run(&event);
+    let second = entropy_run(&event);
+    assert_eq!(first["outcome"], "send", "{first}");
+    let seen = &first["payload"];
+    assert_eq!(seen, &second["payload"], "two runs differ");
+    // The wall clock is the documented fixed instant, 2020-01-01T00:00:00Z.
+    assert_eq!(
+        seen["wall_clock_ns"], 1_577_836_800_000_000_000u64,
+        "{seen}"
+    );
+    // The 10 s sleep moved the monotonic clock, not the real one.
+    let slept = seen["slept_ns"].as_u64().unwrap();
+    assert!(slept >= 10_000_000_000, "{seen}");
+    assert!(
+        first["timing"]["first_call_ms"].as_f64().unwrap() < 5_000.0,
+        "{first}"
+    );
+    // Random bytes come from a seed, and differ between interfaces and events.
+    let random = seen["random"].as_str().unwrap();
+    assert_eq!(random.len(), 32);
+    assert_ne!(random, "0".repeat(32));
+    assert_ne!(seen["insecure_random"], seen["random"]);
+    let other = entropy_run(&story_created("entropy-2"));
+    assert_ne!(other["payload"]["random"], seen["random"], "{other}");
+    // stdout and stderr reach the call's log.
+    let logs = first["logs"].to_string();
+    assert!(
+        logs.contains("entropy says hello on stdout for entropy-1"),
+        "{logs}"
+    );
+    assert!(logs.contains("entropy says hello on stderr"), "{logs}");
+
+    // The server sees exactly what `plugin run` saw, for the same event.
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - name: entropic\n    events: [create]\n    plugins: [{{name: entropy}}]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/entropy")
+    );
+    let (dir, config) = setup(
+        "entropy",
+        &rules,
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(wasm("entropy"), dir.path().join("plugins/entropy.wasm")).unwrap();
+    let server = Server::start(&dir, &config);
+    assert_eq!(server.post_event(&event).status, 202);
+    let got = rx.wait_for(1, T);
+    assert_eq!(&got[0].json(), seen);
+}
+
+#[test]
+fn a_trap_reports_what_the_guest_printed_to_stderr() {
+    let out = plugin_run(
+        wasm("abort").to_str().unwrap(),
+        &story_created("abort-1"),
+        &json!({}),
+    );
+    assert_eq!(out["outcome"], "error", "{out}");
+    let error = out["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("plugin abort trapped: ")
+            && error.contains("ValueError: the entity has no owner"),
+        "{error}"
+    );
+    assert!(!error.contains("wasm backtrace"), "{error}");
+    // A Rust panic: the panic message, not the backtrace header.
+    let out = plugin_run(
+        wasm("panic").to_str().unwrap(),
+        &story_created("panic-1"),
+        &json!({}),
+    );
+    let error = out["error"].as_str().unwrap();
+    assert!(error.contains("boom: test panic"), "{error}");
+    assert!(!error.contains("wasm backtrace"), "{error}");
+}
+
+#[test]
+fn network_calls_trap_with_no_network_access() {
+    for config in [json!({}), json!({"lookup": true})] {
+        let out = plugin_run(
+            wasm("net").to_str().unwrap(),
+            &story_created("net-1"),
+            &config,
+        );
+        assert_eq!(out["outcome"], "error", "{out}");
+        assert_eq!(
+            out["error"], "plugin net trapped: plugins have no network access",
+            "{config}: {out}"
+        );
+    }
 }

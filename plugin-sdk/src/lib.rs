@@ -186,9 +186,9 @@ pub mod __private {
         glue::validate_config::<P>(config)
     }
 
-    /// A panic in a component aborts it (a trap) and its message would go to a stderr the host
-    /// discards; sending it through the log import first lets the host report *why* the plugin
-    /// trapped.
+    /// A panic in a component aborts it (a trap). The host captures stderr too, but sending the
+    /// message through the log import marks it as the panic, so the host reports exactly it as
+    /// *why* the plugin trapped.
     #[cfg(target_arch = "wasm32")]
     fn install_panic_hook() {
         static ONCE: std::sync::Once = std::sync::Once::new();

@@ -7,7 +7,9 @@
 //! Every failure becomes a message that names the plugin and the cause;
 //! nothing a plugin does can take the host down.
 
+pub mod imports;
 pub mod runtime;
+pub mod sandbox;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -310,9 +312,12 @@ impl PluginSet {
             for line in &call.logs {
                 tracing::info!(plugin = name, rule = %rule.name, event = %ctx.event_id, level = line.level, "plugin log: {}", line.message);
             }
-            if call.logs_dropped > 0 {
+            if call.log_lines_dropped > 0 {
                 tracing::warn!(
                     plugin = name,
+                    rule = %rule.name,
+                    event = %ctx.event_id,
+                    dropped_lines = call.log_lines_dropped,
                     dropped_bytes = call.logs_dropped,
                     "plugin log volume over the cap; lines dropped"
                 );

@@ -5,15 +5,25 @@
 //! Calls are synchronous and CPU-bound; callers run them off the async
 //! reactor (`spawn_blocking`). A call that traps, times out or runs out of
 //! memory throws its instance away: a trapped instance's state is undefined.
+//!
+//! The deadline holds in wall time whatever the guest calls: every WASI
+//! function that could wait (a clock subscription, and through it `poll`
+//! and sleeps) is replaced by one that advances the plugin's virtual clock
+//! instead (see `sandbox`), stdout and stderr never block, and there is no
+//! file, socket or other source a guest could wait on. Each plugin may hold
+//! at most [`MAX_INSTANCES_PER_PLUGIN`] of the engine's pooled instances, so
+//! one plugin's slow calls cannot take the slots other plugins need.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::sandbox::{self, Sandbox};
 
 /// The bindings generated from the WIT world, in a module of their own so
 /// their names (`Outcome`, `Context`) do not clash with ours.
@@ -39,6 +49,12 @@ pub struct Limits {
     pub output_bytes: usize,
     /// Log text kept per call; the rest is counted and dropped.
     pub log_bytes: usize,
+    /// Log lines kept per call (empty lines cost no bytes but still a
+    /// line of the host's log each); the rest are counted and dropped.
+    pub log_lines: usize,
+    /// Size of a skip reason, error message or trap cause; longer ones are
+    /// cut, saying how long they were.
+    pub message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +64,8 @@ impl Default for Limits {
             memory_bytes: 32 << 20,
             output_bytes: 1 << 20,
             log_bytes: 64 << 10,
+            log_lines: 1000,
+            message_bytes: 4096,
         }
     }
 }
@@ -59,6 +77,32 @@ const TICK: Duration = Duration::from_millis(5);
 /// Warm instances kept per plugin; more concurrent calls instantiate fresh
 /// ones and drop them afterwards.
 const WARM_PER_PLUGIN: usize = 8;
+/// Instances (in use and warm) one plugin may hold at once. A call past it
+/// waits for one to come free, at most for the call's deadline, and then
+/// fails as busy; the engine's pool holds [`POOL_INSTANCES`], so it takes
+/// `POOL_INSTANCES / MAX_INSTANCES_PER_PLUGIN` plugins at their bound to
+/// fill it.
+pub const MAX_INSTANCES_PER_PLUGIN: usize = 32;
+/// Component instances in the engine's pooling allocator, for all plugins.
+pub const POOL_INSTANCES: u32 = 512;
+
+/// The engine's pool sizes; tests shrink them to reach the bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSizes {
+    /// Component instances for all plugins together.
+    pub total: u32,
+    /// Instances one plugin may hold at once.
+    pub per_plugin: usize,
+}
+
+impl Default for PoolSizes {
+    fn default() -> Self {
+        PoolSizes {
+            total: POOL_INSTANCES,
+            per_plugin: MAX_INSTANCES_PER_PLUGIN,
+        }
+    }
+}
 
 /// What went wrong in a call, in words that name the cause.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -76,6 +120,9 @@ pub enum CallError {
     Plugin(String),
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// Every instance this plugin may hold was in use for the whole deadline.
+    #[error("is busy: {0} calls of it were running for the whole {1} ms deadline")]
+    Busy(usize, u64),
 }
 
 /// A log line a plugin wrote during one call.
@@ -92,6 +139,8 @@ pub struct Call {
     pub logs: Vec<LogLine>,
     /// Log bytes dropped over the cap.
     pub logs_dropped: usize,
+    /// Log lines dropped over either cap.
+    pub log_lines_dropped: usize,
     pub elapsed: Duration,
 }
 
@@ -104,15 +153,19 @@ pub enum Outcome {
 }
 
 /// The store's data: a deny-all WASI context and the call's bookkeeping.
-struct State {
+pub struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
+    /// Virtual clock, seeded random numbers, captured stdio.
+    pub(super) sandbox: Sandbox,
     memory_cap: usize,
     memory_exceeded: bool,
     log_cap: usize,
     log_used: usize,
+    log_line_cap: usize,
     logs: Vec<LogLine>,
     logs_dropped: usize,
+    log_lines_dropped: usize,
 }
 
 impl WasiView for State {
@@ -121,6 +174,12 @@ impl WasiView for State {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+impl State {
+    pub(super) fn memory_cap(&self) -> usize {
+        self.memory_cap
     }
 }
 
@@ -150,13 +209,24 @@ impl ResourceLimiter for State {
     }
 }
 
-impl wit::rulehook::plugin::host::Host for State {
-    fn log(&mut self, level: Level, message: String) {
-        if self.log_used + message.len() > self.log_cap {
+impl State {
+    /// Keeps a log line if it fits the call's caps on bytes and lines;
+    /// counts it as dropped otherwise. Control characters are escaped, so
+    /// a message cannot forge a line of the host's log.
+    fn push_log(&mut self, level: &'static str, message: String) {
+        if self.logs.len() >= self.log_line_cap || self.log_used + message.len() > self.log_cap {
             self.logs_dropped += message.len();
+            self.log_lines_dropped += 1;
             return;
         }
         self.log_used += message.len();
+        let message = escape_controls(&message).into_owned();
+        self.logs.push(LogLine { level, message });
+    }
+}
+
+impl wit::rulehook::plugin::host::Host for State {
+    fn log(&mut self, level: Level, message: String) {
         let level = match level {
             Level::Trace => "trace",
             Level::Debug => "debug",
@@ -164,7 +234,7 @@ impl wit::rulehook::plugin::host::Host for State {
             Level::Warn => "warn",
             Level::Error => "error",
         };
-        self.logs.push(LogLine { level, message });
+        self.push_log(level, message);
     }
 }
 
@@ -176,12 +246,23 @@ pub struct Runtime {
     linker: Linker<State>,
     limits: Limits,
     cache_dir: Option<PathBuf>,
+    /// Instances one plugin may hold at once.
+    per_plugin: usize,
 }
 
 impl Runtime {
     /// Creates the engine. `cache_dir` holds compiled components (none: no
     /// disk cache, as for `rulehook plugin run`).
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Arc<Runtime>, String> {
+        Self::with_pool(limits, cache_dir, PoolSizes::default())
+    }
+
+    /// [`Runtime::new`] with pool sizes of its own.
+    pub fn with_pool(
+        limits: Limits,
+        cache_dir: Option<PathBuf>,
+        sizes: PoolSizes,
+    ) -> Result<Arc<Runtime>, String> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -189,7 +270,7 @@ impl Runtime {
         // Instance slots come from a preallocated pool: instantiation is a
         // few page resets instead of mmap calls. Sizes: a Rust wasip2
         // component has a handful of core instances and one memory.
-        pool.total_component_instances(512)
+        pool.total_component_instances(sizes.total)
             .total_core_instances(4096)
             .total_memories(1024)
             .total_tables(2048)
@@ -201,6 +282,8 @@ impl Runtime {
             .map_err(|e| format!("cannot link WASI: {e}"))?;
         Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("cannot link the host interface: {e}"))?;
+        sandbox::add_to_linker(&mut linker)
+            .map_err(|e| format!("cannot link the plugin sandbox: {e:#}"))?;
         if let Some(dir) = &cache_dir {
             // A cache that cannot be created only costs compile time.
             if let Err(e) = std::fs::create_dir_all(dir) {
@@ -212,6 +295,7 @@ impl Runtime {
             linker,
             limits,
             cache_dir,
+            per_plugin: sizes.per_plugin.max(1),
         });
         spawn_ticker(Arc::downgrade(&runtime));
         Ok(runtime)
@@ -237,8 +321,11 @@ impl Runtime {
     ) -> Result<Compiled, String> {
         let hash = hash.to_string();
         let component = self.component(name, bytes, &hash)?;
-        let pre = self
-            .linker
+        let http = sandbox::with_http_traps(&self.linker, &self.engine, &component)
+            .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
+        let pre = http
+            .as_ref()
+            .unwrap_or(&self.linker)
             .instantiate_pre(&component)
             .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
         let pre = TransformPre::new(pre).map_err(|e| {
@@ -250,6 +337,8 @@ impl Runtime {
             runtime: self.clone(),
             pre,
             warm: Mutex::new(Vec::new()),
+            live: Mutex::new(Slots::default()),
+            freed: Condvar::new(),
         })
     }
 
@@ -275,6 +364,11 @@ impl Runtime {
                 }
             }
         }
+        // Before compiling: a big component takes seconds to compile, and
+        // wasmtime would only then find an import it cannot link. (A cached
+        // one passed this check when it was compiled; linking below still
+        // checks it against this host.)
+        super::imports::check(name, bytes).map_err(|e| e.to_string())?;
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| format!("plugin {name} is not a valid component: {e:#}"))?;
         if let Some(path) = &cached {
@@ -289,17 +383,22 @@ impl Runtime {
     }
 
     fn new_store(&self) -> Store<State> {
+        let sandbox = Sandbox::default();
         let state = State {
             // Nothing granted: no preopened directories, no environment, no
-            // arguments, no sockets; stdio goes nowhere.
-            wasi: WasiCtx::builder().build(),
+            // arguments, no sockets; clocks, random and stdio are the
+            // sandbox's.
+            wasi: sandbox.wasi_ctx(),
+            sandbox,
             table: ResourceTable::new(),
             memory_cap: self.limits.memory_bytes,
             memory_exceeded: false,
             log_cap: self.limits.log_bytes,
             log_used: 0,
+            log_line_cap: self.limits.log_lines,
             logs: Vec::new(),
             logs_dropped: 0,
+            log_lines_dropped: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -338,6 +437,15 @@ struct Warm {
     bindings: Transform,
 }
 
+/// The instance count of one plugin.
+#[derive(Default)]
+struct Slots {
+    /// Instances alive (in use or warm), at most the runtime's `per_plugin`.
+    live: usize,
+    /// Calls waiting for an instance to come free.
+    waiting: usize,
+}
+
 /// A compiled, pre-instantiated plugin with its pool of warm instances.
 pub struct Compiled {
     pub name: String,
@@ -346,6 +454,10 @@ pub struct Compiled {
     runtime: Arc<Runtime>,
     pre: TransformPre<State>,
     warm: Mutex<Vec<Warm>>,
+    /// Instances of this plugin alive now and calls waiting for one.
+    live: Mutex<Slots>,
+    /// Signalled whenever `live` goes down or a warm instance comes back.
+    freed: Condvar,
 }
 
 /// The rule and event a call is for.
@@ -370,18 +482,73 @@ impl CallContext {
 }
 
 impl Compiled {
+    /// A warm instance, or a fresh one if this plugin is under its bound;
+    /// at the bound, waits for one to come back, at most for the deadline.
     fn instance(&self) -> Result<Warm, CallError> {
-        if let Some(w) = self.warm.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(w);
+        let limit = self.runtime.per_plugin;
+        let timeout = self.runtime.limits.timeout;
+        let give_up = Instant::now() + timeout;
+        let mut slots = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(w) = self.warm.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return Ok(w);
+            }
+            if slots.live < limit {
+                slots.live += 1;
+                break;
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(CallError::Busy(limit, timeout.as_millis() as u64));
+            }
+            slots.waiting += 1;
+            slots = self
+                .freed
+                .wait_timeout(slots, give_up - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            slots.waiting -= 1;
         }
+        drop(slots);
         let mut store = self.runtime.new_store();
         // Instantiation runs the component's start code: give it a deadline too.
         store.set_epoch_deadline(self.deadline_ticks());
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| CallError::Instantiate(format!("{e:#}")))?;
-        Ok(Warm { store, bindings })
+        match self.pre.instantiate(&mut store) {
+            Ok(bindings) => Ok(Warm { store, bindings }),
+            Err(e) => {
+                self.release(None);
+                // The root cause: the outer layers are backtrace headers.
+                let max = self.runtime.limits.message_bytes;
+                Err(CallError::Instantiate(plain_text(
+                    &e.root_cause().to_string(),
+                    max,
+                )))
+            }
+        }
+    }
+
+    /// Gives an instance back: kept warm if `w` is reusable and there is
+    /// room, dropped otherwise (freeing its slot of the plugin's bound).
+    fn release(&self, w: Option<Warm>) {
+        let mut slots = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = w {
+            let mut warm = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+            if warm.len() < WARM_PER_PLUGIN {
+                warm.push(w);
+                drop(warm);
+                self.freed.notify_one();
+                return;
+            }
+        }
+        slots.live = slots.live.saturating_sub(1);
+        self.freed.notify_one();
+    }
+
+    /// Instances of this plugin alive now (in use or warm), and calls
+    /// waiting for one.
+    pub fn instances(&self) -> (usize, usize) {
+        let slots = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        (slots.live, slots.waiting)
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -389,6 +556,21 @@ impl Compiled {
         // The ticker runs freely, so the next tick may come at once: one
         // tick more makes the deadline at least `timeout`, never less.
         t.div_ceil(TICK.as_millis() as u64) + 1
+    }
+
+    /// Prepares a warm or fresh instance for one call of `export`: caps
+    /// reset, the sandbox's clock at 0 and its random numbers seeded from
+    /// the call's input, the deadline set.
+    fn begin(&self, w: &mut Warm, export: &str, parts: &[&str]) {
+        let s = w.store.data_mut();
+        s.log_used = 0;
+        s.logs_dropped = 0;
+        s.log_lines_dropped = 0;
+        s.logs.clear();
+        s.memory_exceeded = false;
+        s.sandbox
+            .begin(&self.hash, export, parts, self.runtime.limits.log_bytes);
+        w.store.set_epoch_deadline(self.deadline_ticks());
     }
 
     /// Runs `transform` once.
@@ -401,17 +583,23 @@ impl Compiled {
                     result: Err(e),
                     logs: Vec::new(),
                     logs_dropped: 0,
+                    log_lines_dropped: 0,
                     elapsed: started.elapsed(),
                 };
             }
         };
-        {
-            let s = w.store.data_mut();
-            s.log_used = 0;
-            s.logs_dropped = 0;
-            s.memory_exceeded = false;
-        }
-        w.store.set_epoch_deadline(self.deadline_ticks());
+        self.begin(
+            &mut w,
+            "transform",
+            &[
+                &ctx.rule,
+                &ctx.event_id,
+                &ctx.event_type,
+                &ctx.entity_type,
+                payload,
+                config,
+            ],
+        );
         let wit_ctx = WitContext {
             rule: ctx.rule.clone(),
             event_id: ctx.event_id.clone(),
@@ -421,7 +609,9 @@ impl Compiled {
         let raw = w
             .bindings
             .call_transform(&mut w.store, &wit_ctx, payload, config);
+        let stderr = collect_stdio(w.store.data_mut());
         let limits = &self.runtime.limits;
+        let text = |t: &str| plain_text(t, limits.message_bytes);
         let (result, reusable) = match raw {
             Ok(Ok(WitOutcome::Send(out))) if out.len() > limits.output_bytes => (
                 Err(CallError::OutputTooLarge {
@@ -431,60 +621,332 @@ impl Compiled {
                 true,
             ),
             Ok(Ok(WitOutcome::Send(out))) => (Ok(Outcome::Send(out)), true),
-            Ok(Ok(WitOutcome::Skip(reason))) => (Ok(Outcome::Skip(reason)), true),
-            Ok(Err(message)) => (Err(CallError::Plugin(message)), true),
-            Err(e) => (Err(self.describe_trap(&e, w.store.data())), false),
+            Ok(Ok(WitOutcome::Skip(reason))) => (Ok(Outcome::Skip(text(&reason))), true),
+            Ok(Err(message)) => (Err(CallError::Plugin(text(&message))), true),
+            Err(e) => (Err(self.describe_trap(&e, w.store.data(), &stderr)), false),
         };
         let state = w.store.data_mut();
         let logs = std::mem::take(&mut state.logs);
         let logs_dropped = state.logs_dropped;
-        if reusable {
-            let mut warm = self.warm.lock().unwrap_or_else(|e| e.into_inner());
-            if warm.len() < WARM_PER_PLUGIN {
-                warm.push(w);
-            }
-        }
+        let log_lines_dropped = state.log_lines_dropped;
+        self.release(reusable.then_some(w));
         Call {
             result,
             logs,
             logs_dropped,
+            log_lines_dropped,
             elapsed: started.elapsed(),
         }
     }
 
-    fn describe_trap(&self, e: &wasmtime::Error, state: &State) -> CallError {
+    /// A trap as its root cause: the memory cap or the deadline when one
+    /// of them stopped it, else what the guest said about it (the SDK's
+    /// panic log, or the end of what it printed to stderr, which is where
+    /// interpreters put their traceback), else the trap itself.
+    fn describe_trap(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
+        match self.trap_cause(e, state, stderr) {
+            CallError::Trap(cause) => {
+                CallError::Trap(plain_text(&cause, self.runtime.limits.message_bytes))
+            }
+            other => other,
+        }
+    }
+
+    fn trap_cause(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
         if state.memory_exceeded {
             return CallError::Memory(self.runtime.limits.memory_bytes >> 20);
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             return CallError::Timeout(self.runtime.limits.timeout.as_millis() as u64);
         }
-        // A Rust panic reaches us as `unreachable`; the SDK logged the panic
-        // message just before, which is the useful part.
         let panic = state
             .logs
             .iter()
             .rev()
             .find(|l| l.message.starts_with("plugin panicked"))
             .map(|l| l.message.clone());
-        CallError::Trap(
-            panic.unwrap_or_else(|| format!("{e:#}").lines().next().unwrap_or("").to_string()),
-        )
+        if let Some(p) = panic {
+            return CallError::Trap(p);
+        }
+        if let Some(cause) = stderr_cause(stderr) {
+            return CallError::Trap(cause);
+        }
+        if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            return CallError::Trap(format!("exited with status {}", exit.0));
+        }
+        if let Some(trap) = e.downcast_ref::<Trap>() {
+            return CallError::Trap(trap.to_string());
+        }
+        // A host function's error (a network trap, a refused request) is
+        // the root of the chain; the outer layers are backtrace headers.
+        CallError::Trap(e.root_cause().to_string())
     }
 
-    /// Runs `validate-config` once; `Err` is the plugin's message.
+    /// Runs `validate-config` once; `Err` is the plugin's message. Bounded
+    /// by the same deadline, memory cap and sandbox as a transform.
     pub fn validate_config(&self, config: &str) -> Result<(), CallError> {
         let mut w = self.instance()?;
-        w.store.set_epoch_deadline(self.deadline_ticks());
-        match w.bindings.call_validate_config(&mut w.store, config) {
+        self.begin(&mut w, "validate-config", &[config]);
+        let raw = w.bindings.call_validate_config(&mut w.store, config);
+        let stderr = collect_stdio(w.store.data_mut());
+        match raw {
             Ok(r) => {
-                let mut warm = self.warm.lock().unwrap_or_else(|e| e.into_inner());
-                if warm.len() < WARM_PER_PLUGIN {
-                    warm.push(w);
-                }
-                r.map_err(CallError::Plugin)
+                self.release(Some(w));
+                r.map_err(|m| CallError::Plugin(plain_text(&m, self.runtime.limits.message_bytes)))
             }
-            Err(e) => Err(self.describe_trap(&e, w.store.data())),
+            Err(e) => {
+                let err = self.describe_trap(&e, w.store.data(), &stderr);
+                self.release(None);
+                Err(err)
+            }
         }
+    }
+}
+
+/// Moves what the guest printed during the call into its log, one line per
+/// log entry (stdout at `info`, stderr at `error`) under the same caps as
+/// the log import, and returns the stderr text for [`stderr_cause`].
+fn collect_stdio(state: &mut State) -> String {
+    let (out, out_dropped) = state.sandbox.stdout.take();
+    let (err, err_dropped) = state.sandbox.stderr.take();
+    state.logs_dropped += out_dropped + err_dropped;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let err = String::from_utf8_lossy(&err).into_owned();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        state.push_log("info", line.to_string());
+    }
+    for line in err.lines().filter(|l| !l.trim().is_empty()) {
+        state.push_log("error", line.to_string());
+    }
+    err
+}
+
+/// `text` with its control characters escaped (`\\n`, `\\u{1b}`, and the
+/// Unicode line and paragraph separators), so that a guest's text logged
+/// or shown by the host stays on one line and cannot forge another.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A guest's reason or message as the host keeps it: control characters
+/// escaped, and cut to `max` bytes with a note of how long it was.
+pub fn plain_text(text: &str, max: usize) -> String {
+    let escaped = escape_controls(text);
+    if escaped.len() <= max {
+        return escaped.into_owned();
+    }
+    let note = format!("… ({} bytes in all; cut to {max})", text.len());
+    let mut cut = max.saturating_sub(note.len());
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{note}", &escaped[..cut])
+}
+
+/// Most of the guest's stderr a trap message quotes.
+const CAUSE_BYTES: usize = 1024;
+
+/// The last lines of `stderr` (within [`CAUSE_BYTES`]), without Rust's
+/// "run with RUST_BACKTRACE" hint; `None` when it printed nothing.
+fn stderr_cause(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut used = 0;
+    for line in lines.iter().rev() {
+        if used + line.len() > CAUSE_BYTES {
+            if kept.is_empty() {
+                // One long line: keep its end, where the message usually is.
+                let mut cut = line.len() - CAUSE_BYTES;
+                while !line.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                kept.push(&line[cut..]);
+            }
+            break;
+        }
+        used += line.len() + 1;
+        kept.push(line);
+    }
+    kept.reverse();
+    (!kept.is_empty()).then(|| kept.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm(name: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("RULEHOOK_WASM_DIR")).join(format!("{name}.wasm")))
+            .expect("the build made the test plugins")
+    }
+
+    #[test]
+    fn one_plugins_slow_calls_leave_pool_slots_for_the_others() {
+        // A pool of 4 instances, at most 2 per plugin; spin holds each
+        // instance for its whole 1.5 s deadline.
+        let limits = Limits {
+            timeout: Duration::from_millis(1500),
+            ..Limits::default()
+        };
+        let sizes = PoolSizes {
+            total: 4,
+            per_plugin: 2,
+        };
+        let rt = Runtime::with_pool(limits, None, sizes).unwrap();
+        let spin = rt.load("spin", &wasm("spin")).unwrap();
+        let noop = rt.load("noop", &wasm("noop")).unwrap();
+        let ctx = CallContext::default();
+        std::thread::scope(|s| {
+            let calls: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| spin.transform(&ctx, "{}", "null").result))
+                .collect();
+            let waited = Instant::now();
+            // Until every spin call holds an instance or waits for one.
+            loop {
+                let (live, waiting) = spin.instances();
+                if live + waiting == 4 {
+                    break;
+                }
+                assert!(
+                    waited.elapsed() < Duration::from_secs(5),
+                    "spin never started"
+                );
+                std::thread::yield_now();
+            }
+            // Spin is at its bound, with two more calls waiting: the pool
+            // still has room for another plugin.
+            let call = noop.transform(&ctx, "{}", "null");
+            assert_eq!(call.result, Ok(Outcome::Send("{}".into())));
+            assert_eq!(spin.instances(), (2, 2));
+            let results: Vec<_> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+            let timeouts = results
+                .iter()
+                .filter(|r| **r == Err(CallError::Timeout(1500)))
+                .count();
+            assert!(timeouts >= 2, "{results:?}");
+            assert!(
+                results
+                    .iter()
+                    .all(|r| matches!(r, Err(CallError::Timeout(_) | CallError::Busy(2, 1500)))),
+                "{results:?}"
+            );
+        });
+        assert_eq!(spin.instances(), (0, 0));
+    }
+
+    #[test]
+    fn stderr_cause_keeps_the_last_lines_without_the_backtrace_hint() {
+        let rust = "\nthread '<unnamed>' panicked at src/lib.rs:9:13:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            stderr_cause(rust).as_deref(),
+            Some("thread '<unnamed>' panicked at src/lib.rs:9:13:\nboom")
+        );
+        assert_eq!(stderr_cause("  \n\n"), None);
+        let long = format!("{}é the end", "x".repeat(3000));
+        let cause = stderr_cause(&long).unwrap();
+        assert!(
+            cause.len() <= CAUSE_BYTES && cause.ends_with("é the end"),
+            "{cause}"
+        );
+    }
+
+    /// A runtime with a deadline long enough for calls that log or build
+    /// megabytes, so the caps are what stops them, not the clock.
+    fn patient() -> Arc<Runtime> {
+        let limits = Limits {
+            timeout: Duration::from_secs(20),
+            ..Limits::default()
+        };
+        Runtime::new(limits, None).unwrap()
+    }
+
+    #[test]
+    fn log_lines_are_capped_as_well_as_bytes() {
+        let rt = patient();
+        let flood = rt.load("log-flood", &wasm("log-flood")).unwrap();
+        let call = flood.transform(&CallContext::default(), "{}", r#"{"empty": 20000}"#);
+        assert_eq!(call.result, Ok(Outcome::Send("{}".into())));
+        assert_eq!(call.logs.len(), Limits::default().log_lines, "lines kept");
+        assert_eq!(call.log_lines_dropped, 20000 - call.logs.len());
+    }
+
+    #[test]
+    fn skip_reasons_and_error_messages_are_capped_like_the_output() {
+        let rt = patient();
+        let skip = rt.load("skip", &wasm("skip")).unwrap();
+        let ctx = CallContext::default();
+        let six_mib = r#"{"reason": "0123456789abcdef", "repeat": 393216}"#;
+        match skip.transform(&ctx, "{}", six_mib).result {
+            Ok(Outcome::Skip(reason)) => {
+                assert!(reason.len() <= 4096, "a {}-byte reason", reason.len());
+                assert!(reason.starts_with("0123456789abcdef"), "{reason:.100}");
+                assert!(
+                    reason.ends_with("(6291456 bytes in all; cut to 4096)"),
+                    "{reason:.100}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let failing = r#"{"reason": "0123456789abcdef", "repeat": 393216, "fail": true}"#;
+        match skip.transform(&ctx, "{}", failing).result {
+            Err(CallError::Plugin(message)) => {
+                assert!(message.len() <= 4096, "a {}-byte message", message.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_characters_in_plugin_text_are_escaped() {
+        let rt = patient();
+        let ctx = CallContext::default();
+        let flood = rt.load("log-flood", &wasm("log-flood")).unwrap();
+        let forged = r#"{"message": "hello\n2026-01-01T00:00:00Z ERROR forged\u001b[31m"}"#;
+        let call = flood.transform(&ctx, "{}", forged);
+        assert_eq!(call.logs.len(), 1, "{:?}", call.logs);
+        assert_eq!(
+            call.logs[0].message,
+            "hello\\n2026-01-01T00:00:00Z ERROR forged\\u{1b}[31m"
+        );
+        let skip = rt.load("skip", &wasm("skip")).unwrap();
+        let call = skip.transform(&ctx, "{}", r#"{"reason": "one\rtwo"}"#);
+        assert_eq!(call.result, Ok(Outcome::Skip("one\\rtwo".into())));
+    }
+
+    #[test]
+    fn a_component_importing_what_the_host_lacks_is_refused_naming_it() {
+        let rt = Runtime::new(Limits::default(), None).unwrap();
+        let kv = super::super::imports::tests::importing("wasi:keyvalue/store@0.2.0-draft");
+        let err = rt.load("kv", &kv).err().unwrap();
+        assert!(
+            err.starts_with(
+                "plugin kv imports wasi:keyvalue/store@0.2.0-draft, which the host does not provide"
+            ),
+            "{err}"
+        );
+        // wasi:http is linked (as traps): such a component gets as far as
+        // the world check.
+        let http = super::super::imports::tests::importing("wasi:http/outgoing-handler@0.2.0");
+        let err = rt.load("http", &http).err().unwrap();
+        assert!(
+            err.starts_with("plugin http does not implement the rulehook:plugin/transform world"),
+            "{err}"
+        );
     }
 }
