@@ -497,15 +497,7 @@ impl Store {
                     .range((state.as_str(), lower)..=(state.as_str(), upper))
                     .map_err(io("list"))?
                     .rev();
-                let next = |it: &mut dyn Iterator<Item = _>| -> Result<Option<u128>, StoreError> {
-                    let item: Option<Result<(redb::AccessGuard<'_, (&str, u128)>, _), _>> =
-                        it.next();
-                    Ok(match item {
-                        Some(r) => Some(r.map_err(io("list"))?.0.value().1),
-                        None => None,
-                    })
-                };
-                let (mut x, mut y) = (next(&mut a)?, next(&mut b)?);
+                let (mut x, mut y) = (next_id(&mut a)?, next_id(&mut b)?);
                 let mut steps = 0usize;
                 while let (Some(i), Some(j)) = (x, y) {
                     steps += 1;
@@ -520,11 +512,11 @@ impl Store {
                             if take(i)? {
                                 break;
                             }
-                            x = next(&mut a)?;
-                            y = next(&mut b)?;
+                            x = next_id(&mut a)?;
+                            y = next_id(&mut b)?;
                         }
-                        std::cmp::Ordering::Greater => x = next(&mut a)?,
-                        std::cmp::Ordering::Less => y = next(&mut b)?,
+                        std::cmp::Ordering::Greater => x = next_id(&mut a)?,
+                        std::cmp::Ordering::Less => y = next_id(&mut b)?,
                     }
                 }
             }
@@ -889,6 +881,24 @@ fn find_event(
 /// A new, time-ordered event key.
 fn new_event_key() -> EventKey {
     uuid::Uuid::now_v7().as_u128()
+}
+
+/// An entry of a (key, delivery id) index as its range yields it.
+type IndexEntry<'a> = Result<
+    (
+        redb::AccessGuard<'a, (&'static str, DeliveryKey)>,
+        redb::AccessGuard<'a, ()>,
+    ),
+    redb::StorageError,
+>;
+
+/// The delivery id of an index range's next entry, `None` at its end.
+fn next_id<'a>(it: &mut impl Iterator<Item = IndexEntry<'a>>) -> Result<Option<u128>, StoreError> {
+    Ok(it
+        .next()
+        .transpose()
+        .map_err(io("list"))?
+        .map(|(k, _)| k.value().1))
 }
 
 /// Gives `take` the ids in `ids` until it says it has enough.
