@@ -4,8 +4,8 @@
 //! endpoint and duration) and the JSON answer. Those three run here, in a
 //! loop, on a store filled the way a busy server leaves it: 10 rules,
 //! 90 % succeeded, 5 % failed, 5 % pending, one attempt each for the final
-//! ones. Also the unfiltered first page, a rare filter (one that must use
-//! its scan budget), and the counts by state.
+//! ones. Also the unfiltered first page, filters that match nothing (and
+//! so use the whole scan budget), and the counts by state.
 //!
 //! `cargo bench -p rulehook --bench console [-- --records N] [--keep DIR]`
 //! (the fill takes about two minutes on 2 cores; `--keep DIR` reuses a
@@ -62,9 +62,10 @@ fn fill(store: &Store, records: usize) {
                 })
                 .collect();
             for (i, d) in deliveries.iter().enumerate() {
-                let n = made + i;
-                // Every 20th stays pending, every 20th (offset 10) fails.
-                match n % 20 {
+                // The state by a stride other than the rule's, so every
+                // rule has deliveries in every state: of each rule's, one
+                // in 20 stays pending and one in 20 fails.
+                match ((made + i) / RULES) % 20 {
                     0 => {}
                     10 => finish.push((d.id, 503, Next::Failed("HTTP 503".into()))),
                     _ => finish.push((d.id, 200, Next::Succeeded)),
@@ -168,6 +169,9 @@ fn main() {
     });
     measure("rule + pending", runs, || {
         first_page(&store, &by(Some("rule-3"), Some(State::Pending))).0
+    });
+    measure("rule + skipped (none stored: scan budget)", 50, || {
+        first_page(&store, &by(Some("rule-3"), Some(State::Skipped))).0
     });
     measure("state failed only", runs, || {
         first_page(&store, &by(None, Some(State::Failed))).0

@@ -26,6 +26,8 @@ const COUNT_CAP: u64 = 200_000;
 const BULK_DEFAULT: usize = 1_000;
 const BULK_MAX: usize = 10_000;
 const BULK_SCAN: usize = 200_000;
+/// Bulk redeliveries per commit.
+const BULK_COMMIT: usize = 500;
 /// Live-tail streams open at once, at most.
 pub(super) const MAX_STREAMS: usize = 32;
 
@@ -354,9 +356,14 @@ impl Api {
         }
         let mut ops = Vec::with_capacity(todo.len());
         for d in &todo {
-            let (body, rebind) = match self.rebuild(d.id, false).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
+            // Only a delivery its plugins failed is built again.
+            let (body, rebind) = if d.unbuilt {
+                match self.rebuild(d.id, false).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                }
+            } else {
+                (Rebuilt::Same, None)
             };
             ops.push(Op::Redeliver {
                 id: d.id,
@@ -365,13 +372,30 @@ impl Api {
             });
         }
         let ids: Vec<String> = todo.iter().map(|d| d.id.to_string()).collect();
-        match self.shared.outbox.write(ops).await {
-            Ok(done) => {
-                let redelivered = done
-                    .iter()
-                    .filter(|d| matches!(d, Done::Redelivered(_)))
-                    .count();
-                self.queue.kick();
+        // In commits of a few hundred, so ingest never waits behind one
+        // long transaction; each delivery's redelivery stands on its own.
+        let mut redelivered = 0;
+        let mut written = Ok(());
+        while !ops.is_empty() {
+            let chunk: Vec<Op> = ops.drain(..ops.len().min(BULK_COMMIT)).collect();
+            match self.shared.outbox.write(chunk).await {
+                Ok(done) => {
+                    redelivered += done
+                        .iter()
+                        .filter(|d| matches!(d, Done::Redelivered(_)))
+                        .count();
+                }
+                Err(e) => {
+                    written = Err(e);
+                    break;
+                }
+            }
+        }
+        if redelivered > 0 {
+            self.queue.kick();
+        }
+        match written {
+            Ok(()) => {
                 tracing::info!(
                     redelivered,
                     already_pending = pending.len(),
@@ -391,7 +415,10 @@ impl Api {
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage",
-                e.to_string(),
+                format!(
+                    "{e}; {redelivered} of the {} deliveries were redelivered before it",
+                    ids.len()
+                ),
                 None,
             ),
         }

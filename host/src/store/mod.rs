@@ -540,6 +540,8 @@ impl Store {
         // were in range, the page goes on below the smallest of them.
         let k = if filter.post_filters() { budget } else { limit };
         let mut capped = false;
+        // Where to go on from when a walk of two indexes ran out of steps.
+        let mut resume_at = None;
         match (&filter.event, &filter.rule, filter.state) {
             (Some(event), _, _) => {
                 let mut ids: Vec<u128> = read_event(&tx, event)?
@@ -548,6 +550,43 @@ impl Store {
                 ids.retain(|id| (lower..=upper).contains(id));
                 ids.sort_unstable_by(|a, b| b.cmp(a));
                 feed(ids, &mut take)?;
+            }
+            (None, Some(rule), Some(state)) if state.is_final() => {
+                // Both indexes are ordered by id: walk them together and
+                // load only the ids in both, so a rare combination costs
+                // index steps, not record reads.
+                let by_rule = tx.open_table(BY_RULE).map_err(io("list"))?;
+                let by_state = tx.open_table(BY_STATE).map_err(io("list"))?;
+                let mut a = by_rule
+                    .range((rule.as_str(), lower)..=(rule.as_str(), upper))
+                    .map_err(io("list"))?
+                    .rev();
+                let mut b = by_state
+                    .range((state.as_str(), lower)..=(state.as_str(), upper))
+                    .map_err(io("list"))?
+                    .rev();
+                let (mut x, mut y) = (next_id(&mut a)?, next_id(&mut b)?);
+                let mut steps = 0usize;
+                while let (Some(i), Some(j)) = (x, y) {
+                    steps += 1;
+                    if steps > budget.saturating_mul(INDEX_STEPS_PER_READ) {
+                        // Every id in both above the larger head was seen;
+                        // one in both must be at or below the smaller.
+                        resume_at = Some(DeliveryId(i.min(j).saturating_add(1)));
+                        break;
+                    }
+                    match i.cmp(&j) {
+                        std::cmp::Ordering::Equal => {
+                            if take(i)? {
+                                break;
+                            }
+                            x = next_id(&mut a)?;
+                            y = next_id(&mut b)?;
+                        }
+                        std::cmp::Ordering::Greater => x = next_id(&mut a)?,
+                        std::cmp::Ordering::Less => y = next_id(&mut b)?,
+                    }
+                }
             }
             (None, Some(rule), _) => {
                 let idx = tx.open_table(BY_RULE).map_err(io("list"))?;
@@ -597,6 +636,9 @@ impl Store {
         }
         if stopped || capped {
             page.next_before = last;
+        }
+        if resume_at.is_some() && page.deliveries.len() < limit {
+            page.next_before = resume_at;
         }
         Ok(page)
     }
@@ -855,6 +897,11 @@ pub fn url_endpoint(url: &str) -> Option<String> {
     ))
 }
 
+/// Index entries a list may step over per record it may read: stepping
+/// over an index key costs a small fraction of reading and decoding a
+/// record.
+const INDEX_STEPS_PER_READ: usize = 10;
+
 /// A page of deliveries, newest first, and where the next one starts.
 #[derive(Clone, Debug, Default)]
 pub struct Page {
@@ -902,6 +949,24 @@ fn find_event(
 /// A new, time-ordered event key.
 fn new_event_key() -> EventKey {
     uuid::Uuid::now_v7().as_u128()
+}
+
+/// An entry of a (key, delivery id) index as its range yields it.
+type IndexEntry<'a> = Result<
+    (
+        redb::AccessGuard<'a, (&'static str, DeliveryKey)>,
+        redb::AccessGuard<'a, ()>,
+    ),
+    redb::StorageError,
+>;
+
+/// The delivery id of an index range's next entry, `None` at its end.
+fn next_id<'a>(it: &mut impl Iterator<Item = IndexEntry<'a>>) -> Result<Option<u128>, StoreError> {
+    Ok(it
+        .next()
+        .transpose()
+        .map_err(io("list"))?
+        .map(|(k, _)| k.value().1))
 }
 
 /// Gives `take` the ids in `ids` until it says it has enough.

@@ -847,6 +847,22 @@ fn pages_follow_a_cursor_within_a_scan_budget_for_every_source() {
         ),
         (
             Filter {
+                rule: Some("b".into()),
+                state: Some(State::Failed),
+                ..Filter::default()
+            },
+            newest_first(&|n| n % 2 == 1 && n % 3 == 0),
+        ),
+        (
+            Filter {
+                rule: Some("a".into()),
+                state: Some(State::Skipped),
+                ..Filter::default()
+            },
+            Vec::new(),
+        ),
+        (
+            Filter {
                 state: Some(State::Pending),
                 ..Filter::default()
             },
@@ -864,7 +880,7 @@ fn pages_follow_a_cursor_within_a_scan_budget_for_every_source() {
         ),
     ];
     for (filter, expected) in &cases {
-        for (limit, budget) in [(5, 1000), (100, 1000), (2, 3), (100, 4)] {
+        for (limit, budget) in [(5, 1000), (100, 1000), (2, 3), (100, 4), (1, 1)] {
             let (got, _) = all_pages(&store, filter, limit, budget);
             assert_eq!(&got, expected, "{filter:?} limit {limit} budget {budget}");
         }
