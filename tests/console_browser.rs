@@ -259,6 +259,16 @@ fn sign_in_live_tail_attempts_and_redeliver() {
     assert!(!attempt.contains("s3cret"), "the secret is never shown");
     let verify = b.text_of("section[aria-labelledby=verify-h]");
     assert!(verify.contains("HMAC-SHA256"), "{verify}");
+    // The rule version it is bound to, as the API reports it.
+    let shown = server.delivery(&id);
+    let version = shown["bound_to"]["version"].as_str().unwrap().to_string();
+    let page = b.text_of("main");
+    assert!(
+        page.contains(&format!(
+            "version {version} of to-receiver, the running version"
+        )),
+        "{page}"
+    );
     b.screenshot("delivery");
 
     // Redeliver: the receiver gets it again, with the same delivery id.

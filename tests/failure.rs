@@ -290,3 +290,64 @@ fn a_backlog_larger_than_memory_is_delivered_exactly_once() {
     let received: HashSet<String> = seen.into_keys().collect();
     assert_eq!(received, sent, "every delivery arrived, and only those");
 }
+
+/// An unblock over more parked deliveries than one commit moves
+/// (`UNPARK_STEP`, 5,000) answers after the first step and resumes the rest
+/// in the background: every parked delivery arrives, once. Before, one
+/// transaction moved them all, holding the writer (and every ingest) for
+/// seconds with a large backlog.
+#[test]
+fn an_unblock_over_a_large_parked_backlog_resumes_every_delivery() {
+    const EVENTS: usize = 6_000;
+    const BATCH: usize = 500;
+    let rx = Receiver::start(vec![Answer::status(410), Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - {{name: r, events: [create], webhook: {{url: \"{}\"}}}}\n",
+        rx.url("/gone")
+    );
+    let (dir, config) = setup(
+        "unpark-steps",
+        &rules,
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    // The first delivery's 410 disables the endpoint; the rest park.
+    assert_eq!(server.post_event(&event("first")).status, 202);
+    rx.wait_for(1, Duration::from_secs(20));
+    let auth = format!("Bearer {}", crate::support::server::INGEST_KEY);
+    for b in 0..EVENTS / BATCH {
+        let body: String = (0..BATCH)
+            .map(|k| event(&format!("parked-{b}-{k}")).to_string() + "\n")
+            .collect();
+        let r = crate::support::http::request(
+            server.addr,
+            "POST",
+            "/v1/events",
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/x-ndjson"),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let endpoint = format!("http://127.0.0.1:{}", rx.addr.port());
+    wait_for(Duration::from_secs(60), "every delivery to park", || {
+        let eps = server.admin("GET", "/v1/endpoints", None).json();
+        (eps["endpoints"][0]["parked"].as_u64() == Some(EVENTS as u64 + 1)).then_some(())
+    });
+    let r = server.admin(
+        "POST",
+        "/v1/endpoints/unblock",
+        Some(&serde_json::json!({"endpoint": endpoint})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["resumed"], 5000, "{}", r.text());
+    assert_eq!(r.json()["more"], true, "{}", r.text());
+    let got = rx.wait_for(EVENTS + 2, Duration::from_secs(120));
+    let ids: std::collections::BTreeSet<&str> = got[1..]
+        .iter()
+        .filter_map(|r| r.header("X-Rulehook-Delivery"))
+        .collect();
+    assert_eq!(ids.len(), EVENTS + 1, "every parked delivery arrived, once");
+}

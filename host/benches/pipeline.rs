@@ -408,9 +408,6 @@ async fn backlog(n: usize, quick_repair: bool) {
             .append(true)
             .open(dir.join("rulehook.yaml"))
             .unwrap();
-        // The endpoint is down on purpose: blocking it would park the whole
-        // backlog, and the restart after kill -9 measures when it moves again.
-        writeln!(config, "protection: {{failures: 1000000000}}").unwrap();
         if !quick_repair {
             writeln!(config, "quick_repair: false").unwrap();
         }
@@ -504,6 +501,15 @@ async fn backlog(n: usize, quick_repair: bool) {
         if accepted.is_none() && post(&client, server.addr, event("after-kill"), false).await == 202
         {
             accepted = Some(t0.elapsed());
+            // The dead endpoint was blocked by its failures, which parked the
+            // backlog: unblock it, as an operator would once it is back.
+            let req = http::Request::post(format!("http://{}/v1/endpoints/unblock", server.addr))
+                .header("Authorization", format!("Bearer {KEY}"))
+                .body(Full::new(Bytes::from(format!(
+                    "{{\"endpoint\":\"http://127.0.0.1:{dead}\"}}"
+                ))))
+                .unwrap();
+            let _ = client.request(req).await;
         }
         if delivered.is_none() && sink.count.load(Relaxed) > 0 {
             delivered = Some(t0.elapsed());
@@ -516,7 +522,7 @@ async fn backlog(n: usize, quick_repair: bool) {
         })
     };
     println!(
-        "backlog: restart after kill -9 with {total} pending: listening after {:.0} ms, first event accepted after {}, first delivery after {}",
+        "backlog: restart after kill -9 with {total} pending: listening after {:.0} ms, first event accepted after {}, first delivery (endpoint unblocked at once) after {}",
         listening.as_secs_f64() * 1000.0,
         ms(accepted),
         ms(delivered)

@@ -197,25 +197,26 @@ impl Api {
             ep.clone()
         };
         tracing::info!(endpoint = %endpoint, "endpoint unblocked by an admin");
-        match self
-            .shared
-            .outbox
-            .write(vec![
-                Op::PutEndpoint(ep.clone()),
-                Op::Unpark {
-                    endpoint: endpoint.clone(),
-                    limit: usize::MAX,
-                },
-            ])
-            .await
+        // The first few thousand now; a larger backlog follows in the
+        // background (see `deliver::unpark`).
+        match crate::deliver::unpark(
+            &self.shared.outbox,
+            &self.shared.kick,
+            &endpoint,
+            vec![Op::PutEndpoint(ep.clone())],
+        )
+        .await
         {
             Ok(done) => {
                 let resumed = match done.get(1) {
                     Some(Done::Unparked(ids)) => ids.len(),
                     _ => 0,
                 };
-                self.queue.kick();
-                json_response(StatusCode::OK, &json!({"endpoint": ep, "resumed": resumed}))
+                let more = resumed >= crate::deliver::UNPARK_STEP;
+                json_response(
+                    StatusCode::OK,
+                    &json!({"endpoint": ep, "resumed": resumed, "more": more}),
+                )
             }
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,

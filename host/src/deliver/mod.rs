@@ -142,16 +142,79 @@ impl Queue {
     }
 }
 
+/// Deliveries unparked per commit. An endpoint blocked while a backlog
+/// built up can hold a million parked deliveries; moving them in one
+/// transaction held the one writer, and with it every ingest and the first
+/// resumed attempt, for about ten seconds.
+pub const UNPARK_STEP: usize = 5_000;
+
+/// Commits `first` together with the first `UNPARK_STEP` deliveries parked
+/// on `endpoint` made due again, and returns that commit's results (the
+/// unpark's last). The rest follows in the background, a step per commit,
+/// the dispatcher kicked after each, so attempts start after the first
+/// step, not after the whole backlog moved.
+pub async fn unpark(
+    outbox: &Outbox,
+    kick: &Arc<Notify>,
+    endpoint: &str,
+    mut first: Vec<Op>,
+) -> Result<Vec<crate::store::Done>, crate::outbox::OutboxError> {
+    let step = || Op::Unpark {
+        endpoint: endpoint.to_string(),
+        limit: UNPARK_STEP,
+    };
+    let full = |done: &[crate::store::Done]| matches!(done.last(), Some(crate::store::Done::Unparked(ids)) if ids.len() >= UNPARK_STEP);
+    first.push(step());
+    let done = outbox.write(first).await?;
+    kick.notify_one();
+    if full(&done) {
+        let (outbox, kick, endpoint) = (outbox.clone(), kick.clone(), endpoint.to_string());
+        tokio::spawn(async move {
+            let mut moved = UNPARK_STEP;
+            loop {
+                let op = Op::Unpark {
+                    endpoint: endpoint.clone(),
+                    limit: UNPARK_STEP,
+                };
+                match outbox.write(vec![op]).await {
+                    Ok(done) => {
+                        kick.notify_one();
+                        if let Some(crate::store::Done::Unparked(ids)) = done.last() {
+                            moved += ids.len();
+                        }
+                        if !full(&done) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint, error = %e, "could not unpark the rest of this endpoint's deliveries; they resume at its next unblock");
+                        break;
+                    }
+                }
+            }
+            tracing::info!(
+                endpoint,
+                deliveries = moved,
+                "every parked delivery of this endpoint is due again"
+            );
+        });
+    }
+    Ok(done)
+}
+
 /// Makes the deliveries parked for a WebSocket space due now (a client has
 /// connected to it) and has the dispatcher look for them.
 pub async fn resume_channel(shared: &Shared, space: &str) {
-    let op = Op::Unpark {
-        endpoint: channel::endpoint(space),
-        limit: usize::MAX,
-    };
-    match shared.outbox.write(vec![op]).await {
+    match unpark(
+        &shared.outbox,
+        &shared.kick,
+        &channel::endpoint(space),
+        Vec::new(),
+    )
+    .await
+    {
         Ok(done) => {
-            if let Some(crate::store::Done::Unparked(ids)) = done.first()
+            if let Some(crate::store::Done::Unparked(ids)) = done.last()
                 && !ids.is_empty()
             {
                 tracing::info!(
@@ -587,12 +650,9 @@ impl Dispatcher {
         };
         for ep in expired {
             tracing::info!(endpoint = %ep.endpoint, "endpoint block expired; resuming its parked deliveries");
-            let mut ops = vec![Op::PutEndpoint(ep.clone())];
-            ops.push(Op::Unpark {
-                endpoint: ep.endpoint.clone(),
-                limit: usize::MAX,
-            });
-            if let Err(e) = self.shared.outbox.write(ops).await {
+            let ops = vec![Op::PutEndpoint(ep.clone())];
+            if let Err(e) = unpark(&self.shared.outbox, &self.shared.kick, &ep.endpoint, ops).await
+            {
                 tracing::error!(endpoint = %ep.endpoint, error = %e, "could not unpark");
             }
         }

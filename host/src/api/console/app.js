@@ -367,6 +367,16 @@ function verifyHelp(attempt) {
   return h("ul", {}, items);
 }
 
+// The rule version the delivery is sent with (see README "Reload"): it
+// keeps the target the rule had when the event was accepted.
+function boundTo(b) {
+  if (!b || !b.version) return "the running rule of this name (stored before rule versions)";
+  const where = b.url ? ` → ${b.url}` : "";
+  const state = b.running ? "the running version" : "a retired version (the rule changed or went since)";
+  const problem = b.problem ? `; cannot be sent: ${b.problem}` : "";
+  return `version ${b.version} of ${b.rule}, ${state}${where}${problem}`;
+}
+
 async function delivery(id) {
   const data = await api("GET", `/v1/deliveries/${encodeURIComponent(id)}`);
   const d = data.delivery;
@@ -380,6 +390,7 @@ async function delivery(id) {
     kv([
       ["State", stateBadge(d.state)],
       ["Rule", rule ? `${d.rule} (${rule.at}${rule.active ? "" : ", inactive"})` : `${d.rule} (no longer in the running rules)`],
+      ["Bound to", boundTo(data.bound_to)],
       ["Event", d.event_id],
       ["Attempts", String(d.attempts)],
       ["Made", time(d.created_at_rfc3339)],
