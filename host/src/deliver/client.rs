@@ -22,7 +22,7 @@ use crate::config::Outbound;
 /// Why an address may not be used, or `None` when it may.
 pub fn refuse_address(ip: IpAddr, allow: &[IpNet]) -> Option<String> {
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
     // Link-local covers the cloud metadata address 169.254.169.254; these
@@ -65,6 +65,32 @@ pub fn refuse_address(ip: IpAddr, allow: &[IpNet]) -> Option<String> {
         return Some(format!(
             "{ip} is a private or loopback address; allow it with `allow_cidrs` in the config if this endpoint is trusted"
         ));
+    }
+    None
+}
+
+/// The IPv4 address an IPv6 one carries, where the network would deliver
+/// to it: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`,
+/// deprecated but still routed by some stacks), NAT64 (`64:ff9b::/96`) and
+/// 6to4 (`2002:AABB:CCDD::/48`). Vetting the IPv4 address inside keeps a
+/// private or metadata address from passing in IPv6 dress.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    use std::net::Ipv4Addr;
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let low =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    // `::` and `::1` are IPv6's own unspecified and loopback addresses.
+    if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
+        return Some(low(s[6], s[7]));
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(low(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return Some(low(s[1], s[2]));
     }
     None
 }
@@ -489,6 +515,22 @@ mod tests {
             ("::ffff:169.254.169.254", &lo, false),
             ("fd00:ec2::254", &none, false),
             ("2606:4700::1111", &none, true),
+            // IPv4 inside IPv6: compatible, NAT64 and 6to4 forms are vetted
+            // as the IPv4 address they deliver to.
+            ("::127.0.0.1", &none, false),
+            ("::127.0.0.1", &lo, true),
+            ("::169.254.169.254", &lo, false),
+            ("64:ff9b::7f00:1", &none, false),
+            ("64:ff9b::a9fe:a9fe", &lo, false),
+            ("64:ff9b::a00:1", &none, false),
+            ("64:ff9b::5db8:d822", &none, true),
+            ("2002:7f00:1::1", &none, false),
+            ("2002:a9fe:a9fe::1", &lo, false),
+            ("2002:c0a8:101::", &none, false),
+            ("2002:5db8:d822::1", &none, true),
+            // IPv6's own loopback and unspecified are not IPv4 in disguise.
+            ("::1", &lo, false),
+            ("::", &none, false),
         ];
         for (ip, allow, ok) in cases {
             let got = refuse_address(ip.parse().unwrap(), allow);
