@@ -37,13 +37,13 @@ fn a_kill_under_load_loses_no_accepted_event() {
         .map(|t| {
             let accepted = accepted.clone();
             std::thread::spawn(move || {
+                let auth = format!("Bearer {}", crate::support::server::INGEST_KEY);
                 for i in 0..2000 {
                     if started.elapsed() > Duration::from_secs(3) {
                         break;
                     }
                     let id = format!("evt-{t}-{i}");
                     let body = event(&id).to_string();
-                    let auth = format!("Bearer {}", crate::support::server::INGEST_KEY);
                     match crate::support::http::try_request(
                         addr,
                         "POST",
@@ -249,22 +249,12 @@ fn a_backlog_larger_than_memory_is_delivered_exactly_once() {
         &format!("http_ports: [{}]\nmax_body: 8MiB\n", rx.addr.port()),
     );
     let server = Server::start(&dir, &config);
-    let auth = format!("Bearer {}", crate::support::server::INGEST_KEY);
     let mut sent: HashSet<String> = HashSet::new();
     for b in 0..EVENTS / BATCH {
         let body: String = (0..BATCH)
             .map(|k| event(&format!("ovf-{b}-{k}")).to_string() + "\n")
             .collect();
-        let r = crate::support::http::request(
-            server.addr,
-            "POST",
-            "/v1/events",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/x-ndjson"),
-            ],
-            body.as_bytes(),
-        );
+        let r = server.post_ndjson(&body);
         assert_eq!(r.status, 202, "{}", r.text());
         for e in r.json()["events"].as_array().unwrap() {
             sent.insert(e["deliveries"][0].as_str().unwrap().to_string());
@@ -314,21 +304,11 @@ fn an_unblock_over_a_large_parked_backlog_resumes_every_delivery() {
     // The first delivery's 410 disables the endpoint; the rest park.
     assert_eq!(server.post_event(&event("first")).status, 202);
     rx.wait_for(1, Duration::from_secs(20));
-    let auth = format!("Bearer {}", crate::support::server::INGEST_KEY);
     for b in 0..EVENTS / BATCH {
         let body: String = (0..BATCH)
             .map(|k| event(&format!("parked-{b}-{k}")).to_string() + "\n")
             .collect();
-        let r = crate::support::http::request(
-            server.addr,
-            "POST",
-            "/v1/events",
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/x-ndjson"),
-            ],
-            body.as_bytes(),
-        );
+        let r = server.post_ndjson(&body);
         assert_eq!(r.status, 202, "{}", r.text());
     }
     let endpoint = format!("http://127.0.0.1:{}", rx.addr.port());

@@ -113,11 +113,6 @@ pub async fn run(
             .await??;
     let store = Arc::new(store);
     let (outbox, writer) = Outbox::start(store.clone());
-    let targets = Arc::new(Targets::open(
-        &store,
-        outbox.clone(),
-        config.rules_dir.clone(),
-    )?);
     let started = {
         let loader = loader.clone();
         tokio::task::spawn_blocking(move || loader.load(None)).await?
@@ -137,6 +132,12 @@ pub async fn run(
     for d in &diagnostics {
         tracing::warn!(at = %d.location(), warning = %d.message, "rule file warning");
     }
+    let targets = Arc::new(Targets::open(
+        &store,
+        outbox.clone(),
+        &config.rules_dir,
+        snapshot.targets.values(),
+    )?);
     {
         let (targets, running) = (targets.clone(), snapshot.targets.clone());
         tokio::task::spawn_blocking(move || targets.publish(running.values()))

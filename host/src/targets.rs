@@ -12,7 +12,6 @@
 //! rule as it is now redelivers it with the current rule (`?rule=current`).
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::outbox::{Outbox, OutboxError};
@@ -67,26 +66,39 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Reads the stored versions and resolves their secrets (relative
-    /// `file:` references from `rules_dir`, as when the rules are loaded).
-    pub fn open(store: &Store, outbox: Outbox, rules_dir: PathBuf) -> Result<Targets, StoreError> {
-        let secrets = EnvSecrets::new(&rules_dir);
+    /// Reads the stored versions that are retired (not among `running`,
+    /// the loaded rules' versions) and resolves their secret references
+    /// (relative `file:` references from `rules_dir`, as when the rules are
+    /// loaded). The running ones were just resolved by the load and come
+    /// in with the first `publish`, so no secret is read twice at start-up.
+    pub fn open<'a>(
+        store: &Store,
+        outbox: Outbox,
+        rules_dir: &std::path::Path,
+        running: impl IntoIterator<Item = &'a Arc<Target>>,
+    ) -> Result<Targets, StoreError> {
+        let running: HashSet<&RuleVersion> = running.into_iter().map(|t| &t.version).collect();
         let mut known = HashMap::new();
+        let secrets = EnvSecrets::new(rules_dir);
         for (version, json) in store.rule_versions()? {
             let version = RuleVersion(version);
-            let target = match TargetSpec::from_json(&json) {
-                Ok(spec) => Target {
-                    version: version.clone(),
-                    rule: spec.rule.clone(),
-                    webhook: spec.to_webhook(&secrets),
-                    spec,
-                },
+            if running.contains(&version) {
+                continue;
+            }
+            match TargetSpec::from_json(&json) {
+                Ok(spec) => {
+                    let target = Target {
+                        version: version.clone(),
+                        rule: spec.rule.clone(),
+                        webhook: spec.to_webhook(&secrets),
+                        spec,
+                    };
+                    known.insert(version, Arc::new(target));
+                }
                 Err(why) => {
                     tracing::error!(version = %version, error = %why, "a stored rule version is unreadable; its deliveries fail until redelivered with the current rule");
-                    continue;
                 }
-            };
-            known.insert(version, Arc::new(target));
+            }
         }
         Ok(Targets {
             known: RwLock::new(known),
@@ -101,15 +113,6 @@ impl Targets {
             .unwrap_or_else(|e| e.into_inner())
             .get(version)
             .cloned()
-    }
-
-    /// How many versions are known (running and retired).
-    pub fn len(&self) -> usize {
-        self.known.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Makes the running set's `targets` durable and known, and marks the

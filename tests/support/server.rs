@@ -83,6 +83,20 @@ impl Server {
         )
     }
 
+    /// Posts a batch of events, one JSON per line, with the ingest key.
+    pub fn post_ndjson(&self, body: &str) -> Reply {
+        request(
+            self.addr,
+            "POST",
+            "/v1/events",
+            &[
+                ("Authorization", &format!("Bearer {INGEST_KEY}")),
+                ("Content-Type", "application/x-ndjson"),
+            ],
+            body.as_bytes(),
+        )
+    }
+
     pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         request(

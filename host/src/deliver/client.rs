@@ -149,7 +149,7 @@ type Inner = Client<HttpsConnector<Connector>, Watched>;
 /// once a connection is there, fresh or reused from the pool, so it is the
 /// moment the reply timeout starts: DESIGN counts it "from when the request
 /// is written", and on a reused connection there is no connect to add.
-pub struct Watched {
+struct Watched {
     inner: Full<Bytes>,
     written: Option<tokio::sync::oneshot::Sender<()>>,
 }

@@ -159,30 +159,28 @@ pub async fn unpark(
     endpoint: &str,
     mut first: Vec<Op>,
 ) -> Result<Vec<crate::store::Done>, crate::outbox::OutboxError> {
-    let step = || Op::Unpark {
+    let step = |endpoint: &str| Op::Unpark {
         endpoint: endpoint.to_string(),
         limit: UNPARK_STEP,
     };
-    let full = |done: &[crate::store::Done]| matches!(done.last(), Some(crate::store::Done::Unparked(ids)) if ids.len() >= UNPARK_STEP);
-    first.push(step());
+    // How many the last step moved; a full step means more may be left.
+    let moved = |done: &[crate::store::Done]| match done.last() {
+        Some(crate::store::Done::Unparked(ids)) => ids.len(),
+        _ => 0,
+    };
+    first.push(step(endpoint));
     let done = outbox.write(first).await?;
     kick.notify_one();
-    if full(&done) {
+    if moved(&done) >= UNPARK_STEP {
         let (outbox, kick, endpoint) = (outbox.clone(), kick.clone(), endpoint.to_string());
         tokio::spawn(async move {
-            let mut moved = UNPARK_STEP;
+            let mut total = UNPARK_STEP;
             loop {
-                let op = Op::Unpark {
-                    endpoint: endpoint.clone(),
-                    limit: UNPARK_STEP,
-                };
-                match outbox.write(vec![op]).await {
+                match outbox.write(vec![step(&endpoint)]).await {
                     Ok(done) => {
                         kick.notify_one();
-                        if let Some(crate::store::Done::Unparked(ids)) = done.last() {
-                            moved += ids.len();
-                        }
-                        if !full(&done) {
+                        total += moved(&done);
+                        if moved(&done) < UNPARK_STEP {
                             break;
                         }
                     }
@@ -194,7 +192,7 @@ pub async fn unpark(
             }
             tracing::info!(
                 endpoint,
-                deliveries = moved,
+                deliveries = total,
                 "every parked delivery of this endpoint is due again"
             );
         });
