@@ -84,6 +84,7 @@ fn main() {
                 id,
                 attempt: Some(attempt()),
                 next: Next::Succeeded,
+                epoch: None,
             });
         }
         for _ in 0..per_round {

@@ -123,6 +123,7 @@ impl Ingest {
             let Done::Accepted {
                 deliveries,
                 duplicate,
+                claim,
             } = done
             else {
                 continue;
@@ -143,6 +144,7 @@ impl Ingest {
                         attempts: 0,
                         body: Some(fresh.body),
                         space: fresh.space,
+                        claim,
                     });
                 }
             }

@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
-use crate::store::{Attempt, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
+use crate::store::{Attempt, Claim, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
 use crate::targets::{Target, Targets};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
@@ -51,6 +51,8 @@ pub struct Work {
     pub body: Option<Bytes>,
     /// For WebSocket rules: the shared space whose clients get it.
     pub space: Option<String>,
+    /// This node's hold on it (cluster mode; see `store::Claim`).
+    pub claim: Option<Claim>,
 }
 
 /// What the dispatcher and its attempts share.
@@ -578,7 +580,7 @@ impl Dispatcher {
         let found = tokio::task::spawn_blocking(move || {
             // The lock is taken per key, not across the scan: ingest and
             // completions must not wait for a walk through the store.
-            store.due(after, now, free, |id| shared.is_active(id), SCAN_BODY_CAP)
+            store.due(after, now, free, &|id| shared.is_active(id), SCAN_BODY_CAP)
         })
         .await;
         let scan = match found {
@@ -607,18 +609,20 @@ impl Dispatcher {
             let mut active = self.shared.active.lock().unwrap_or_else(|e| e.into_inner());
             scan.found
                 .into_iter()
-                .filter(|(d, _)| active.insert(d.id))
+                .filter(|due| active.insert(due.delivery.id))
                 .collect()
         };
-        for (d, body) in found {
+        for due in found {
+            let d = due.delivery;
             self.dispatch(Work {
                 id: d.id,
                 rule: d.rule,
                 version: d.rule_version.map(RuleVersion),
                 event_id: d.event_id,
                 attempts: d.attempts,
-                body: body.map(Bytes::from),
+                body: due.body.map(Bytes::from),
                 space: d.space,
+                claim: due.claim,
             });
         }
         if self.backlog {
@@ -814,6 +818,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         id: work.id,
         attempt: Some(record),
         next,
+        epoch: work.claim.map(|c| c.epoch),
     }];
     if let Some(ep) = ep_state {
         ops.push(Op::PutEndpoint(ep));
@@ -838,6 +843,7 @@ fn not_sent(work: &Work, next: Next) -> Outcome {
             id: work.id,
             attempt: None,
             next,
+            epoch: work.claim.map(|c| c.epoch),
         }],
         waits_for_space: None,
     }
@@ -1048,6 +1054,7 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
             id: work.id,
             attempt: Some(record),
             next,
+            epoch: work.claim.map(|c| c.epoch),
         }],
         waits_for_space: None,
     }

@@ -1,39 +1,56 @@
-//! Durable state in redb, behind an API that speaks the domain: accept an
-//! event with its deliveries, record an attempt, park and unpark, list.
-//! No redb type leaves this module.
+//! The storage contract: what the rest of rulehook may ask of durable
+//! state, in the domain's words (accept an event with its deliveries,
+//! record an attempt, park and unpark, list), and the two stores that keep
+//! it: `redb` (embedded, the default: one binary, one file) and `postgres`
+//! (cluster mode: many stateless nodes on one database). Ingest, the
+//! dispatcher, the API and the CLI hold a `Store` and never know which.
 //!
-//! Writes come in batches (`apply`) so the outbox can give many events and
-//! attempts one commit and one fsync: that is what makes durable ingest fast.
-//! Reads open their own read transaction and never block writes.
+//! The one invariant every backend keeps: **`apply` returns only once its
+//! whole batch is durable** (redb: fsynced; postgres: COMMIT acknowledged,
+//! which with synchronous replication means flushed on a standby), and on
+//! error nothing of the batch is stored. Writes come in batches so the
+//! outbox can give many events and attempts one commit: that is what makes
+//! durable ingest fast. Reads never block writes.
+//!
+//! In cluster mode several nodes send from one store, so a node *claims*
+//! the deliveries it sends (`Claim`): a claim is a lease with a fencing
+//! epoch, and a result recorded under an epoch that is no longer the
+//! delivery's is refused (`Done::Rejected`). The embedded store has one
+//! node and ignores claims.
 
+pub mod postgres;
 pub mod records;
+pub mod redb;
 pub mod schema;
-mod versions;
 
 use std::path::Path;
 
-use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
-};
-
+pub use self::redb::Redb;
 pub use records::*;
-use schema::*;
+pub use schema::{DeliveryKey, EventKey};
 
-/// A storage failure; the message names the file and the operation.
+/// A storage failure; the message names the database and the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database {path}: {source}")]
     Open {
         path: String,
-        source: redb::DatabaseError,
+        source: ::redb::DatabaseError,
     },
     #[error(
-        "database {path} has schema version {found}, newer than this rulehook ({SCHEMA_VERSION}); upgrade rulehook"
+        "database {path} has schema version {found}, newer than this rulehook ({known}); upgrade rulehook"
     )]
-    TooNew { path: String, found: u64 },
+    TooNew {
+        path: String,
+        found: u64,
+        known: u64,
+    },
     #[error("storage error during {op}: {message}")]
     Io { op: &'static str, message: String },
+    /// The database cannot be reached (postgres mode): nothing was stored,
+    /// and trying again later may work.
+    #[error("the database is unreachable during {op}: {message}")]
+    Unavailable { op: &'static str, message: String },
     #[error("no delivery {0}")]
     NoDelivery(DeliveryId),
     #[error("stored record is corrupt: {0}")]
@@ -45,6 +62,19 @@ fn io<E: std::fmt::Display>(op: &'static str) -> impl Fn(E) -> StoreError {
         op,
         message: e.to_string(),
     }
+}
+
+/// A node's hold on a delivery it is about to send (cluster mode). Made
+/// when the node accepts the delivery or claims it from the due index; it
+/// lasts the configured lease from `at` and is renewed while the delivery
+/// is queued or in flight. Recording the attempt names `epoch`: if another
+/// node claimed the delivery since (the lease ran out), the record is
+/// refused and the other node's stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: u64,
+    /// When the claim was made (ms since the epoch, this node's clock).
+    pub at: u64,
 }
 
 /// A new event and the deliveries built for it, to be accepted atomically.
@@ -106,6 +136,10 @@ pub enum Op {
         id: DeliveryId,
         attempt: Option<Attempt>,
         next: Next,
+        /// The claim it was sent under (cluster mode): if the delivery was
+        /// claimed again since, nothing is recorded and the op is
+        /// `Rejected`. `None` records unconditionally (embedded store).
+        epoch: Option<u64>,
     },
     PutEndpoint(Endpoint),
     /// Move up to `limit` deliveries parked on `endpoint` back to due now.
@@ -150,9 +184,12 @@ pub enum Op {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Done {
     /// `duplicate`: the event id was accepted before; these are its deliveries.
+    /// `claim`: the accepting node holds the new pending deliveries under
+    /// it (cluster mode), so it may send them at once.
     Accepted {
         deliveries: Vec<DeliveryId>,
         duplicate: bool,
+        claim: Option<Claim>,
     },
     Finished,
     EndpointSaved,
@@ -170,13 +207,6 @@ pub enum Done {
     Rejected(String),
 }
 
-pub struct Store {
-    db: Database,
-    /// Each commit also saves redb's allocator state (and commits in two
-    /// phases), so opening a file that was not closed cleanly needs no walk
-    /// of the whole file (see `open_with`).
-    quick_repair: bool,
-}
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -193,571 +223,23 @@ fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-impl Store {
-    /// Opens (or creates) the database file. `cache_bytes` bounds redb's
-    /// page cache, which is most of rulehook's memory with a large backlog.
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        Store::open_with(path, cache_bytes, true)
-    }
-
-    /// `open`, choosing quick repair. With it, a restart after a crash
-    /// (kill -9, power loss) opens at once; without it redb rebuilds its
-    /// allocator state by walking the whole file first, seconds for a
-    /// large backlog. It costs a little on every commit (BENCHMARKS.md).
-    pub fn open_with(
-        path: &Path,
-        cache_bytes: usize,
-        quick_repair: bool,
-    ) -> Result<Store, StoreError> {
-        let name = path.display().to_string();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
-                op: "create data directory",
-                message: format!("{}: {e}", dir.display()),
-            })?;
-        }
-        // A file not closed cleanly (kill -9, power loss) is repaired while
-        // it opens; say so, and how long it took, since it delays serving.
-        let repairing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = repairing.clone();
-        let started = std::time::Instant::now();
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .set_repair_callback(move |_| {
-                if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!("the database was not closed cleanly (a crash or kill -9); repairing it before serving");
-                }
-            })
-            .create(path)
-            .map_err(|source| StoreError::Open {
-                path: name.clone(),
-                source,
-            })?;
-        let ms = started.elapsed().as_millis() as u64;
-        if repairing.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(path = %name, ms, "database repaired");
-        } else {
-            // With quick repair a file a crash left opens from the
-            // allocator state its last commit saved: nothing to report
-            // beyond the time it took.
-            tracing::info!(path = %name, ms, quick_repair, "database opened");
-        }
-        let store = Store { db, quick_repair };
-        let mut tx = store.db.begin_write().map_err(io("open"))?;
-        tx.set_quick_repair(quick_repair);
-        {
-            // Create every table so reads never meet a missing one.
-            tx.open_table(EVENTS).map_err(io("open"))?;
-            tx.open_table(EVENT_IDS).map_err(io("open"))?;
-            tx.open_table(DELIVERIES).map_err(io("open"))?;
-            tx.open_table(BODIES).map_err(io("open"))?;
-            tx.open_table(DUE).map_err(io("open"))?;
-            tx.open_table(PARKED).map_err(io("open"))?;
-            tx.open_table(ATTEMPTS).map_err(io("open"))?;
-            tx.open_table(BY_RULE).map_err(io("open"))?;
-            tx.open_table(BY_STATE).map_err(io("open"))?;
-            tx.open_table(ENDPOINTS).map_err(io("open"))?;
-            tx.open_table(RULE_VERSIONS).map_err(io("open"))?;
-            tx.open_table(RULE_VERSIONS_RETIRED).map_err(io("open"))?;
-            let mut meta = tx.open_table(META).map_err(io("open"))?;
-            let found = meta
-                .get("schema_version")
-                .map_err(io("open"))?
-                .map(|v| v.value());
-            match found {
-                Some(v) if v > SCHEMA_VERSION => {
-                    return Err(StoreError::TooNew {
-                        path: name,
-                        found: v,
-                    });
-                }
-                Some(v) if v < SCHEMA_VERSION => {
-                    migrate(&tx, v)?;
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(io("migrate"))?;
-                    tracing::info!(path = %name, from = v, to = SCHEMA_VERSION, "database migrated");
-                }
-                Some(_) => {}
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)
-                        .map_err(io("open"))?;
-                }
-            }
-        }
-        tx.commit().map_err(io("open"))?;
-        Ok(store)
-    }
-
-    /// Applies a batch in one transaction with one durable commit. Either
-    /// every op's effect is stored, or (on a storage error) none is.
-    pub fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        let mut tx = self.db.begin_write().map_err(io("begin write"))?;
-        tx.set_quick_repair(self.quick_repair);
-        let now = now_ms();
-        let mut out = Vec::with_capacity(ops.len());
-        {
-            let mut tables = Tables::open(&tx)?;
-            for op in ops {
-                let done = match op {
-                    // Rare (once per reload, once per retention run):
-                    // their tables are opened only then, not for every commit.
-                    op @ (Op::PutRuleVersions { .. } | Op::DropRuleVersions(_)) => {
-                        versions::apply(&tx, op)?
-                    }
-                    op => apply_one(&mut tables, op, now)?,
-                };
-                out.push(done);
-            }
-        }
-        tx.commit().map_err(io("commit"))?;
-        Ok(out)
-    }
-
-    fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(io("begin read"))
-    }
-
-    pub fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(DELIVERIES).map_err(io("read delivery"))?;
-        let found = t.get(id.0).map_err(io("read delivery"))?;
-        found.map(|v| from_json(v.value(), "delivery")).transpose()
-    }
-
-    pub fn body(&self, id: DeliveryId) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(BODIES).map_err(io("read body"))?;
-        Ok(t.get(id.0)
-            .map_err(io("read body"))?
-            .map(|v| v.value().to_vec()))
-    }
-
-    pub fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
-        let mut out = Vec::new();
-        for item in t
-            .range((id.0, 0u32)..=(id.0, u32::MAX))
-            .map_err(io("read attempts"))?
-        {
-            let (_, v) = item.map_err(io("read attempts"))?;
-            out.push(from_json(v.value(), "attempt")?);
-        }
-        Ok(out)
-    }
-
-    pub fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
-        let tx = self.read()?;
-        read_event(&tx, id)
-    }
-
-    /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
-    /// `page` without a scan budget.
-    pub fn list(
-        &self,
-        filter: &Filter,
-        before: Option<DeliveryId>,
-        limit: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        Ok(self.page(filter, before, limit, usize::MAX)?.deliveries)
-    }
-
-    /// Up to `limit` pending deliveries due at `now`, oldest due first,
-    /// skipping those `busy` says are taken (queued or in flight). `after` resumes
-    /// behind the key an earlier scan stopped at, so a backlog is walked
-    /// once instead of from its start on every scan. Bodies up to
-    /// `body_cap` bytes come along, read in the same transaction.
-    pub fn due(
-        &self,
-        after: Option<DueKey>,
-        now: u64,
-        limit: usize,
-        busy: impl Fn(DeliveryId) -> bool,
-        body_cap: usize,
-    ) -> Result<DueScan, StoreError> {
-        use std::ops::Bound::{Excluded, Included, Unbounded};
-        let tx = self.read()?;
-        let due = tx.open_table(DUE).map_err(io("due"))?;
-        let deliveries = tx.open_table(DELIVERIES).map_err(io("due"))?;
-        let bodies = tx.open_table(BODIES).map_err(io("due"))?;
-        let mut scan = DueScan::default();
-        // When the scan after this one should run at the latest.
-        let mut later = due
-            .range((now.saturating_add(1), 0u128)..)
-            .map_err(io("due"))?;
-        scan.next_due = later
-            .next()
-            .transpose()
-            .map_err(io("due"))?
-            .map(|(k, _)| k.value().0);
-        if limit == 0 {
-            scan.resume = after;
-            scan.more = true;
-            return Ok(scan);
-        }
-        let start = after.map_or(Unbounded, Excluded);
-        let range = due
-            .range::<DueKey>((start, Included((now, u128::MAX))))
-            .map_err(io("due"))?;
-        for item in range {
-            let (k, _) = item.map_err(io("due"))?;
-            let key = k.value();
-            scan.resume = Some(key);
-            let id = DeliveryId(key.1);
-            if busy(id) {
-                continue;
-            }
-            if let Some(v) = deliveries.get(id.0).map_err(io("due"))? {
-                let d: Delivery = from_json(v.value(), "delivery")?;
-                let body = bodies
-                    .get(id.0)
-                    .map_err(io("due"))?
-                    .filter(|b| b.value().len() <= body_cap)
-                    .map(|b| b.value().to_vec());
-                scan.found.push((d, body));
-            }
-            if scan.found.len() >= limit {
-                scan.more = true;
-                break;
-            }
-        }
-        Ok(scan)
-    }
-
-    /// Pending and parked deliveries: the backlog.
-    pub fn backlog(&self) -> Result<(u64, u64), StoreError> {
-        let tx = self.read()?;
-        let due = tx
-            .open_table(DUE)
-            .map_err(io("count"))?
-            .len()
-            .map_err(io("count"))?;
-        let parked = tx
-            .open_table(PARKED)
-            .map_err(io("count"))?
-            .len()
-            .map_err(io("count"))?;
-        Ok((due, parked))
-    }
-
-    pub fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(ENDPOINTS).map_err(io("endpoints"))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(io("endpoints"))? {
-            let (_, v) = item.map_err(io("endpoints"))?;
-            out.push(from_json(v.value(), "endpoint")?);
-        }
-        Ok(out)
-    }
-
-    /// Endpoints that have parked deliveries, with how many (for the API).
-    pub fn parked_count(&self, endpoint: &str) -> Result<u64, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(PARKED).map_err(io("parked"))?;
-        let n = t
-            .range((endpoint, 0u128)..=(endpoint, u128::MAX))
-            .map_err(io("parked"))?
-            .count();
-        Ok(n as u64)
-    }
-
-    /// Parked deliveries per endpoint, for the endpoints whose key starts
-    /// with `prefix` (such as every WebSocket space). Walks those entries,
-    /// so it is for the admin API, not the delivery path.
-    pub fn parked_by_prefix(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(PARKED).map_err(io("parked"))?;
-        let mut out: Vec<(String, u64)> = Vec::new();
-        for entry in t.range((prefix, 0u128)..).map_err(io("parked"))? {
-            let (key, _) = entry.map_err(io("parked"))?;
-            let endpoint = key.value().0;
-            if !endpoint.starts_with(prefix) {
-                break;
-            }
-            match out.last_mut() {
-                Some((last, n)) if last == endpoint => *n += 1,
-                _ => out.push((endpoint.to_string(), 1)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// A page of deliveries newest first: up to `limit` that pass every
-    /// filter, strictly older than `before`, looking at no more than
-    /// `budget` records. Candidates come from the most selective index
-    /// (event record, `BY_RULE`, the state's index, else every delivery in
-    /// the time range), so the common filters cost about one read per row
-    /// shown; the others are checked per candidate within the budget.
-    pub fn page(
-        &self,
-        filter: &Filter,
-        before: Option<DeliveryId>,
-        limit: usize,
-        budget: usize,
-    ) -> Result<Page, StoreError> {
-        let tx = self.read()?;
-        let deliveries = tx.open_table(DELIVERIES).map_err(io("list"))?;
-        let attempts = tx.open_table(ATTEMPTS).map_err(io("list"))?;
-        let (lower, upper) = filter.id_range(before);
-        let mut page = Page::default();
-        if limit == 0 || lower > upper {
-            return Ok(page);
-        }
-        let budget = budget.max(1);
-        // The last id looked at, and whether looking stopped early.
-        let mut last = None;
-        let mut stopped = false;
-        let mut take = |id: u128| -> Result<bool, StoreError> {
-            page.scanned += 1;
-            last = Some(DeliveryId(id));
-            if let Some(v) = deliveries.get(id).map_err(io("list"))? {
-                let d: Delivery = from_json(v.value(), "delivery")?;
-                let keep = filter.keeps(&d)
-                    && match &filter.endpoint {
-                        None => true,
-                        Some(ep) => {
-                            let attempt = if d.attempts == 0 {
-                                None
-                            } else {
-                                attempts
-                                    .get((id, d.attempts))
-                                    .map_err(io("list"))?
-                                    .map(|a| from_json::<Attempt>(a.value(), "attempt"))
-                                    .transpose()?
-                            };
-                            ep.matches(&d, attempt.as_ref())
-                        }
-                    };
-                if keep {
-                    page.deliveries.push(d);
-                }
-            }
-            stopped = page.deliveries.len() >= limit || page.scanned >= budget;
-            Ok(stopped)
-        };
-        // Unordered indexes yield their newest `k`; when more than `k`
-        // were in range, the page goes on below the smallest of them.
-        let k = if filter.post_filters() { budget } else { limit };
-        let mut capped = false;
-        // Where to go on from when a walk of two indexes ran out of steps.
-        let mut resume_at = None;
-        match (&filter.event, &filter.rule, filter.state) {
-            (Some(event), _, _) => {
-                let mut ids: Vec<u128> = read_event(&tx, event)?
-                    .map(|r| r.deliveries.iter().map(|d| d.0).collect())
-                    .unwrap_or_default();
-                ids.retain(|id| (lower..=upper).contains(id));
-                ids.sort_unstable_by(|a, b| b.cmp(a));
-                feed(ids, &mut take)?;
-            }
-            (None, Some(rule), Some(state)) if state.is_final() => {
-                // Both indexes are ordered by id: walk them together and
-                // load only the ids in both, so a rare combination costs
-                // index steps, not record reads.
-                let by_rule = tx.open_table(BY_RULE).map_err(io("list"))?;
-                let by_state = tx.open_table(BY_STATE).map_err(io("list"))?;
-                let mut a = by_rule
-                    .range((rule.as_str(), lower)..=(rule.as_str(), upper))
-                    .map_err(io("list"))?
-                    .rev();
-                let mut b = by_state
-                    .range((state.as_str(), lower)..=(state.as_str(), upper))
-                    .map_err(io("list"))?
-                    .rev();
-                let (mut x, mut y) = (next_id(&mut a)?, next_id(&mut b)?);
-                let mut steps = 0usize;
-                while let (Some(i), Some(j)) = (x, y) {
-                    steps += 1;
-                    if steps > budget.saturating_mul(INDEX_STEPS_PER_READ) {
-                        // Every id in both above the larger head was seen;
-                        // one in both must be at or below the smaller.
-                        resume_at = Some(DeliveryId(i.min(j).saturating_add(1)));
-                        break;
-                    }
-                    match i.cmp(&j) {
-                        std::cmp::Ordering::Equal => {
-                            if take(i)? {
-                                break;
-                            }
-                            x = next_id(&mut a)?;
-                            y = next_id(&mut b)?;
-                        }
-                        std::cmp::Ordering::Greater => x = next_id(&mut a)?,
-                        std::cmp::Ordering::Less => y = next_id(&mut b)?,
-                    }
-                }
-            }
-            (None, Some(rule), _) => {
-                let idx = tx.open_table(BY_RULE).map_err(io("list"))?;
-                let range = idx
-                    .range((rule.as_str(), lower)..=(rule.as_str(), upper))
-                    .map_err(io("list"))?;
-                for item in range.rev() {
-                    let (key, _) = item.map_err(io("list"))?;
-                    if take(key.value().1)? {
-                        break;
-                    }
-                }
-            }
-            (None, None, Some(state @ (State::Pending | State::Parked))) => {
-                let ids = if state == State::Pending {
-                    let due = tx.open_table(DUE).map_err(io("list"))?;
-                    let keys = due.iter().map_err(io("list"))?;
-                    newest_between(keys.map(|k| k.map(|(k, _)| k.value().1)), lower, upper, k)?
-                } else {
-                    let parked = tx.open_table(PARKED).map_err(io("list"))?;
-                    let keys = parked.iter().map_err(io("list"))?;
-                    newest_between(keys.map(|k| k.map(|(k, _)| k.value().1)), lower, upper, k)?
-                };
-                capped = ids.len() >= k;
-                feed(ids, &mut take)?;
-            }
-            (None, None, Some(state)) => {
-                let idx = tx.open_table(BY_STATE).map_err(io("list"))?;
-                let key = state.as_str();
-                let range = idx.range((key, lower)..=(key, upper)).map_err(io("list"))?;
-                for item in range.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    if take(k.value().1)? {
-                        break;
-                    }
-                }
-            }
-            (None, None, None) => {
-                let all = tx.open_table(DELIVERIES).map_err(io("list"))?;
-                for item in all.range(lower..=upper).map_err(io("list"))?.rev() {
-                    let (k, _) = item.map_err(io("list"))?;
-                    if take(k.value())? {
-                        break;
-                    }
-                }
-            }
-        }
-        if stopped || capped {
-            page.next_before = last;
-        }
-        if resume_at.is_some() && page.deliveries.len() < limit {
-            page.next_before = resume_at;
-        }
-        Ok(page)
-    }
-
-    /// Deliveries by state. Pending, parked and all final ones are table
-    /// lengths (redb keeps them); failed and skipped are counted from
-    /// `BY_STATE`, up to `cap` each, and succeeded is the rest. A count
-    /// that reached `cap` is `cap`, and `exact` says so.
-    pub fn counts(&self, cap: u64) -> Result<(StateCounts, bool), StoreError> {
-        let tx = self.read()?;
-        let len = |def: TableDefinition<'_, (u64, DeliveryKey), ()>| -> Result<u64, StoreError> {
-            tx.open_table(def)
-                .map_err(io("count"))?
-                .len()
-                .map_err(io("count"))
-        };
-        let pending = len(DUE)?;
-        let parked_t = tx.open_table(PARKED).map_err(io("count"))?;
-        let parked = parked_t.len().map_err(io("count"))?;
-        let by_state = tx.open_table(BY_STATE).map_err(io("count"))?;
-        let finals = by_state.len().map_err(io("count"))?;
-        let mut exact = true;
-        let mut count = |state: State| -> Result<u64, StoreError> {
-            let key = state.as_str();
-            let n = by_state
-                .range((key, 0u128)..=(key, u128::MAX))
-                .map_err(io("count"))?
-                .take(usize::try_from(cap).unwrap_or(usize::MAX))
-                .count() as u64;
-            if n >= cap {
-                exact = false;
-            }
-            Ok(n)
-        };
-        let failed = count(State::Failed)?;
-        let skipped = count(State::Skipped)?;
-        let counts = StateCounts {
-            pending,
-            parked,
-            succeeded: finals.saturating_sub(failed + skipped),
-            failed,
-            skipped,
-        };
-        Ok((counts, exact))
-    }
-
-    /// The newest deliveries made at or after `since_ms`, up to `limit`,
-    /// each with its last attempt: what the console's traffic charts are
-    /// drawn from (a range of the time-ordered delivery ids).
-    pub fn recent(
-        &self,
-        since_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<(Delivery, Option<Attempt>)>, StoreError> {
-        let tx = self.read()?;
-        let deliveries = tx.open_table(DELIVERIES).map_err(io("recent"))?;
-        let attempts = tx.open_table(ATTEMPTS).map_err(io("recent"))?;
-        let mut out = Vec::new();
-        let range = deliveries
-            .range(u128::from(since_ms) << 80..)
-            .map_err(io("recent"))?;
-        for item in range.rev().take(limit) {
-            let (k, v) = item.map_err(io("recent"))?;
-            let d: Delivery = from_json(v.value(), "delivery")?;
-            let last = if d.attempts == 0 {
-                None
-            } else {
-                attempts
-                    .get((k.value(), d.attempts))
-                    .map_err(io("recent"))?
-                    .map(|a| from_json::<Attempt>(a.value(), "attempt"))
-                    .transpose()?
-            };
-            out.push((d, last));
-        }
-        Ok(out)
-    }
-
-    /// The last attempt of each delivery (`None` for one not attempted),
-    /// in one read transaction: the list shows its URL and duration.
-    pub fn last_attempts(&self, list: &[Delivery]) -> Result<Vec<Option<Attempt>>, StoreError> {
-        let tx = self.read()?;
-        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
-        list.iter()
-            .map(|d| {
-                if d.attempts == 0 {
-                    return Ok(None);
-                }
-                t.get((d.id.0, d.attempts))
-                    .map_err(io("read attempts"))?
-                    .map(|a| from_json(a.value(), "attempt"))
-                    .transpose()
-            })
-            .collect()
-    }
-
-    /// A delivery's last attempt, if it has one (for the live tail's
-    /// endpoint filter).
-    pub fn last_attempt(&self, d: &Delivery) -> Result<Option<Attempt>, StoreError> {
-        if d.attempts == 0 {
-            return Ok(None);
-        }
-        let tx = self.read()?;
-        let t = tx.open_table(ATTEMPTS).map_err(io("read attempts"))?;
-        t.get((d.id.0, d.attempts))
-            .map_err(io("read attempts"))?
-            .map(|a| from_json(a.value(), "attempt"))
-            .transpose()
-    }
-}
-
 /// A position in the due index: (due at, delivery id).
 pub type DueKey = (u64, DeliveryKey);
+
+/// A due delivery a scan found, with its body when small enough, and the
+/// claim it was taken under (cluster mode).
+#[derive(Debug)]
+pub struct Due {
+    pub delivery: Delivery,
+    pub body: Option<Vec<u8>>,
+    pub claim: Option<Claim>,
+}
 
 /// What one scan of the due index found.
 #[derive(Debug, Default)]
 pub struct DueScan {
-    /// Due deliveries, with their bodies when small enough.
-    pub found: Vec<(Delivery, Option<Vec<u8>>)>,
+    /// Due deliveries, oldest due first.
+    pub found: Vec<Due>,
     /// The last key looked at: where the next scan may resume.
     pub resume: Option<DueKey>,
     /// The scan stopped at its limit; more may be due behind `resume`.
@@ -897,11 +379,6 @@ pub fn url_endpoint(url: &str) -> Option<String> {
     ))
 }
 
-/// Index entries a list may step over per record it may read: stepping
-/// over an index key costs a small fraction of reading and decoding a
-/// record.
-const INDEX_STEPS_PER_READ: usize = 10;
-
 /// A page of deliveries, newest first, and where the next one starts.
 #[derive(Clone, Debug, Default)]
 pub struct Page {
@@ -924,456 +401,246 @@ pub struct StateCounts {
     pub skipped: u64,
 }
 
-fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
-    let ids = tx.open_table(EVENT_IDS).map_err(io("read event"))?;
-    let events = tx.open_table(EVENTS).map_err(io("read event"))?;
-    Ok(find_event(&ids, &events, id)?.map(|(_, record)| record))
+/// A rulehook node as the cluster sees it (`GET /v1/cluster`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// rulehook's version.
+    pub version: String,
+    /// Digest of the rule set it runs (see `reload::Snapshot::digest`).
+    pub rules_digest: String,
+    /// Where its API listens, as it says.
+    pub addr: String,
+    pub started_at: u64,
+    pub heartbeat_at: u64,
 }
 
-/// The event key and record of a sender's event id, if it was accepted.
-fn find_event(
-    ids: &impl ReadableTable<&'static str, EventKey>,
-    events: &impl ReadableTable<EventKey, &'static [u8]>,
-    id: &str,
-) -> Result<Option<(EventKey, EventRecord)>, StoreError> {
-    let Some(key) = ids.get(id).map_err(io("find event"))? else {
-        return Ok(None);
-    };
-    let key = key.value();
-    let Some(v) = events.get(key).map_err(io("find event"))? else {
-        return Ok(None);
-    };
-    Ok(Some((key, from_json(v.value(), "event")?)))
-}
+/// What every store does. `apply` is the only write; see the module docs
+/// for its durability promise. Methods take `&self` and block: async
+/// callers run them with `spawn_blocking` (the outbox has its own thread).
+pub trait Backend: Send + Sync {
+    /// Which store this is, for logs and `/v1/cluster`: `redb` or `postgres`.
+    fn kind(&self) -> &'static str;
 
-/// A new, time-ordered event key.
-fn new_event_key() -> EventKey {
-    uuid::Uuid::now_v7().as_u128()
-}
+    /// Panics naming the first broken invariant of the stored state (every
+    /// delivery indexed exactly as its state says, no orphan rows). For the
+    /// lifecycle suite, after every step.
+    #[cfg(test)]
+    fn check_invariants(&self);
 
-/// An entry of a (key, delivery id) index as its range yields it.
-type IndexEntry<'a> = Result<
-    (
-        redb::AccessGuard<'a, (&'static str, DeliveryKey)>,
-        redb::AccessGuard<'a, ()>,
-    ),
-    redb::StorageError,
->;
+    /// Applies a batch in one transaction with one durable commit. Either
+    /// every op's effect is stored, or (on a storage error) none is.
+    fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError>;
 
-/// The delivery id of an index range's next entry, `None` at its end.
-fn next_id<'a>(it: &mut impl Iterator<Item = IndexEntry<'a>>) -> Result<Option<u128>, StoreError> {
-    Ok(it
-        .next()
-        .transpose()
-        .map_err(io("list"))?
-        .map(|(k, _)| k.value().1))
-}
+    fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError>;
+    fn body(&self, id: DeliveryId) -> Result<Option<Vec<u8>>, StoreError>;
+    fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, StoreError>;
+    fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
 
-/// Gives `take` the ids in `ids` until it says it has enough.
-fn feed(
-    ids: Vec<u128>,
-    take: &mut impl FnMut(u128) -> Result<bool, StoreError>,
-) -> Result<(), StoreError> {
-    for id in ids {
-        if take(id)? {
-            break;
-        }
+    /// Up to `limit` pending deliveries due at `now`, oldest due first,
+    /// skipping those `busy` says are taken (queued or in flight here).
+    /// `after` resumes behind the key an earlier scan stopped at, so a
+    /// backlog is walked once instead of from its start on every scan.
+    /// Bodies up to `body_cap` bytes come along. In cluster mode each found
+    /// delivery is claimed for this node (`Due::claim`), and deliveries
+    /// another node holds under a live lease are not found.
+    fn due(
+        &self,
+        after: Option<DueKey>,
+        now: u64,
+        limit: usize,
+        busy: &dyn Fn(DeliveryId) -> bool,
+        body_cap: usize,
+    ) -> Result<DueScan, StoreError>;
+
+    /// Extends this node's claims on `ids` (queued or in flight) by a lease
+    /// from now. No-op for the embedded store.
+    fn renew(&self, _ids: &[DeliveryId]) -> Result<(), StoreError> {
+        Ok(())
     }
-    Ok(())
-}
 
-/// The `k` largest ids at or below `upper`, largest first, from a table
-/// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
-fn newest<E: std::fmt::Display>(
-    ids: impl Iterator<Item = Result<u128, E>>,
-    upper: u128,
-    k: usize,
-) -> Result<Vec<u128>, StoreError> {
-    use std::cmp::Reverse;
-    let mut heap = std::collections::BinaryHeap::with_capacity(k.min(4096) + 1);
-    for id in ids {
-        let id = id.map_err(io("list"))?;
-        if id <= upper {
-            heap.push(Reverse(id));
-            if heap.len() > k {
-                heap.pop();
-            }
-        }
+    /// Gives up this node's claims (deliveries it dropped from memory or
+    /// will not send, such as at a stop) so another node may take them at
+    /// once rather than when the lease runs out. No-op for the embedded store.
+    fn release(&self, _claims: &[(DeliveryId, u64)]) -> Result<(), StoreError> {
+        Ok(())
     }
-    // Ascending `Reverse` is descending ids.
-    Ok(heap.into_sorted_vec().into_iter().map(|r| r.0).collect())
-}
 
-/// The `k` largest ids in `lower..=upper`, largest first, from a table
-/// not ordered by id (`DUE`, `PARKED`): one pass, `k` ids in memory.
-fn newest_between<E: std::fmt::Display>(
-    ids: impl Iterator<Item = Result<u128, E>>,
-    lower: u128,
-    upper: u128,
-    k: usize,
-) -> Result<Vec<u128>, StoreError> {
-    let in_range = ids.filter(|id| id.as_ref().map_or(true, |id| *id >= lower));
-    newest(in_range, upper, k)
-}
-
-/// Brings a file of an older schema version up to date, inside the
-/// transaction that opens it.
-fn migrate(tx: &WriteTransaction, from: u64) -> Result<(), StoreError> {
-    if from < 2 {
-        // 1 → 2: events keyed by time with a hashed-id index instead of by
-        // the sender's id with an age index; no by-event index; the state
-        // index holds final states only.
-        {
-            let old = tx.open_table(EVENTS_V1).map_err(io("migrate"))?;
-            let mut events = tx.open_table(EVENTS).map_err(io("migrate"))?;
-            let mut ids = tx.open_table(EVENT_IDS).map_err(io("migrate"))?;
-            for (n, item) in old.iter().map_err(io("migrate"))?.enumerate() {
-                let (_, v) = item.map_err(io("migrate"))?;
-                let record: EventRecord = from_json(v.value(), "event")?;
-                // Time-ordered like a UUIDv7; the low bits only make it unique.
-                let key = (u128::from(record.accepted_at) << 80) | n as u128;
-                events
-                    .insert(key, to_json(&record).as_slice())
-                    .map_err(io("migrate"))?;
-                ids.insert(record.id.as_str(), key).map_err(io("migrate"))?;
-            }
-        }
-        tx.delete_table(EVENTS_V1).map_err(io("migrate"))?;
-        tx.delete_table(EVENT_TIMES_V1).map_err(io("migrate"))?;
-        tx.delete_table(BY_EVENT_V1).map_err(io("migrate"))?;
-        let mut by_state = tx.open_table(BY_STATE).map_err(io("migrate"))?;
-        for state in [State::Pending, State::Parked] {
-            let key = state.as_str();
-            by_state
-                .retain_in((key, 0u128)..=(key, u128::MAX), |_, _| false)
-                .map_err(io("migrate"))?;
-        }
+    /// Records this node as alive and returns every node seen recently
+    /// (itself included). The embedded store has only this node.
+    fn heartbeat(&self, me: &NodeInfo) -> Result<Vec<NodeInfo>, StoreError> {
+        Ok(vec![me.clone()])
     }
-    Ok(())
-}
 
-/// Every table of a write transaction, opened once: opening a table costs
-/// more than an insert, and one commit covers thousands of operations.
-struct Tables<'t> {
-    events: redb::Table<'t, EventKey, &'static [u8]>,
-    event_ids: redb::Table<'t, &'static str, EventKey>,
-    deliveries: redb::Table<'t, DeliveryKey, &'static [u8]>,
-    bodies: redb::Table<'t, DeliveryKey, &'static [u8]>,
-    due: redb::Table<'t, (u64, DeliveryKey), ()>,
-    parked: redb::Table<'t, (&'static str, DeliveryKey), ()>,
-    attempts: redb::Table<'t, (DeliveryKey, u32), &'static [u8]>,
-    by_rule: redb::Table<'t, (&'static str, DeliveryKey), ()>,
-    by_state: redb::Table<'t, (&'static str, DeliveryKey), ()>,
-    endpoints: redb::Table<'t, &'static str, &'static [u8]>,
-}
+    /// Pending and parked deliveries: the backlog.
+    fn backlog(&self) -> Result<(u64, u64), StoreError>;
+    fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError>;
+    /// Deliveries parked on `endpoint`.
+    fn parked_count(&self, endpoint: &str) -> Result<u64, StoreError>;
+    /// Parked deliveries per endpoint, for the endpoints whose key starts
+    /// with `prefix` (such as every WebSocket space). For the admin API,
+    /// not the delivery path.
+    fn parked_by_prefix(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError>;
 
-impl<'t> Tables<'t> {
-    fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Tables {
-            events: tx.open_table(EVENTS).map_err(io("open tables"))?,
-            event_ids: tx.open_table(EVENT_IDS).map_err(io("open tables"))?,
-            deliveries: tx.open_table(DELIVERIES).map_err(io("open tables"))?,
-            bodies: tx.open_table(BODIES).map_err(io("open tables"))?,
-            due: tx.open_table(DUE).map_err(io("open tables"))?,
-            parked: tx.open_table(PARKED).map_err(io("open tables"))?,
-            attempts: tx.open_table(ATTEMPTS).map_err(io("open tables"))?,
-            by_rule: tx.open_table(BY_RULE).map_err(io("open tables"))?,
-            by_state: tx.open_table(BY_STATE).map_err(io("open tables"))?,
-            endpoints: tx.open_table(ENDPOINTS).map_err(io("open tables"))?,
-        })
+    /// A page of deliveries newest first: up to `limit` that pass every
+    /// filter, strictly older than `before`, looking at no more than
+    /// `budget` records; `Page::next_before` goes on from there.
+    fn page(
+        &self,
+        filter: &Filter,
+        before: Option<DeliveryId>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Deliveries by state; `exact` is false when a count reached `cap`
+    /// and stopped there.
+    fn counts(&self, cap: u64) -> Result<(StateCounts, bool), StoreError>;
+
+    /// The newest deliveries made at or after `since_ms`, up to `limit`,
+    /// each with its last attempt (the console's traffic charts).
+    fn recent(
+        &self,
+        since_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Delivery, Option<Attempt>)>, StoreError>;
+
+    /// The last attempt of each delivery (`None` for one not attempted).
+    fn last_attempts(&self, list: &[Delivery]) -> Result<Vec<Option<Attempt>>, StoreError>;
+
+    /// Every stored rule version and its JSON `TargetSpec`.
+    fn rule_versions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Retired rule versions that may be deleted: retired before
+    /// `before_ms` and bound to no pending or parked delivery.
+    fn unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
+    fn list(
+        &self,
+        filter: &Filter,
+        before: Option<DeliveryId>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        Ok(self.page(filter, before, limit, usize::MAX)?.deliveries)
+    }
+
+    /// A delivery's last attempt, if it has one.
+    fn last_attempt(&self, d: &Delivery) -> Result<Option<Attempt>, StoreError> {
+        Ok(self
+            .last_attempts(std::slice::from_ref(d))?
+            .pop()
+            .flatten())
     }
 }
 
-fn load_delivery(t: &mut Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
-    let t = &mut t.deliveries;
-    let found = t.get(id.0).map_err(io("read delivery"))?;
-    found.map(|v| from_json(v.value(), "delivery")).transpose()
+/// The store the host holds: one of the backends, behind the contract.
+pub struct Store {
+    backend: Box<dyn Backend>,
 }
 
-/// Writes `new`, keeping the state, due and parked indexes in step with it:
-/// a pending delivery is in `DUE`, a parked one in `PARKED`, a final one
-/// in `BY_STATE`.
-fn save_delivery(
-    t: &mut Tables<'_>,
-    old: Option<&Delivery>,
-    new: &Delivery,
-) -> Result<(), StoreError> {
-    let id = new.id.0;
-    let by_state = &mut t.by_state;
-    let due = &mut t.due;
-    let parked = &mut t.parked;
-    if let Some(old) = old {
-        if old.state != new.state && old.state.is_final() {
-            by_state
-                .remove((old.state.as_str(), id))
-                .map_err(io("save delivery"))?;
-        }
-        if let (State::Pending, Some(at)) = (old.state, old.next_attempt_at) {
-            due.remove((at, id)).map_err(io("save delivery"))?;
-        }
-        if let Some(ep) = &old.parked_on {
-            parked
-                .remove((ep.as_str(), id))
-                .map_err(io("save delivery"))?;
-        }
-    }
-    if new.state.is_final() && old.is_none_or(|o| o.state != new.state) {
-        by_state
-            .insert((new.state.as_str(), id), ())
-            .map_err(io("save delivery"))?;
-    }
-    if let (State::Pending, Some(at)) = (new.state, new.next_attempt_at) {
-        due.insert((at, id), ()).map_err(io("save delivery"))?;
-    }
-    if let (State::Parked, Some(ep)) = (new.state, &new.parked_on) {
-        parked
-            .insert((ep.as_str(), id), ())
-            .map_err(io("save delivery"))?;
-    }
-    t.deliveries
-        .insert(id, to_json(new).as_slice())
-        .map_err(io("save delivery"))?;
-    Ok(())
-}
-
-fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
-    match op {
-        Op::PutRuleVersions { .. } | Op::DropRuleVersions(_) => {
-            unreachable!("Store::apply writes rule versions itself")
-        }
-        Op::Accept(ev) => {
-            if let Some((_, existing)) = find_event(&t.event_ids, &t.events, &ev.id)? {
-                return Ok(Done::Accepted {
-                    deliveries: existing.deliveries,
-                    duplicate: true,
-                });
-            }
-            let ids: Vec<DeliveryId> = ev.deliveries.iter().map(|d| d.id).collect();
-            let record = EventRecord {
-                id: ev.id.clone(),
-                accepted_at: now,
-                deliveries: ids.clone(),
-            };
-            let key = new_event_key();
-            t.events
-                .insert(key, to_json(&record).as_slice())
-                .map_err(io("accept"))?;
-            t.event_ids
-                .insert(ev.id.as_str(), key)
-                .map_err(io("accept"))?;
-            for nd in ev.deliveries {
-                let d = Delivery {
-                    id: nd.id,
-                    event_id: ev.id.clone(),
-                    rule: nd.rule,
-                    state: nd.state,
-                    attempts: 0,
-                    next_attempt_at: (nd.state == State::Pending).then_some(now),
-                    created_at: now,
-                    updated_at: now,
-                    parked_on: None,
-                    reason: nd.reason,
-                    last_status: None,
-                    unbuilt: nd.unbuilt,
-                    space: nd.space,
-                    rule_version: nd.rule_version,
-                };
-                t.bodies
-                    .insert(d.id.0, nd.body.as_ref())
-                    .map_err(io("accept"))?;
-                t.by_rule
-                    .insert((d.rule.as_str(), d.id.0), ())
-                    .map_err(io("accept"))?;
-                save_delivery(t, None, &d)?;
-            }
-            Ok(Done::Accepted {
-                deliveries: ids,
-                duplicate: false,
-            })
-        }
-        Op::Finish { id, attempt, next } => {
-            let Some(old) = load_delivery(t, id)? else {
-                return Ok(Done::Rejected(format!("no delivery {id}")));
-            };
-            let mut d = old.clone();
-            d.updated_at = now;
-            if let Some(a) = &attempt {
-                d.attempts = d.attempts.max(a.number);
-                d.last_status = a.status;
-                t.attempts
-                    .insert((id.0, a.number), to_json(a).as_slice())
-                    .map_err(io("record attempt"))?;
-            }
-            d.parked_on = None;
-            d.next_attempt_at = None;
-            match next {
-                Next::Succeeded => {
-                    d.state = State::Succeeded;
-                    d.reason = None;
-                }
-                Next::Failed(why) => {
-                    d.state = State::Failed;
-                    d.reason = Some(why);
-                }
-                Next::Retry { at } => {
-                    d.state = State::Pending;
-                    d.next_attempt_at = Some(at);
-                    d.reason = attempt.as_ref().and_then(|a| a.error.clone());
-                }
-                Next::Park { endpoint, reason } => {
-                    d.state = State::Parked;
-                    d.parked_on = Some(endpoint);
-                    d.reason = Some(reason);
-                }
-            }
-            save_delivery(t, Some(&old), &d)?;
-            Ok(Done::Finished)
-        }
-        Op::PutEndpoint(ep) => {
-            t.endpoints
-                .insert(ep.endpoint.as_str(), to_json(&ep).as_slice())
-                .map_err(io("save endpoint"))?;
-            Ok(Done::EndpointSaved)
-        }
-        Op::Unpark { endpoint, limit } => {
-            let ids: Vec<u128> = {
-                let parked = &mut t.parked;
-                let range = parked
-                    .range((endpoint.as_str(), 0u128)..=(endpoint.as_str(), u128::MAX))
-                    .map_err(io("unpark"))?;
-                let mut ids = Vec::new();
-                for item in range.take(limit) {
-                    ids.push(item.map_err(io("unpark"))?.0.value().1);
-                }
-                ids
-            };
-            let mut moved = Vec::new();
-            for id in ids {
-                if let Some(old) = load_delivery(t, DeliveryId(id))? {
-                    let mut d = old.clone();
-                    d.state = State::Pending;
-                    d.parked_on = None;
-                    d.next_attempt_at = Some(now);
-                    d.updated_at = now;
-                    save_delivery(t, Some(&old), &d)?;
-                    moved.push(d.id);
-                } else {
-                    t.parked
-                        .remove((endpoint.as_str(), id))
-                        .map_err(io("unpark"))?;
-                }
-            }
-            Ok(Done::Unparked(moved))
-        }
-        Op::Redeliver { id, body, rebind } => {
-            let Some(old) = load_delivery(t, id)? else {
-                return Ok(Done::Rejected(format!("no delivery {id}")));
-            };
-            let mut d = old.clone();
-            if let Some(version) = rebind {
-                d.rule_version = Some(version);
-            }
-            d.parked_on = None;
-            d.next_attempt_at = None;
-            d.updated_at = now;
-            match body {
-                Rebuilt::Same => {}
-                Rebuilt::Body(bytes) => {
-                    t.bodies
-                        .insert(id.0, bytes.as_slice())
-                        .map_err(io("redeliver"))?;
-                    d.unbuilt = false;
-                }
-                Rebuilt::Skipped(why) => {
-                    d.state = State::Skipped;
-                    d.reason = Some(why);
-                    d.unbuilt = false;
-                    save_delivery(t, Some(&old), &d)?;
-                    return Ok(Done::Redelivered(d));
-                }
-                Rebuilt::Failed(why) => {
-                    d.state = State::Failed;
-                    d.reason = Some(why);
-                    save_delivery(t, Some(&old), &d)?;
-                    return Ok(Done::Redelivered(d));
-                }
-            }
-            d.state = State::Pending;
-            d.next_attempt_at = Some(now);
-            d.reason = Some("redelivery requested".into());
-            save_delivery(t, Some(&old), &d)?;
-            Ok(Done::Redelivered(d))
-        }
-        Op::Compact {
-            before_ms,
-            after,
-            limit,
-        } => compact(t, before_ms, after, limit),
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+    fn deref(&self) -> &Self::Target {
+        self.backend.as_ref()
     }
 }
 
-/// Deletes events accepted before `before_ms` whose deliveries are all in
-/// a final state, with their deliveries, bodies, attempts and index entries.
-/// Events with a pending or parked delivery stay, however old.
-fn compact(
-    t: &mut Tables<'_>,
-    before_ms: u64,
-    after: Option<EventKey>,
-    limit: usize,
-) -> Result<Done, StoreError> {
-    use std::ops::Bound::{Excluded, Unbounded};
-    // Keys start with the acceptance time in milliseconds (UUIDv7).
-    let end = u128::from(before_ms) << 80;
-    let start = after.map_or(Unbounded, Excluded);
-    let old: Vec<(EventKey, EventRecord)> = {
-        let mut v = Vec::new();
-        for item in t
-            .events
-            .range::<EventKey>((start, Excluded(end)))
-            .map_err(io("compact"))?
-        {
-            let (k, rec) = item.map_err(io("compact"))?;
-            v.push((k.value(), from_json(rec.value(), "event")?));
-            if v.len() >= limit {
-                break;
-            }
+impl Store {
+    pub fn new(backend: impl Backend + 'static) -> Store {
+        Store {
+            backend: Box::new(backend),
         }
-        v
-    };
-    let resume = (old.len() >= limit)
-        .then(|| old.last().map(|(k, _)| *k))
-        .flatten();
-    let mut removed = 0;
-    for (key, record) in old {
-        let deliveries: Vec<Delivery> = record
-            .deliveries
-            .iter()
-            .filter_map(|id| load_delivery(t, *id).transpose())
-            .collect::<Result<_, _>>()?;
-        if deliveries.iter().any(|d| !d.state.is_final()) {
-            continue;
-        }
-        for d in &deliveries {
-            let id = d.id.0;
-            t.deliveries.remove(id).map_err(io("compact"))?;
-            t.bodies.remove(id).map_err(io("compact"))?;
-            t.by_state
-                .remove((d.state.as_str(), id))
-                .map_err(io("compact"))?;
-            t.by_rule
-                .remove((d.rule.as_str(), id))
-                .map_err(io("compact"))?;
-            t.attempts
-                .retain_in((id, 0u32)..=(id, u32::MAX), |_, _| false)
-                .map_err(io("compact"))?;
-        }
-        t.event_ids
-            .remove(record.id.as_str())
-            .map_err(io("compact"))?;
-        t.events.remove(key).map_err(io("compact"))?;
-        removed += 1;
     }
-    Ok(Done::Compacted { removed, resume })
+
+    /// Opens (or creates) an embedded database file. `cache_bytes` bounds
+    /// redb's page cache, which is most of rulehook's memory with a large
+    /// backlog.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        Store::open_with(path, cache_bytes, true)
+    }
+
+    /// `open`, choosing redb's quick repair (see `Redb::open_with`).
+    pub fn open_with(
+        path: &Path,
+        cache_bytes: usize,
+        quick_repair: bool,
+    ) -> Result<Store, StoreError> {
+        Ok(Store::new(Redb::open_with(path, cache_bytes, quick_repair)?))
+    }
+}
+
+/// Where an attempt leaves a delivery: the part of its record `Finish`
+/// changes besides the attempt count and status. Both stores apply it, so
+/// they agree on every transition.
+#[derive(Debug, PartialEq)]
+struct Step {
+    state: State,
+    next_attempt_at: Option<u64>,
+    parked_on: Option<String>,
+    reason: Option<String>,
+}
+
+impl Step {
+    fn after(attempt: Option<&Attempt>, next: Next) -> Step {
+        let (state, next_attempt_at, parked_on, reason) = match next {
+            Next::Succeeded => (State::Succeeded, None, None, None),
+            Next::Failed(why) => (State::Failed, None, None, Some(why)),
+            Next::Retry { at } => (
+                State::Pending,
+                Some(at),
+                None,
+                attempt.and_then(|a| a.error.clone()),
+            ),
+            Next::Park { endpoint, reason } => (State::Parked, None, Some(endpoint), Some(reason)),
+        };
+        Step {
+            state,
+            next_attempt_at,
+            parked_on,
+            reason,
+        }
+    }
+}
+
+/// A delivery after `Redeliver`, and the body to store when running its
+/// chain again built one.
+fn redelivered(
+    old: Delivery,
+    body: Rebuilt,
+    rebind: Option<String>,
+    now: u64,
+) -> (Delivery, Option<Vec<u8>>) {
+    let mut d = old;
+    if let Some(version) = rebind {
+        d.rule_version = Some(version);
+    }
+    d.parked_on = None;
+    d.next_attempt_at = None;
+    d.updated_at = now;
+    let mut new_body = None;
+    match body {
+        Rebuilt::Same => {}
+        Rebuilt::Body(bytes) => {
+            new_body = Some(bytes);
+            d.unbuilt = false;
+        }
+        Rebuilt::Skipped(why) => {
+            d.state = State::Skipped;
+            d.reason = Some(why);
+            d.unbuilt = false;
+            return (d, None);
+        }
+        Rebuilt::Failed(why) => {
+            d.state = State::Failed;
+            d.reason = Some(why);
+            return (d, None);
+        }
+    }
+    d.state = State::Pending;
+    d.next_attempt_at = Some(now);
+    d.reason = Some("redelivery requested".into());
+    (d, new_body)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Every redb table of rulehook, in one place. See `docs` in `mod.rs` for
-//! what each holds; keys are chosen so the scans we need are range scans.
+//! Every table of both stores, in one place: the redb tables (keys chosen
+//! so the scans we need are range scans) and the PostgreSQL migrations.
 
 use redb::TableDefinition;
 
@@ -64,3 +64,75 @@ pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// Bumped when the layout changes; a newer file is refused, an older one
 /// is migrated when it is opened (see `migrate` in `mod.rs`).
 pub const SCHEMA_VERSION: u64 = 2;
+
+/// The PostgreSQL schema, one entry per version: a database at version
+/// `n` has run the first `n` entries (`rulehook_schema` holds `n`). Add a
+/// new entry for a change; never edit one that was released. A database
+/// of a newer version is refused, as a newer redb file is.
+///
+/// Deliveries keep their body in the row (large ones are TOASTed by
+/// PostgreSQL) and their claim: `owner`, `lease_until` (ms since the
+/// epoch) and `epoch`, bumped by every claim. Partial indexes hold exactly
+/// the pending (due order) and parked (per endpoint) deliveries, as `DUE`
+/// and `PARKED` do in the embedded store. JSON records (attempts,
+/// endpoints) are `json`, readable with any PostgreSQL tool.
+pub const POSTGRES_MIGRATIONS: &[&str] = &["
+CREATE TABLE events (
+    key uuid PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    accepted_at bigint NOT NULL
+);
+CREATE TABLE deliveries (
+    id uuid PRIMARY KEY,
+    event_id text NOT NULL,
+    rule text NOT NULL,
+    state text NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at bigint,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    parked_on text,
+    reason text,
+    last_status integer,
+    unbuilt boolean NOT NULL DEFAULT false,
+    space text,
+    rule_version text,
+    body bytea NOT NULL,
+    owner text,
+    lease_until bigint,
+    epoch bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at, id) WHERE state = 'pending';
+CREATE INDEX deliveries_parked ON deliveries (parked_on, id) WHERE state = 'parked';
+CREATE INDEX deliveries_rule ON deliveries (rule, id);
+CREATE INDEX deliveries_final ON deliveries (state, id) WHERE state IN ('succeeded', 'failed', 'skipped');
+CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE TABLE attempts (
+    delivery uuid NOT NULL,
+    number integer NOT NULL,
+    record json NOT NULL,
+    PRIMARY KEY (delivery, number)
+);
+CREATE TABLE endpoints (
+    endpoint text PRIMARY KEY,
+    record json NOT NULL
+);
+CREATE TABLE rule_versions (
+    version text PRIMARY KEY,
+    spec bytea NOT NULL,
+    retired_at bigint
+);
+CREATE TABLE rule_versions_running (
+    node text NOT NULL,
+    version text NOT NULL,
+    PRIMARY KEY (node, version)
+);
+CREATE TABLE nodes (
+    id text PRIMARY KEY,
+    version text NOT NULL,
+    rules_digest text NOT NULL,
+    addr text NOT NULL,
+    started_at bigint NOT NULL,
+    heartbeat_at bigint NOT NULL
+);
+"];

@@ -8,8 +8,9 @@ use std::collections::HashSet;
 
 use redb::{ReadableTable, WriteTransaction};
 
-use super::schema::{DELIVERIES, DUE, PARKED, RULE_VERSIONS, RULE_VERSIONS_RETIRED};
-use super::{Delivery, Done, Op, Store, StoreError, from_json, io};
+use super::Redb;
+use crate::store::schema::{DELIVERIES, DUE, PARKED, RULE_VERSIONS, RULE_VERSIONS_RETIRED};
+use crate::store::{Delivery, Done, Op, StoreError, from_json, io};
 
 /// Applies the two rule-version ops in the batch's transaction.
 pub(super) fn apply(tx: &WriteTransaction, op: Op) -> Result<Done, StoreError> {
@@ -74,9 +75,9 @@ pub(super) fn apply(tx: &WriteTransaction, op: Op) -> Result<Done, StoreError> {
     }
 }
 
-impl Store {
+impl Redb {
     /// Every stored rule version and its JSON `TargetSpec`.
-    pub fn rule_versions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    pub(super) fn stored_rule_versions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.read()?;
         let t = tx
             .open_table(RULE_VERSIONS)
@@ -92,7 +93,7 @@ impl Store {
     /// Retired rule versions that may be deleted: retired before
     /// `before_ms` and bound to no pending or parked delivery. Looks at the
     /// backlog only when some version is old enough, which is rare.
-    pub fn unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
+    pub(super) fn retired_unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
         let tx = self.read()?;
         let retired = tx
             .open_table(RULE_VERSIONS_RETIRED)
