@@ -84,6 +84,7 @@ fn fill(store: &Store, records: usize) {
                 id,
                 attempt: Some(attempt(status)),
                 next,
+                epoch: None,
             })
             .collect();
         let done = store.apply(ops).expect("finish");
