@@ -107,6 +107,13 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// The nodes sharing this server's store (through the running server).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Write and try plugins.
     Plugin {
         #[command(subcommand)]
@@ -216,6 +223,12 @@ pub enum EndpointsCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Every node with its heartbeat, version and rule-set digest.
+    Status,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Human,
@@ -289,6 +302,15 @@ pub fn main() -> ExitCode {
         Command::Endpoints { command, server } => {
             admin(server, move |c| Box::pin(endpoints(c, command)))
         }
+        Command::Cluster {
+            command: ClusterCommand::Status,
+            server,
+        } => admin(server, move |c| {
+            Box::pin(async move {
+                let (status, value) = c.call("GET", "/v1/cluster", None).await?;
+                ok_or(status, value)
+            })
+        }),
         Command::TestConnection { rule, config } => test_connection(&rule, config.as_deref()),
     }
 }
@@ -542,6 +564,28 @@ fn print_admin(value: &Value) {
                 c["clients"],
                 c["parked"]
             );
+        }
+    } else if let Some(list) = value["nodes"].as_array() {
+        println!(
+            "store {}  this node {}  rule sets {}",
+            value["store"].as_str().unwrap_or_default(),
+            value["node"].as_str().unwrap_or_default(),
+            value["rule_sets"]
+        );
+        for n in list {
+            println!(
+                "{}{}  {}  version {}  rules {}  heartbeat {} ms ago  {}",
+                n["id"].as_str().unwrap_or_default(),
+                if n["this"] == true { " (this)" } else { "" },
+                if n["alive"] == true { "alive" } else { "silent" },
+                n["version"].as_str().unwrap_or_default(),
+                n["rules_digest"].as_str().unwrap_or_default(),
+                n["heartbeat_age_ms"],
+                n["addr"].as_str().unwrap_or_default()
+            );
+        }
+        if let Some(w) = value["warning"].as_str() {
+            println!("warning: {w}");
         }
     } else {
         println!("{}", pretty(value));

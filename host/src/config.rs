@@ -48,6 +48,40 @@ pub struct Config {
     /// Reload on file changes (off: only SIGHUP and `POST /v1/rules/reload`,
     /// e.g. on network file systems without change notifications).
     pub watch: bool,
+    /// Where durable state lives: `None` for the embedded redb file in
+    /// `data_dir` (the default), or a PostgreSQL database shared by every
+    /// node of a cluster (`store: postgres://…`, `RULEHOOK_STORE`).
+    pub store: Option<PgUrl>,
+    /// How this node takes part in a cluster (postgres mode only).
+    pub cluster: Cluster,
+}
+
+/// A PostgreSQL connection string; shown without its password.
+#[derive(Clone, PartialEq)]
+pub struct PgUrl(pub String);
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                write!(f, "{u}")
+            }
+            _ => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Cluster settings (postgres mode).
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// This node's name among the others (`None`: host name and process id).
+    pub node_id: Option<String>,
+    /// How long a node's claim on a delivery holds without renewal: after a
+    /// node dies, others send its deliveries this much later.
+    pub lease: Duration,
+    /// Database connections per node.
+    pub pool_size: usize,
 }
 
 /// Where deliveries may go.
@@ -159,6 +193,12 @@ impl Default for Config {
             quick_repair: true,
             plugin_limits: crate::plugins::Limits::default(),
             watch: true,
+            store: None,
+            cluster: Cluster {
+                node_id: None,
+                lease: Duration::from_secs(30),
+                pool_size: 8,
+            },
         }
     }
 }
@@ -208,6 +248,16 @@ struct FileConfig {
     plugin_output_max: Option<String>,
     plugin_log_max: Option<String>,
     watch: Option<bool>,
+    store: Option<String>,
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    node_id: Option<String>,
+    lease: Option<String>,
+    pool_size: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -464,10 +514,37 @@ impl Config {
                 self.protection.max_block = duration(src, "protection.max_block", &s)?;
             }
         }
+        if let Some(s) = f.store {
+            self.store = store_url(src, "store", &s)?;
+        }
+        if let Some(cl) = f.cluster {
+            if let Some(id) = cl.node_id {
+                self.cluster.node_id = Some(node_id(src, &id)?);
+            }
+            if let Some(s) = cl.lease {
+                let lease = duration(src, "cluster.lease", &s)?;
+                if lease < Duration::from_secs(1) {
+                    return Err(cfg_err(
+                        src,
+                        format!("`cluster.lease`: {s} is too short; a node renews every third of it, use at least 1s"),
+                    ));
+                }
+                self.cluster.lease = lease;
+            }
+            if let Some(n) = cl.pool_size {
+                self.cluster.pool_size = n.max(2);
+            }
+        }
         Ok(())
     }
 
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("RULEHOOK_STORE") {
+            self.store = store_url("environment", "RULEHOOK_STORE", &v)?;
+        }
+        if let Some(v) = env("RULEHOOK_NODE_ID") {
+            self.cluster.node_id = Some(node_id("environment", &v)?);
+        }
         let src = "environment";
         if let Some(v) = env("RULEHOOK_LISTEN") {
             self.listen = v
@@ -533,6 +610,39 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `store`: `redb` (or empty) for the embedded store, else a PostgreSQL
+/// connection string.
+fn store_url(src: &str, key: &str, text: &str) -> Result<Option<PgUrl>, ConfigError> {
+    let t = text.trim();
+    if t.is_empty() || t == "redb" {
+        return Ok(None);
+    }
+    if !(t.starts_with("postgres://") || t.starts_with("postgresql://")) {
+        return Err(cfg_err(
+            src,
+            format!("`{key}`: expected `redb` or a postgres://… connection string, found `{}`", t.split(':').next().unwrap_or(t)),
+        ));
+    }
+    t.parse::<tokio_postgres::Config>().map_err(|e| {
+        cfg_err(src, format!("`{key}`: not a valid PostgreSQL connection string: {e}"))
+    })?;
+    Ok(Some(PgUrl(t.to_string())))
+}
+
+/// Node ids name claims and appear in `/v1/cluster`: short and printable.
+fn node_id(src: &str, id: &str) -> Result<String, ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        return Err(cfg_err(
+            src,
+            format!("`cluster.node_id`: `{id}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    Ok(id.to_string())
 }
 
 fn parse_cidrs(src: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {

@@ -11,7 +11,8 @@
 //! - [`ingest`], [`outbox`], [`store`]: matched, built and durably stored,
 //!   each delivery bound to the rule version that matched it ([`targets`]).
 //! - [`deliver`], [`sign`]: signed and sent, retried, every attempt recorded.
-//! - [`api`], [`serve`], [`reload`]: the server around them.
+//! - [`api`], [`serve`], [`reload`]: the server around them; [`cluster`]:
+//!   the node's part when many share one PostgreSQL store.
 //! - [`cli`]: the `rulehook` command line.
 //!
 //! See ARCHITECTURE.md for the whole flow and the invariants.
@@ -20,6 +21,7 @@ pub mod admin_client;
 pub mod api;
 pub mod channel_cli;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod deliver;
 pub mod event;

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub endpoints_blocked: AtomicU64,
     pub rule_reloads_ok: AtomicU64,
     pub rule_reloads_failed: AtomicU64,
+    /// Cluster mode: live nodes, and how many different rule sets they run
+    /// (more than one is worth an alert). Zero in embedded mode.
+    pub cluster_nodes: AtomicU64,
+    pub cluster_rule_sets: AtomicU64,
+    pub claims_lost: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -127,7 +132,25 @@ impl Metrics {
             self.latency_sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(s, "rulehook_attempt_duration_seconds_count {count}");
-        for (name, help, v) in gauges {
+        counter(
+            &mut s,
+            "rulehook_claims_lost_total",
+            "Attempts whose result was refused because another node took the delivery over after this node's lease ran out (cluster mode).",
+            &[("", &self.claims_lost)],
+        );
+        let cluster = [
+            (
+                "rulehook_cluster_nodes",
+                "Nodes with a recent heartbeat (cluster mode).",
+                self.cluster_nodes.load(Relaxed),
+            ),
+            (
+                "rulehook_cluster_rule_sets",
+                "Different rule sets among live nodes; above 1 the nodes disagree (cluster mode).",
+                self.cluster_rule_sets.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in gauges.iter().copied().chain(cluster) {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         s

@@ -106,11 +106,12 @@ pub async fn run(
     ));
     // The store first: the rule versions the loaded rules bind deliveries
     // to are made durable before the first event is matched.
-    let db_path = config.data_dir.join("rulehook.redb");
-    let (cache, quick_repair) = (config.cache_bytes, config.quick_repair);
-    let store =
-        tokio::task::spawn_blocking(move || Store::open_with(&db_path, cache, quick_repair))
-            .await??;
+    let node_id = crate::cluster::node_id(&config);
+    let store = {
+        let (config, node_id) = (config.clone(), node_id.clone());
+        tokio::task::spawn_blocking(move || crate::cluster::open_store(&config, &node_id))
+            .await??
+    };
     let store = Arc::new(store);
     let (outbox, writer) = Outbox::start(store.clone());
     let started = {
@@ -187,8 +188,21 @@ pub async fn run(
         endpoints: Mutex::new(endpoints),
         channel: Default::default(),
         kick: Default::default(),
+        cluster: config.store.as_ref().map(|_| {
+            let node = crate::cluster::Node::new(node_id.clone(), config.cluster.lease);
+            node.set_addr(listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            Arc::new(node)
+        }),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Cluster mode: a heartbeat renews this node's claims, and other
+    // nodes' redeliveries and unparks wake its dispatcher.
+    let heartbeat = shared.cluster.clone().map(|node| {
+        store.watch(shared.kick.clone());
+        // It runs until the dispatcher is done: attempts finishing within
+        // the shutdown grace still need their leases renewed.
+        tokio::spawn(crate::cluster::run(shared.clone(), node))
+    });
     let (queue, dispatcher) = deliver::start(shared.clone(), stop_rx.clone());
     let retention = tokio::spawn(retention_loop(
         outbox.clone(),
@@ -309,6 +323,9 @@ pub async fn run(
     // The dispatcher keeps to the same grace (it saw the stop at the same
     // moment) and cuts what is left.
     let _ = dispatcher.await;
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     let _ = retention.await;
     hangups.abort();
     // Commit what was sent and stop the writer, whoever still holds a handle.

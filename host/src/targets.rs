@@ -63,6 +63,25 @@ pub struct Targets {
     /// The versions of the last published (running) set. Held while a
     /// publish or a clean-up writes, so the two never interleave.
     running: Mutex<HashSet<RuleVersion>>,
+    /// Where relative `file:` secret references of stored versions start.
+    rules_dir: std::path::PathBuf,
+}
+
+/// A stored version made ready to send with (its secret references
+/// resolved on this node); `None`, logged, when its record is unreadable.
+fn resolve(secrets: &EnvSecrets, version: RuleVersion, json: &[u8]) -> Option<Arc<Target>> {
+    match TargetSpec::from_json(json) {
+        Ok(spec) => Some(Arc::new(Target {
+            version,
+            rule: spec.rule.clone(),
+            webhook: spec.to_webhook(secrets),
+            spec,
+        })),
+        Err(why) => {
+            tracing::error!(version = %version, error = %why, "a stored rule version is unreadable; its deliveries fail until redelivered with the current rule");
+            None
+        }
+    }
 }
 
 impl Targets {
@@ -78,33 +97,60 @@ impl Targets {
         running: impl IntoIterator<Item = &'a Arc<Target>>,
     ) -> Result<Targets, StoreError> {
         let running: HashSet<&RuleVersion> = running.into_iter().map(|t| &t.version).collect();
-        let mut known = HashMap::new();
         let secrets = EnvSecrets::new(rules_dir);
+        let mut known = HashMap::new();
         for (version, json) in store.rule_versions()? {
             let version = RuleVersion(version);
-            if running.contains(&version) {
-                continue;
-            }
-            match TargetSpec::from_json(&json) {
-                Ok(spec) => {
-                    let target = Target {
-                        version: version.clone(),
-                        rule: spec.rule.clone(),
-                        webhook: spec.to_webhook(&secrets),
-                        spec,
-                    };
-                    known.insert(version, Arc::new(target));
-                }
-                Err(why) => {
-                    tracing::error!(version = %version, error = %why, "a stored rule version is unreadable; its deliveries fail until redelivered with the current rule");
-                }
+            if !running.contains(&version)
+                && let Some(target) = resolve(&secrets, version.clone(), &json)
+            {
+                known.insert(version, target);
             }
         }
         Ok(Targets {
             known: RwLock::new(known),
             outbox,
             running: Mutex::new(HashSet::new()),
+            rules_dir: rules_dir.to_path_buf(),
         })
+    }
+
+    /// Reads the versions among `wanted` that this node does not know from
+    /// the store. In cluster mode another node's reload may have made them,
+    /// and this node claimed one of their deliveries. Blocking; returns how
+    /// many it learned.
+    pub fn learn<'a>(
+        &self,
+        store: &Store,
+        wanted: impl IntoIterator<Item = &'a str>,
+    ) -> Result<usize, StoreError> {
+        let missing: HashSet<RuleVersion> = {
+            let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+            wanted
+                .into_iter()
+                .map(|v| RuleVersion(v.to_string()))
+                .filter(|v| !known.contains_key(v))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let secrets = EnvSecrets::new(&self.rules_dir);
+        let mut learned = Vec::new();
+        for (version, json) in store.rule_versions()? {
+            let version = RuleVersion(version);
+            if missing.contains(&version)
+                && let Some(target) = resolve(&secrets, version.clone(), &json)
+            {
+                learned.push((version, target));
+            }
+        }
+        let n = learned.len();
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        for (v, t) in learned {
+            known.entry(v).or_insert(t);
+        }
+        Ok(n)
     }
 
     pub fn get(&self, version: &RuleVersion) -> Option<Arc<Target>> {

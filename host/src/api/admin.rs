@@ -104,6 +104,66 @@ impl Api {
         )
     }
 
+    /// `GET /v1/cluster`: the nodes sharing this store, with their
+    /// heartbeat, version and rule-set digest. In embedded mode, this node.
+    pub(super) async fn cluster(&self) -> Resp {
+        let now = crate::store::now_ms();
+        let digest = {
+            let rules = self.shared.rules.load();
+            crate::cluster::rules_digest(rules.targets.values().map(|t| t.version.0.as_str()))
+        };
+        let (me, nodes, dead_after) = match &self.shared.cluster {
+            Some(node) => (
+                node.id.clone(),
+                node.nodes(),
+                node.dead_after().as_millis() as u64,
+            ),
+            None => (
+                "local".to_string(),
+                vec![crate::store::NodeInfo {
+                    id: "local".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    rules_digest: digest.clone(),
+                    addr: String::new(),
+                    started_at: 0,
+                    heartbeat_at: now,
+                }],
+                u64::MAX,
+            ),
+        };
+        let alive = |n: &crate::store::NodeInfo| now.saturating_sub(n.heartbeat_at) <= dead_after;
+        let mut sets: Vec<&str> = nodes
+            .iter()
+            .filter(|n| alive(n))
+            .map(|n| n.rules_digest.as_str())
+            .collect();
+        sets.sort_unstable();
+        sets.dedup();
+        let listed: Vec<Value> = nodes
+            .iter()
+            .map(|n| {
+                let mut v = json!(n);
+                v["alive"] = json!(alive(n));
+                v["heartbeat_age_ms"] = json!(now.saturating_sub(n.heartbeat_at));
+                v["this"] = json!(n.id == me);
+                v
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "store": self.shared.store.kind(),
+                "node": me,
+                "rules_digest": digest,
+                "rule_sets": sets.len(),
+                "warning": (sets.len() > 1).then_some(
+                    "live nodes run different rule sets: an event's deliveries depend on which node accepted it; deploy the same rule files to every node"
+                ),
+                "nodes": listed,
+            }),
+        )
+    }
+
     pub(super) async fn endpoints(&self) -> Resp {
         let eps: Vec<crate::store::Endpoint> = self
             .shared

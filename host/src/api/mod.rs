@@ -200,6 +200,7 @@ impl Api {
             (Method::POST, ["v1", "rules", "reload"]) => self.reload().await,
             (Method::POST, ["v1", "rules", name, "test"]) => self.test_connection(name).await,
             (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
+            (Method::GET, ["v1", "cluster"]) => self.cluster().await,
             (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
             (Method::GET, ["metrics"]) => self.metrics().await,
             _ => error(

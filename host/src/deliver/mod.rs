@@ -73,6 +73,8 @@ pub struct Shared {
     pub channel: channel::Hub,
     /// Asks the dispatcher for a scan of the store now.
     pub kick: Arc<Notify>,
+    /// This node as a cluster member (postgres mode): its claims' lease.
+    pub cluster: Option<Arc<crate::cluster::Node>>,
 }
 
 impl Shared {
@@ -94,6 +96,25 @@ impl Shared {
                 )
             }),
         }
+    }
+
+    /// Gives up the claims of deliveries this node dropped from memory, so
+    /// another node (or this one's next scan) takes them at once instead of
+    /// when the lease runs out. In the background; embedded mode has none.
+    pub fn release(&self, works: impl IntoIterator<Item = Work>) {
+        let claims: Vec<(DeliveryId, u64)> = works
+            .into_iter()
+            .filter_map(|w| w.claim.map(|c| (w.id, c.epoch)))
+            .collect();
+        if claims.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.release(&claims) {
+                tracing::warn!(deliveries = claims.len(), error = %e, "could not release claims; they are taken over when their lease runs out");
+            }
+        });
     }
 
     pub fn is_active(&self, id: DeliveryId) -> bool {
@@ -128,12 +149,13 @@ impl Queue {
             // has started it: starting it here too would send it twice.
             return;
         }
-        if self.tx.try_send(work).is_err() {
+        if let Err(e) = self.tx.try_send(work) {
             self.shared
                 .active
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            self.shared.release([e.into_inner()]);
             self.kick.notify_one();
         }
     }
@@ -399,6 +421,23 @@ impl Dispatcher {
     /// restart, with the same id.
     async fn stop(&mut self, done_rx: &mut mpsc::UnboundedReceiver<Completion>) {
         self.stopping = true;
+        // What waits in memory will not be sent by this node: in cluster
+        // mode let the others have it now rather than after the lease.
+        let claims: Vec<(DeliveryId, u64)> = self
+            .waiting
+            .drain()
+            .flat_map(|(_, q)| q)
+            .filter_map(|w| w.claim.map(|c| (w.id, c.epoch)))
+            .collect();
+        self.waiting_total = 0;
+        if !claims.is_empty() {
+            let store = self.shared.store.clone();
+            let release = tokio::task::spawn_blocking(move || store.release(&claims));
+            match tokio::time::timeout(Duration::from_secs(2), release).await {
+                Ok(Ok(Ok(()))) => {}
+                _ => tracing::warn!("could not release the claims of queued deliveries at the stop; other nodes take them when the lease runs out"),
+            }
+        }
         let grace = self.shared.config.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
         while self.recording > 0 {
@@ -502,6 +541,7 @@ impl Dispatcher {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&work.id);
+                self.shared.release([work]);
                 self.backlog = true;
                 return;
             }
@@ -513,6 +553,20 @@ impl Dispatcher {
     }
 
     fn start(&mut self, work: Work, endpoint: String) {
+        if let (Some(node), Some(claim)) = (&self.shared.cluster, &work.claim)
+            && !node.holds(claim, now_ms())
+        {
+            // Held in memory past its lease (this node was paused, or cut
+            // off from the database): another node may be sending it now.
+            tracing::info!(delivery = %work.id, node = %node.id, "lease ran out before the attempt started; leaving the delivery to the next claim");
+            self.shared
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&work.id);
+            self.backlog = true;
+            return;
+        }
         self.in_flight += 1;
         self.recording += 1;
         *self.per_endpoint.entry(endpoint.clone()).or_default() += 1;
@@ -529,6 +583,15 @@ impl Dispatcher {
             // The delivery stays in `active` until this commit, so no scan
             // starts it again on the strength of its old state.
             let retry_at = match shared.outbox.write(outcome.ops).await {
+                Ok(done) if done.iter().any(|d| matches!(d, crate::store::Done::Rejected(_))) => {
+                    for d in &done {
+                        if let crate::store::Done::Rejected(why) = d {
+                            tracing::warn!(delivery = %id, reason = %why, "attempt result refused");
+                        }
+                    }
+                    shared.metrics.claims_lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    None
+                }
                 Ok(_) => outcome.retry_at,
                 Err(e) => {
                     tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
@@ -580,7 +643,19 @@ impl Dispatcher {
         let found = tokio::task::spawn_blocking(move || {
             // The lock is taken per key, not across the scan: ingest and
             // completions must not wait for a walk through the store.
-            store.due(after, now, free, &|id| shared.is_active(id), SCAN_BODY_CAP)
+            let scan = store.due(after, now, free, &|id| shared.is_active(id), SCAN_BODY_CAP)?;
+            if shared.cluster.is_some() {
+                // Another node's reload may have made versions this one
+                // has not seen: read them before the attempts need them.
+                let versions = scan
+                    .found
+                    .iter()
+                    .filter_map(|d| d.delivery.rule_version.as_deref());
+                if let Err(e) = shared.targets.learn(&store, versions) {
+                    tracing::warn!(error = %e, "could not read rule versions made by other nodes");
+                }
+            }
+            Ok::<_, crate::store::StoreError>(scan)
         })
         .await;
         let scan = match found {

@@ -466,6 +466,10 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Wakes `wake` whenever another node made work due that this one may
+    /// take (cluster mode: `LISTEN`). No-op for the embedded store.
+    fn watch(&self, _wake: std::sync::Arc<tokio::sync::Notify>) {}
+
     /// Records this node as alive and returns every node seen recently
     /// (itself included). The embedded store has only this node.
     fn heartbeat(&self, me: &NodeInfo) -> Result<Vec<NodeInfo>, StoreError> {

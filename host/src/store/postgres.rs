@@ -58,6 +58,8 @@ pub struct Postgres {
     /// The runtime the client's connections live on; `None` only while dropping.
     rt: Option<tokio::runtime::Runtime>,
     opts: PgOptions,
+    /// The parsed connection string (for the `LISTEN` connection).
+    config: tokio_postgres::Config,
     /// The connection string with any password removed, for messages.
     shown: String,
 }
@@ -172,7 +174,7 @@ impl Postgres {
             .build()
             .map_err(io("start the postgres client runtime"))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 // A connection the server closed (restart, failover) is
@@ -198,6 +200,7 @@ impl Postgres {
             pool,
             rt: Some(rt),
             opts,
+            config,
             shown,
         };
         store.run(|c| Box::pin(migrate(c, store.shown.clone())))?;
@@ -244,11 +247,9 @@ impl Postgres {
 
     /// Keeps a connection that `LISTEN`s for work made due elsewhere and
     /// wakes `wake` for each notification; reconnects by itself.
-    pub fn watch(&self, url: &str, wake: Arc<tokio::sync::Notify>) {
+    fn listen_for_work(&self, wake: Arc<tokio::sync::Notify>) {
         let Some(rt) = self.rt.as_ref() else { return };
-        let Ok(config) = url.parse::<tokio_postgres::Config>() else {
-            return;
-        };
+        let config = self.config.clone();
         rt.spawn(async move {
             loop {
                 if let Err(e) = listen(&config, &wake).await {
@@ -1071,6 +1072,10 @@ impl Backend for Postgres {
                 Ok(scan)
             })
         })
+    }
+
+    fn watch(&self, wake: Arc<tokio::sync::Notify>) {
+        self.listen_for_work(wake);
     }
 
     fn renew(&self, ids: &[DeliveryId]) -> Result<(), StoreError> {
