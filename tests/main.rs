@@ -6,6 +6,7 @@ mod support;
 
 mod cli_delivery;
 mod cli_rules;
+mod cluster;
 mod console_api;
 mod console_browser;
 mod delivery;

@@ -47,12 +47,22 @@ impl Api {
                 }
                 json_response(StatusCode::BAD_REQUEST, &resp)
             }
-            IngestError::Store(e) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage",
-                e.to_string(),
-                None,
-            ),
+            IngestError::Store(e) => {
+                // Nothing of the request was stored (or, after an error at
+                // COMMIT, maybe all of it): either way resending the same
+                // event ids is safe, since ingest is idempotent by id.
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage",
+                    e.to_string(),
+                    None,
+                );
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+                r
+            }
         }
     }
 }

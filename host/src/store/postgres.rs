@@ -203,7 +203,8 @@ impl Postgres {
             config,
             shown,
         };
-        store.run(|c| Box::pin(migrate(c, store.shown.clone())))?;
+        let shown = store.shown.clone();
+        store.run(move |c| Box::pin(migrate(c, shown)))?;
         tracing::info!(database = %store.shown, node = %store.opts.node, "postgres store ready");
         Ok(store)
     }
@@ -218,31 +219,51 @@ impl Postgres {
     }
 
     /// Runs `f` with a pooled connection on the store's runtime, within the
-    /// op timeout. A timeout is `Unavailable`: nothing is assumed stored.
+    /// op timeout, and waits for it. A timeout is `Unavailable`: nothing is
+    /// assumed stored. Callable from any thread: a plain one (the outbox),
+    /// a blocking task, or (briefly, as at start-up) async code, where the
+    /// wait is announced to tokio with `block_in_place`.
     fn run<T: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(
             &'c mut deadpool_postgres::Client,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
-        > + Send,
+        > + Send
+        + 'static,
     ) -> Result<T, StoreError> {
         let rt = self.rt.as_ref().expect("runtime lives as long as the store");
         let pool = self.pool.clone();
         let timeout = self.opts.op_timeout;
-        rt.block_on(async move {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
             let work = async {
                 let mut client = pool.get().await.map_err(pool_error("connect"))?;
                 f(&mut client).await
             };
-            match tokio::time::timeout(timeout, work).await {
+            let r = match tokio::time::timeout(timeout, work).await {
                 Ok(r) => r,
                 Err(_) => Err(StoreError::Unavailable {
                     op: "wait for the database",
                     message: format!("no answer within {} ms", timeout.as_millis()),
                 }),
+            };
+            let _ = tx.send(r);
+        });
+        let wait = move || {
+            rx.recv().unwrap_or_else(|_| {
+                Err(StoreError::Unavailable {
+                    op: "wait for the database",
+                    message: "the postgres client stopped".into(),
+                })
+            })
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
             }
-        })
+            _ => wait(),
+        }
     }
 
     /// Keeps a connection that `LISTEN`s for work made due elsewhere and
