@@ -10,7 +10,15 @@
 //!   a clean stop and after kill -9 (`--no-quick-repair` to compare redb's
 //!   full repair).
 //!
-//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog] [--backlog N]`
+//! - `cluster`: postgres mode against redb mode in the same run: end to
+//!   end deliveries/s (one event per request, and NDJSON), without and
+//!   with a synchronous standby; p99 ingest → first attempt at half load;
+//!   CPU per delivery of the server and of the database servers.
+//!
+//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog|cluster] [--backlog N]`
+
+#[path = "../../tests/support/postgres.rs"]
+mod pg;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -185,6 +193,9 @@ fn start_server(dir: &std::path::Path) -> (Server, Duration) {
     (Server { child, addr }, started.elapsed())
 }
 
+/// Config lines for the store the next servers use (empty: embedded redb).
+static STORE: Mutex<String> = Mutex::new(String::new());
+
 fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rulehook-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -196,7 +207,7 @@ fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
     .unwrap();
     std::fs::write(
         dir.join("rulehook.yaml"),
-        format!("rules_dir: rules\ndata_dir: data\nallow_http: true\nhttp_ports: [{port}]\nallow_cidrs: [127.0.0.0/8]\nmax_body: 8MiB\napi_keys:\n  - {{name: a, role: admin, key: {KEY}}}\n"),
+        format!("rules_dir: rules\ndata_dir: data\nallow_http: true\nhttp_ports: [{port}]\nallow_cidrs: [127.0.0.0/8]\nmax_body: 8MiB\napi_keys:\n  - {{name: a, role: admin, key: {KEY}}}\n{}", STORE.lock().unwrap()),
     )
     .unwrap();
     dir
@@ -245,6 +256,7 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64, f64
     let dir = setup("e2e", &format!("http://{rx}/hook"), rx.port());
     let (server, _) = start_server(&dir);
     let addr = server.addr;
+    let db_before: f64 = DB_PIDS.lock().unwrap().iter().map(|&p| tree_cpu_secs(p)).sum();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let accepted = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -280,6 +292,8 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64, f64
     let delivered = sink.count.load(Relaxed);
     let all_secs = start.elapsed().as_secs_f64();
     let cpu_us = cpu_secs(server.child.id()) / delivered.max(1) as f64 * 1e6;
+    let db_after: f64 = DB_PIDS.lock().unwrap().iter().map(|&p| tree_cpu_secs(p)).sum();
+    *DB_CPU_US.lock().unwrap() = (db_after - db_before).max(0.0) / delivered.max(1) as f64 * 1e6;
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     (
@@ -329,6 +343,39 @@ async fn latency(rate: f64, secs: u64) -> Vec<Duration> {
         .collect();
     lat.sort();
     lat
+}
+
+/// The postmasters of the database servers the current run uses, and
+/// their CPU seconds as the last `e2e_throughput` left them.
+static DB_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Database CPU µs per delivery of the last `e2e_throughput`.
+static DB_CPU_US: Mutex<f64> = Mutex::new(0.0);
+
+/// CPU seconds of a process and every process it started: its own, its
+/// reaped children's (cutime, cstime) and its live children's.
+fn tree_cpu_secs(pid: u32) -> f64 {
+    let fields = |p: u32| -> Vec<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        rest.split_whitespace().map(String::from).collect()
+    };
+    let ticks = |f: &[String], idx: &[usize]| -> f64 {
+        idx.iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let me = fields(pid);
+    let mut total = ticks(&me, &[11, 12, 13, 14]);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let f = fields(child);
+        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            total += ticks(&f, &[11, 12]);
+        }
+    }
+    total / 100.0
 }
 
 /// CPU time (user + system) a process has used, in seconds.
@@ -536,7 +583,7 @@ fn main() {
     let want = |m: &str| {
         !args
             .iter()
-            .any(|a| ["throughput", "latency", "backlog", "drain"].contains(&a.as_str()))
+            .any(|a| ["throughput", "latency", "backlog", "drain", "cluster"].contains(&a.as_str()))
             || args.iter().any(|a| a == m)
     };
     let backlog_n: usize = args
@@ -574,5 +621,77 @@ fn main() {
         if want("backlog") {
             backlog(backlog_n, !args.iter().any(|a| a == "--no-quick-repair")).await;
         }
+        if args.iter().any(|a| a == "cluster") {
+            cluster().await;
+        }
     });
+}
+
+/// The postmaster's pid of a test server.
+fn postmaster(server: &pg::PgServer) -> u32 {
+    std::fs::read_to_string(server.data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .expect("postmaster.pid")
+}
+
+/// Postgres mode beside redb mode, same run: one event per request and
+/// NDJSON, without and with a synchronous standby; then the latency at
+/// half of the standby setup's rate; then a projection for N nodes.
+async fn cluster() {
+    let primary = pg::PgServer::start("bench-primary");
+    let standby = pg::PgServer::standby_of(&primary, "bench-standby");
+    let mut rows = Vec::new();
+    for (label, store, sync) in [
+        ("redb", None, false),
+        ("postgres", Some("p1"), false),
+        ("postgres + sync standby", Some("p2"), true),
+    ] {
+        match store {
+            None => {
+                STORE.lock().unwrap().clear();
+                DB_PIDS.lock().unwrap().clear();
+            }
+            Some(db) => {
+                if sync {
+                    primary.require_sync_standbys(1, &[&standby]);
+                }
+                let url = primary.create_db(db);
+                *STORE.lock().unwrap() = format!("store: \"{url}\"\ncluster: {{node_id: bench, pool_size: 8}}\n");
+                let mut pids = vec![postmaster(&primary)];
+                if sync {
+                    pids.push(postmaster(&standby));
+                }
+                *DB_PIDS.lock().unwrap() = pids;
+            }
+        }
+        let (acc1, del1, cpu1) = e2e_throughput(64, 10, 1).await;
+        let db1 = *DB_CPU_US.lock().unwrap();
+        let (acc2, del2, cpu2) = e2e_throughput(8, 10, 50).await;
+        let db2 = *DB_CPU_US.lock().unwrap();
+        println!("cluster: {label}: single events: accepted {acc1:.0}/s, delivered {del1:.0}/s, server CPU {cpu1:.1} µs/delivery, database CPU {db1:.1} µs/delivery");
+        println!("cluster: {label}: NDJSON x50: accepted {acc2:.0}/s, delivered {del2:.0}/s, server CPU {cpu2:.1} µs/delivery, database CPU {db2:.1} µs/delivery");
+        rows.push((label, del1, del2, cpu1, db1));
+    }
+    let redb = rows[0].1;
+    let (_, pg_rate, _, pg_cpu, pg_db) = rows[2];
+    println!(
+        "cluster: postgres + sync standby end to end = {:.0} % of redb mode (single events)",
+        pg_rate / redb.max(1.0) * 100.0
+    );
+    let rate = (pg_rate / 2.0).max(100.0);
+    let lat = latency(rate, 10).await;
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
+    println!("cluster: postgres + sync standby latency at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms ({} events)", pct(0.5), pct(0.99), lat.len());
+    // What N nodes sustain: each node spends `pg_cpu` µs per delivery, the
+    // database `pg_db` µs (primary and standby together); a database host
+    // with C cores saturates at C / pg_db deliveries per µs.
+    for (nodes, db_cores) in [(3, 8.0), (6, 16.0), (12, 32.0)] {
+        let node_cap = nodes as f64 * 2.0 / (pg_cpu * 1e-6);
+        let db_cap = db_cores / (pg_db.max(0.1) * 1e-6);
+        println!(
+            "cluster: projection: {nodes} nodes of 2 cores on a {db_cores:.0}-core database: ~{:.0} deliveries/s (nodes allow {node_cap:.0}, database {db_cap:.0})",
+            node_cap.min(db_cap)
+        );
+    }
 }
