@@ -457,3 +457,57 @@ fn killing_the_primary_and_promoting_a_synchronous_standby_loses_no_accepted_eve
     all.extend((0..nodes.len()).map(|i| format!("after-failover-{i}")));
     assert_all_delivered(&nodes[1], &rx, &all);
 }
+
+#[test]
+fn a_websocket_client_on_one_node_gets_the_deliveries_another_node_accepted() {
+    use crate::websocket::{RULES, bearer, channel_key, connect, defect_update, next_frame};
+    let pg = PgServer::start("cluster-ws");
+    let url = pg.create_db("rulehook");
+    let files: Vec<(TempDir, std::path::PathBuf)> = ["wa", "wb"]
+        .iter()
+        .map(|n| {
+            setup(
+                n,
+                RULES,
+                &format!(
+                    "{}store: \"{url}\"\ncluster: {{node_id: {n}, lease: 3s}}\n",
+                    channel_key()
+                ),
+            )
+        })
+        .collect();
+    let a = Server::start(&files[0].0, &files[0].1);
+    let b = Server::start(&files[1].0, &files[1].1);
+    // Accepted by B while no client is connected anywhere: it waits parked.
+    let early = b.post_event(&defect_update("ws-early", json!({"sharedspace_id": 1001})));
+    assert_eq!(early.status, 202, "{}", early.text());
+    let early_id = early.json()["deliveries"][0].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(20), "the early delivery to park", || {
+        (b.delivery(&early_id)["delivery"]["state"] == "parked").then_some(())
+    });
+    // A client connects to A: the delivery B parked comes to it.
+    let mut client = connect(a.addr, "1001", Some(("Authorization", &bearer()))).expect("upgrade");
+    let first = next_frame(&mut client);
+    assert_eq!(first["event_id"], "ws-early", "{first}");
+    // Deliveries B accepts from now on reach the client on A, never parked.
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let id = format!("ws-{i}");
+        let r = b.post_event(&defect_update(&id, json!({"sharedspace_id": 1001})));
+        assert_eq!(r.status, 202, "{}", r.text());
+        sent.push(id);
+    }
+    let mut got: Vec<String> = (0..5)
+        .map(|_| next_frame(&mut client)["event_id"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, sent);
+    // Each sent once, and recorded by the node that sent it.
+    wait_for(Duration::from_secs(20), "every record to succeed", || {
+        let list = all_deliveries(&a);
+        (list.len() == 6 && list.iter().all(|d| d["state"] == "succeeded")).then_some(())
+    });
+    for d in all_deliveries(&b) {
+        assert_eq!(d["attempts"], 1, "{d}");
+    }
+}

@@ -19,7 +19,7 @@ const T: Duration = Duration::from_secs(20);
 const CLIENT: &str = "ci-bridge";
 const SECRET: &str = "ws-secret-0123456789";
 
-const RULES: &str = "rules:
+pub(crate) const RULES: &str = "rules:
   - name: ws-defects
     events: [update]
     entity_types: [defect]
@@ -28,11 +28,11 @@ const RULES: &str = "rules:
 
 /// A key of role websocket; the setup's config ends in its `api_keys`
 /// list, so this line joins it.
-fn channel_key() -> String {
+pub(crate) fn channel_key() -> String {
     format!("  - {{name: {CLIENT}, role: websocket, key: {SECRET}}}\n")
 }
 
-fn defect_update(id: &str, scope: Value) -> Value {
+pub(crate) fn defect_update(id: &str, scope: Value) -> Value {
     json!({"id": id, "event_type": "update", "entity_type": "defect", "scope": scope,
         "entity": {"id": "2013", "name": "Login fails"},
         "before": {"id": "2013", "name": "Login failed"}})
@@ -51,7 +51,7 @@ fn sign_in(addr: SocketAddr, id: &str, secret: &str) -> Reply {
 
 /// Opens the channel of `space`, sending `header` (Cookie or
 /// Authorization) with the upgrade; `Err` holds the refusal's status.
-fn connect(
+pub(crate) fn connect(
     addr: SocketAddr,
     space: &str,
     header: Option<(&str, &str)>,
@@ -76,7 +76,7 @@ fn connect(
 }
 
 /// The next text frame, as JSON (pings are answered on the way).
-fn next_frame(ws: &mut WebSocket<TcpStream>) -> Value {
+pub(crate) fn next_frame(ws: &mut WebSocket<TcpStream>) -> Value {
     loop {
         match ws.read().expect("a frame before the timeout") {
             Message::Text(text) => {
@@ -88,7 +88,7 @@ fn next_frame(ws: &mut WebSocket<TcpStream>) -> Value {
     }
 }
 
-fn bearer() -> String {
+pub(crate) fn bearer() -> String {
     format!("Bearer {CLIENT}:{SECRET}")
 }
 

@@ -148,7 +148,15 @@ pub async fn run(shared: Arc<Shared>, node: Arc<Node>) {
     }
 }
 
-async fn beat(shared: &Arc<Shared>, node: &Arc<Node>) {
+/// Records this node's WebSocket spaces at once (a client connected), so
+/// deliveries of the space are routed here before the next heartbeat.
+pub async fn announce(shared: &Shared) {
+    if let Some(node) = &shared.cluster {
+        beat(shared, node).await;
+    }
+}
+
+async fn beat(shared: &Shared, node: &Node) {
     let started = now_ms();
     let held: Vec<_> = shared
         .active
@@ -168,6 +176,13 @@ async fn beat(shared: &Arc<Shared>, node: &Arc<Node>) {
         addr: node.addr.read().unwrap_or_else(|e| e.into_inner()).clone(),
         started_at: node.started_at,
         heartbeat_at: started,
+        spaces: shared
+            .channel
+            .spaces()
+            .into_iter()
+            .filter(|(_, clients)| *clients > 0)
+            .map(|(space, _)| space)
+            .collect(),
     };
     let store = shared.store.clone();
     let result = tokio::task::spawn_blocking(move || {

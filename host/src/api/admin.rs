@@ -127,6 +127,14 @@ impl Api {
                     addr: String::new(),
                     started_at: 0,
                     heartbeat_at: now,
+                    spaces: self
+                        .shared
+                        .channel
+                        .spaces()
+                        .into_iter()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(s, _)| s)
+                        .collect(),
                 }],
                 u64::MAX,
             ),

@@ -227,6 +227,9 @@ pub async fn unpark(
 /// Makes the deliveries parked for a WebSocket space due now (a client has
 /// connected to it) and has the dispatcher look for them.
 pub async fn resume_channel(shared: &Shared, space: &str) {
+    // Cluster mode: record that this node has a client of the space before
+    // its deliveries are made due, so the claims go to this node.
+    crate::cluster::announce(shared).await;
     match unpark(
         &shared.outbox,
         &shared.kick,
@@ -1065,6 +1068,18 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
         outcome
     };
     if shared.channel.clients(&space) == 0 {
+        // Cluster mode: a client of this space may be connected to another
+        // node. Hand the delivery back, due now; only a node with a client
+        // of the space may claim it then.
+        if shared.cluster.is_some() {
+            let store = shared.store.clone();
+            let s = space.clone();
+            if let Ok(Ok(true)) =
+                tokio::task::spawn_blocking(move || store.space_elsewhere(&s)).await
+            {
+                return not_sent(&work, Next::Retry { at: now_ms() });
+            }
+        }
         return wait_for_client(&work);
     }
     let body = match body_of(shared, &work).await {

@@ -413,6 +413,8 @@ pub struct NodeInfo {
     pub addr: String,
     pub started_at: u64,
     pub heartbeat_at: u64,
+    /// WebSocket shared spaces with a client connected to this node.
+    pub spaces: Vec<String>,
 }
 
 /// What every store does. `apply` is the only write; see the module docs
@@ -469,6 +471,13 @@ pub trait Backend: Send + Sync {
     /// Wakes `wake` whenever another node made work due that this one may
     /// take (cluster mode: `LISTEN`). No-op for the embedded store.
     fn watch(&self, _wake: std::sync::Arc<tokio::sync::Notify>) {}
+
+    /// Whether a client of WebSocket space `space` is connected to another
+    /// live node (cluster mode), so a delivery for it should go there
+    /// rather than wait parked here. The embedded store has one node.
+    fn space_elsewhere(&self, _space: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 
     /// Records this node as alive and returns every node seen recently
     /// (itself included). The embedded store has only this node.

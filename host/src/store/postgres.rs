@@ -58,6 +58,9 @@ pub struct Postgres {
     /// The runtime the client's connections live on; `None` only while dropping.
     rt: Option<tokio::runtime::Runtime>,
     opts: PgOptions,
+    /// The WebSocket spaces with a client on this node, as last recorded:
+    /// claims of such deliveries go to a node that has a client.
+    spaces: std::sync::Mutex<Vec<String>>,
     /// The parsed connection string (for the `LISTEN` connection).
     config: tokio_postgres::Config,
     /// The connection string with any password removed, for messages.
@@ -200,6 +203,7 @@ impl Postgres {
             pool,
             rt: Some(rt),
             opts,
+            spaces: Default::default(),
             config,
             shown,
         };
@@ -431,7 +435,7 @@ async fn apply_batch(
     for g in group(ops) {
         match g {
             Group::Accept(v) => accept(&tx, v, &ctx, &mut out).await?,
-            Group::Finish(v) => finish(&tx, v, &ctx, &mut out).await?,
+            Group::Finish(v) => finish(&tx, v, &mut ctx, &mut out).await?,
             Group::Endpoints(v) => put_endpoints(&tx, v, &mut out).await?,
             Group::One(i, op) => out[i] = Some(one(&tx, op, &mut ctx).await?),
         }
@@ -613,7 +617,7 @@ struct AcceptCols<'a> {
 async fn finish(
     tx: &Tx<'_>,
     v: Vec<(usize, DeliveryId, Option<Attempt>, Next, Option<u64>)>,
-    ctx: &Ctx,
+    ctx: &mut Ctx,
     out: &mut [Option<Done>],
 ) -> Result<(), StoreError> {
     let mut ids = Vec::with_capacity(v.len());
@@ -627,6 +631,9 @@ async fn finish(
     let mut records: Vec<Option<String>> = Vec::with_capacity(v.len());
     for (_, id, attempt, next, epoch) in &v {
         let step = Step::after(attempt.as_ref(), next.clone());
+        // Handed back to be sent at once (by a node with a WebSocket
+        // client of its space): wake the others rather than wait for a scan.
+        ctx.wake |= step.state == State::Pending && step.next_attempt_at.is_some_and(|t| t <= ctx.now);
         ids.push(uuid(id.0));
         epochs.push(epoch.map(|e| e as i64));
         states.push(step.state.as_str());
@@ -1042,13 +1049,20 @@ impl Backend for Postgres {
         let now = now as i64;
         let limit = limit as i64;
         let cap = body_cap.min(i32::MAX as usize) as i32;
+        // A WebSocket delivery goes to a node with a client of its space,
+        // or to any node (which parks it) when no live node has one.
+        let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let alive_since = now - self.lease_ms() as i64;
         self.run(move |c| {
             Box::pin(async move {
                 let mut scan = DueScan::default();
                 if limit > 0 {
                     let sql = format!(
-                        "WITH c AS (SELECT id FROM deliveries WHERE state = 'pending' \
+                        "WITH c AS (SELECT id FROM deliveries w WHERE state = 'pending' \
                            AND next_attempt_at <= $1 AND (lease_until IS NULL OR lease_until < $1) \
+                           AND (w.space IS NULL OR w.space = ANY($6) OR NOT EXISTS \
+                             (SELECT 1 FROM nodes n WHERE n.id <> $3 AND n.heartbeat_at > $7 \
+                              AND w.space = ANY(n.spaces))) \
                            ORDER BY next_attempt_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
                          UPDATE deliveries d SET owner = $3, lease_until = $4, epoch = d.epoch + 1 \
                          FROM c WHERE d.id = c.id \
@@ -1057,7 +1071,10 @@ impl Backend for Postgres {
                     );
                     let stmt = c.prepare_cached(&sql).await.map_err(pg("claim"))?;
                     let rows = c
-                        .query(&stmt, &[&now, &limit, &node, &lease_until, &cap])
+                        .query(
+                            &stmt,
+                            &[&now, &limit, &node, &lease_until, &cap, &spaces, &alive_since],
+                        )
                         .await
                         .map_err(pg("claim"))?;
                     for r in &rows {
@@ -1150,16 +1167,33 @@ impl Backend for Postgres {
         })
     }
 
+    fn space_elsewhere(&self, space: &str) -> Result<bool, StoreError> {
+        self.read(
+            "find websocket clients",
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE id <> $1 AND heartbeat_at > $2 \
+             AND $3 = ANY(spaces))"
+                .into(),
+            vec![
+                boxed(self.opts.node.clone()),
+                boxed(now_ms() as i64 - self.lease_ms() as i64),
+                boxed(space.to_string()),
+            ],
+            |rows| Ok(rows[0].get(0)),
+        )
+    }
+
     fn heartbeat(&self, me: &NodeInfo) -> Result<Vec<NodeInfo>, StoreError> {
+        *self.spaces.lock().unwrap_or_else(|e| e.into_inner()) = me.spaces.clone();
         let me = me.clone();
         self.run(move |c| {
             Box::pin(async move {
                 let now = now_ms() as i64;
                 c.execute(
-                    "INSERT INTO nodes (id, version, rules_digest, addr, started_at, heartbeat_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                    "INSERT INTO nodes (id, version, rules_digest, addr, started_at, heartbeat_at, spaces) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
                      version = EXCLUDED.version, rules_digest = EXCLUDED.rules_digest, \
-                     addr = EXCLUDED.addr, heartbeat_at = EXCLUDED.heartbeat_at",
+                     addr = EXCLUDED.addr, heartbeat_at = EXCLUDED.heartbeat_at, \
+                     spaces = EXCLUDED.spaces",
                     &[
                         &me.id,
                         &me.version,
@@ -1167,6 +1201,7 @@ impl Backend for Postgres {
                         &me.addr,
                         &(me.started_at as i64),
                         &now,
+                        &me.spaces,
                     ],
                 )
                 .await
@@ -1180,7 +1215,7 @@ impl Backend for Postgres {
                 .map_err(pg("heartbeat"))?;
                 let rows = c
                     .query(
-                        "SELECT id, version, rules_digest, addr, started_at, heartbeat_at \
+                        "SELECT id, version, rules_digest, addr, started_at, heartbeat_at, spaces \
                          FROM nodes ORDER BY id",
                         &[],
                     )
@@ -1195,6 +1230,7 @@ impl Backend for Postgres {
                         addr: r.get(3),
                         started_at: r.get::<_, i64>(4) as u64,
                         heartbeat_at: r.get::<_, i64>(5) as u64,
+                        spaces: r.get(6),
                     })
                     .collect())
             })

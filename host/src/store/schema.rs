@@ -133,6 +133,7 @@ CREATE TABLE nodes (
     rules_digest text NOT NULL,
     addr text NOT NULL,
     started_at bigint NOT NULL,
-    heartbeat_at bigint NOT NULL
+    heartbeat_at bigint NOT NULL,
+    spaces text[] NOT NULL DEFAULT '{}'
 );
 "];
