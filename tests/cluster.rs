@@ -76,9 +76,18 @@ fn received(rx: &Receiver) -> (HashSet<String>, HashMap<String, usize>) {
     let mut events = HashSet::new();
     let mut per_delivery = HashMap::new();
     for r in rx.received() {
-        events.insert(r.json()["event_id"].as_str().unwrap_or_default().to_string());
+        events.insert(
+            r.json()["event_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
         *per_delivery
-            .entry(r.header("X-Rulehook-Delivery").unwrap_or_default().to_string())
+            .entry(
+                r.header("X-Rulehook-Delivery")
+                    .unwrap_or_default()
+                    .to_string(),
+            )
             .or_default() += 1;
     }
     (events, per_delivery)
@@ -123,7 +132,9 @@ fn assert_all_delivered(server: &Server, rx: &Receiver, accepted: &[String]) {
     let (_, per_delivery) = received(rx);
     let mut per_event: HashMap<&str, usize> = HashMap::new();
     for d in &records {
-        *per_event.entry(d["event_id"].as_str().unwrap()).or_default() += 1;
+        *per_event
+            .entry(d["event_id"].as_str().unwrap())
+            .or_default() += 1;
         let id = d["id"].as_str().unwrap();
         assert!(
             per_delivery.get(id).copied().unwrap_or(0) >= 1,
@@ -161,7 +172,13 @@ fn nodes_on_one_database_share_the_work_and_see_every_delivery() {
     });
     assert_eq!(cluster["store"], "postgres");
     assert_eq!(cluster["rule_sets"], 1, "{cluster}");
-    assert!(cluster["nodes"].as_array().unwrap().iter().all(|n| n["alive"] == true));
+    assert!(
+        cluster["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["alive"] == true)
+    );
     // An event id already accepted by one node is a duplicate at the other.
     let again = nodes[1].post_event(&event("basic-0"));
     assert_eq!(again.status, 202);
@@ -208,8 +225,15 @@ fn the_same_event_posted_to_every_node_at_once_makes_one_set_of_deliveries() {
                 })
                 .collect()
         });
-        let sets: HashSet<String> = answers.iter().map(|a| a["deliveries"].to_string()).collect();
-        assert_eq!(sets.len(), 1, "nodes answered different deliveries: {answers:?}");
+        let sets: HashSet<String> = answers
+            .iter()
+            .map(|a| a["deliveries"].to_string())
+            .collect();
+        assert_eq!(
+            sets.len(),
+            1,
+            "nodes answered different deliveries: {answers:?}"
+        );
         assert_eq!(
             answers.iter().filter(|a| a["duplicate"] == false).count(),
             1,
@@ -267,7 +291,12 @@ fn killing_nodes_under_load_loses_no_accepted_event() {
     let nodes: Arc<Mutex<Vec<Option<Server>>>> =
         Arc::new(Mutex::new(files.iter().map(|f| Some(start(f))).collect()));
     let addrs = Arc::new(Mutex::new(
-        nodes.lock().unwrap().iter().map(|n| n.as_ref().unwrap().addr).collect::<Vec<_>>(),
+        nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_ref().unwrap().addr)
+            .collect::<Vec<_>>(),
     ));
     let done = Arc::new(AtomicBool::new(false));
     // Every 1.5 s one node is killed (kill -9) and started again.
@@ -323,12 +352,17 @@ fn a_paused_node_that_lost_its_lease_cannot_overwrite_the_record_of_the_node_tha
         accepted.push(id);
     }
     // A's attempts are on the wire: pause it for longer than its lease.
-    wait_for(Duration::from_secs(10), "A's first attempts to arrive", || {
-        (!rx.received().is_empty()).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "A's first attempts to arrive",
+        || (!rx.received().is_empty()).then_some(()),
+    );
     let b = start(&fb);
     let pid = a.child.id().to_string();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
     // B takes the deliveries over once A's leases run out, and sends them.
     let want: HashSet<String> = accepted.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -343,18 +377,25 @@ fn a_paused_node_that_lost_its_lease_cannot_overwrite_the_record_of_the_node_tha
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
     // A wakes up, its old attempts end; their results must be refused.
-    let lost = wait_for(Duration::from_secs(20), "A to report refused results", || {
-        let m = a.admin("GET", "/metrics", None).text();
-        let n: u64 = m
-            .lines()
-            .find(|l| l.starts_with("rulehook_claims_lost_total "))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        (n > 0).then_some(n)
-    });
+    let lost = wait_for(
+        Duration::from_secs(20),
+        "A to report refused results",
+        || {
+            let m = a.admin("GET", "/metrics", None).text();
+            let n: u64 = m
+                .lines()
+                .find(|l| l.starts_with("rulehook_claims_lost_total "))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            (n > 0).then_some(n)
+        },
+    );
     assert!(lost >= 1);
     assert_all_delivered(&b, &rx, &accepted);
     // Records are consistent: attempt numbers run 1..=attempts, no gaps or
@@ -482,9 +523,11 @@ fn a_websocket_client_on_one_node_gets_the_deliveries_another_node_accepted() {
     let early = b.post_event(&defect_update("ws-early", json!({"sharedspace_id": 1001})));
     assert_eq!(early.status, 202, "{}", early.text());
     let early_id = early.json()["deliveries"][0].as_str().unwrap().to_string();
-    wait_for(Duration::from_secs(20), "the early delivery to park", || {
-        (b.delivery(&early_id)["delivery"]["state"] == "parked").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the early delivery to park",
+        || (b.delivery(&early_id)["delivery"]["state"] == "parked").then_some(()),
+    );
     // A client connects to A: the delivery B parked comes to it.
     let mut client = connect(a.addr, "1001", Some(("Authorization", &bearer()))).expect("upgrade");
     let first = next_frame(&mut client);
@@ -498,7 +541,12 @@ fn a_websocket_client_on_one_node_gets_the_deliveries_another_node_accepted() {
         sent.push(id);
     }
     let mut got: Vec<String> = (0..5)
-        .map(|_| next_frame(&mut client)["event_id"].as_str().unwrap().to_string())
+        .map(|_| {
+            next_frame(&mut client)["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     got.sort();
     assert_eq!(got, sent);
@@ -510,4 +558,122 @@ fn a_websocket_client_on_one_node_gets_the_deliveries_another_node_accepted() {
     for d in all_deliveries(&b) {
         assert_eq!(d["attempts"], 1, "{d}");
     }
+}
+
+#[test]
+fn moving_an_embedded_store_into_postgres_loses_and_resends_nothing() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    // `later` sends to a port where nothing listens yet.
+    let later_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rules = format!(
+        "rules:\n  - {{name: ok, events: [create], webhook: {{url: \"{}\"}}}}\n  - {{name: later, events: [create], webhook: {{url: \"http://127.0.0.1:{later_port}/later\", retry: {{policy: fixed, interval: 1s, retries: 100}}}}}}\n",
+        rx.url("/ok")
+    );
+    let (dir, config) = setup(
+        "copy-redb",
+        &rules,
+        // No endpoint protection: `later` stays pending, retried each second.
+        &format!(
+            "http_ports: [{}, {later_port}]\nshutdown_grace: 1s\nprotection: {{failures: 1000}}\n",
+            rx.addr.port()
+        ),
+    );
+    let embedded = Server::start(&dir, &config);
+    let ids: Vec<String> = (0..10).map(|i| format!("move-{i}")).collect();
+    for id in &ids {
+        assert_eq!(embedded.post_event(&event(id)).status, 202);
+    }
+    rx.wait_for(10, Duration::from_secs(20));
+    let before = wait_for(
+        Duration::from_secs(20),
+        "`later` attempted once each",
+        || {
+            let list = all_deliveries(&embedded);
+            let tried = list
+                .iter()
+                .filter(|d| d["rule"] == "later" && d["attempts"].as_u64() >= Some(1))
+                .count();
+            (list.len() == 20 && tried == 10).then_some(list)
+        },
+    );
+    let pg = PgServer::start("cluster-copy");
+    let url = pg.create_db("rulehook");
+    let db_file = dir.path().join("data/rulehook.redb");
+    let from = format!("redb:{}", db_file.display());
+    // While the server runs, the copy refuses: it must see no new writes.
+    let busy = crate::support::rulehook(&["store", "copy", "--from", &from, "--to", &url]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    embedded.stop();
+    let first = crate::support::rulehook(&["store", "copy", "--from", &from, "--to", &url]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        crate::support::stdout(&first).contains("copied 10 events, 20 deliveries added"),
+        "{}",
+        crate::support::stdout(&first)
+    );
+    let again = crate::support::rulehook(&["store", "copy", "--from", &from, "--to", &url]);
+    assert!(
+        crate::support::stdout(&again).contains("copied 10 events, 0 deliveries added"),
+        "{}",
+        crate::support::stdout(&again)
+    );
+    // A node on the database: what was pending goes out with its delivery
+    // id once the endpoint is up; what had succeeded is not sent again.
+    let (pdir, pconfig) = setup(
+        "copy-pg",
+        &rules,
+        &format!(
+            "http_ports: [{}, {later_port}]\nstore: \"{url}\"\ncluster: {{node_id: moved, lease: 3s}}\nprotection: {{failures: 1000}}\n",
+            rx.addr.port()
+        ),
+    );
+    let node = Server::start(&pdir, &pconfig);
+    let late_rx = Receiver::start_on(later_port, vec![Answer::status(200)]);
+    let got = late_rx.wait_for(10, Duration::from_secs(30));
+    let want: HashSet<String> = before
+        .iter()
+        .filter(|d| d["rule"] == "later")
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    let sent: HashSet<String> = got
+        .iter()
+        .map(|r| r.header("X-Rulehook-Delivery").unwrap().to_string())
+        .collect();
+    assert_eq!(sent, want, "the pending deliveries, with their ids");
+    let after = wait_for(Duration::from_secs(20), "all 20 succeeded", || {
+        let list = all_deliveries(&node);
+        (list.len() == 20 && list.iter().all(|d| d["state"] == "succeeded")).then_some(list)
+    });
+    for d in &after {
+        let old = before
+            .iter()
+            .find(|b| b["id"] == d["id"])
+            .expect("same ids");
+        if d["rule"] == "ok" {
+            assert_eq!(d["attempts"], old["attempts"], "{d}");
+        } else {
+            assert!(d["attempts"].as_u64() > old["attempts"].as_u64(), "{d}");
+        }
+    }
+    assert_eq!(
+        rx.received().len(),
+        10,
+        "nothing that had succeeded was sent again"
+    );
+    // Idempotency moved too.
+    let dup = node.post_event(&event("move-3"));
+    assert_eq!(dup.json()["duplicate"], true, "{}", dup.text());
 }

@@ -256,7 +256,12 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64, f64
     let dir = setup("e2e", &format!("http://{rx}/hook"), rx.port());
     let (server, _) = start_server(&dir);
     let addr = server.addr;
-    let db_before: f64 = DB_PIDS.lock().unwrap().iter().map(|&p| tree_cpu_secs(p)).sum();
+    let db_before: f64 = DB_PIDS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&p| tree_cpu_secs(p))
+        .sum();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let accepted = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -292,7 +297,12 @@ async fn e2e_throughput(conns: usize, secs: u64, batch: usize) -> (f64, f64, f64
     let delivered = sink.count.load(Relaxed);
     let all_secs = start.elapsed().as_secs_f64();
     let cpu_us = cpu_secs(server.child.id()) / delivered.max(1) as f64 * 1e6;
-    let db_after: f64 = DB_PIDS.lock().unwrap().iter().map(|&p| tree_cpu_secs(p)).sum();
+    let db_after: f64 = DB_PIDS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|&p| tree_cpu_secs(p))
+        .sum();
     *DB_CPU_US.lock().unwrap() = (db_after - db_before).max(0.0) / delivered.max(1) as f64 * 1e6;
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -367,7 +377,11 @@ fn tree_cpu_secs(pid: u32) -> f64 {
     let me = fields(pid);
     let mut total = ticks(&me, &[11, 12, 13, 14]);
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let f = fields(child);
@@ -657,7 +671,8 @@ async fn cluster() {
                     primary.require_sync_standbys(1, &[&standby]);
                 }
                 let url = primary.create_db(db);
-                *STORE.lock().unwrap() = format!("store: \"{url}\"\ncluster: {{node_id: bench, pool_size: 8}}\n");
+                *STORE.lock().unwrap() =
+                    format!("store: \"{url}\"\ncluster: {{node_id: bench, pool_size: 8}}\n");
                 let mut pids = vec![postmaster(&primary)];
                 if sync {
                     pids.push(postmaster(&standby));
@@ -669,8 +684,12 @@ async fn cluster() {
         let db1 = *DB_CPU_US.lock().unwrap();
         let (acc2, del2, cpu2) = e2e_throughput(8, 10, 50).await;
         let db2 = *DB_CPU_US.lock().unwrap();
-        println!("cluster: {label}: single events: accepted {acc1:.0}/s, delivered {del1:.0}/s, server CPU {cpu1:.1} µs/delivery, database CPU {db1:.1} µs/delivery");
-        println!("cluster: {label}: NDJSON x50: accepted {acc2:.0}/s, delivered {del2:.0}/s, server CPU {cpu2:.1} µs/delivery, database CPU {db2:.1} µs/delivery");
+        println!(
+            "cluster: {label}: single events: accepted {acc1:.0}/s, delivered {del1:.0}/s, server CPU {cpu1:.1} µs/delivery, database CPU {db1:.1} µs/delivery"
+        );
+        println!(
+            "cluster: {label}: NDJSON x50: accepted {acc2:.0}/s, delivered {del2:.0}/s, server CPU {cpu2:.1} µs/delivery, database CPU {db2:.1} µs/delivery"
+        );
         rows.push((label, del1, del2, cpu1, db1));
     }
     let redb = rows[0].1;
@@ -682,7 +701,12 @@ async fn cluster() {
     let rate = (pg_rate / 2.0).max(100.0);
     let lat = latency(rate, 10).await;
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
-    println!("cluster: postgres + sync standby latency at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms ({} events)", pct(0.5), pct(0.99), lat.len());
+    println!(
+        "cluster: postgres + sync standby latency at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
+        pct(0.5),
+        pct(0.99),
+        lat.len()
+    );
     // What N nodes sustain: each node spends `pg_cpu` µs per delivery, the
     // database `pg_db` µs (primary and standby together); a database host
     // with C cores saturates at C / pg_db deliveries per µs.

@@ -114,6 +114,11 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Move a store's contents (see `store copy --help`).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Write and try plugins.
     Plugin {
         #[command(subcommand)]
@@ -224,6 +229,22 @@ pub enum EndpointsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum StoreCommand {
+    /// Copy events, deliveries (pending, parked and final, with bodies and
+    /// attempts), endpoint states and rule versions from an embedded store
+    /// into PostgreSQL, to switch to cluster mode. Stop the server first.
+    /// Idempotent: a second run adds nothing.
+    Copy {
+        /// The source: redb:PATH of a data directory's rulehook.redb.
+        #[arg(long)]
+        from: String,
+        /// The target: a postgres://… connection string (or RULEHOOK_STORE).
+        #[arg(long, env = "RULEHOOK_STORE")]
+        to: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// Every node with its heartbeat, version and rule-set digest.
     Status,
@@ -301,6 +322,33 @@ pub fn main() -> ExitCode {
         }
         Command::Endpoints { command, server } => {
             admin(server, move |c| Box::pin(endpoints(c, command)))
+        }
+        Command::Store {
+            command: StoreCommand::Copy { from, to },
+        } => {
+            let mut last = std::time::Instant::now();
+            let result = crate::store_cli::copy(&from, &to, &mut |c| {
+                if last.elapsed() >= std::time::Duration::from_secs(1) {
+                    eprintln!(
+                        "copied {} events ({} deliveries added)",
+                        c.events, c.deliveries_added
+                    );
+                    last = std::time::Instant::now();
+                }
+            });
+            match result {
+                Ok(c) => {
+                    println!(
+                        "copied {} events, {} deliveries added (the rest were there already), {} endpoints, {} rule versions",
+                        c.events, c.deliveries_added, c.endpoints, c.rule_versions
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Command::Cluster {
             command: ClusterCommand::Status,
@@ -577,7 +625,11 @@ fn print_admin(value: &Value) {
                 "{}{}  {}  version {}  rules {}  heartbeat {} ms ago  {}",
                 n["id"].as_str().unwrap_or_default(),
                 if n["this"] == true { " (this)" } else { "" },
-                if n["alive"] == true { "alive" } else { "silent" },
+                if n["alive"] == true {
+                    "alive"
+                } else {
+                    "silent"
+                },
                 n["version"].as_str().unwrap_or_default(),
                 n["rules_digest"].as_str().unwrap_or_default(),
                 n["heartbeat_age_ms"],

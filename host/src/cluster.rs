@@ -135,7 +135,10 @@ pub fn rules_digest<'a>(versions: impl IntoIterator<Item = &'a str>) -> String {
         h.update(x.as_bytes());
         h.update(b"\n");
     }
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The heartbeat, until the task is aborted: renews this node's claims,
@@ -204,13 +207,17 @@ async fn beat(shared: &Shared, node: &Node) {
     match members {
         Ok(list) => {
             let alive_since = started.saturating_sub(node.dead_after().as_millis() as u64);
-            let alive: Vec<&NodeInfo> = list.iter().filter(|n| n.heartbeat_at >= alive_since).collect();
+            let alive: Vec<&NodeInfo> = list
+                .iter()
+                .filter(|n| n.heartbeat_at >= alive_since)
+                .collect();
             let mut digests: Vec<String> = alive.iter().map(|n| n.rules_digest.clone()).collect();
             digests.sort();
             digests.dedup();
             let m = &shared.metrics;
             m.cluster_nodes.store(alive.len() as u64, Ordering::Relaxed);
-            m.cluster_rule_sets.store(digests.len() as u64, Ordering::Relaxed);
+            m.cluster_rule_sets
+                .store(digests.len() as u64, Ordering::Relaxed);
             let mut last = node.disagreement.write().unwrap_or_else(|e| e.into_inner());
             if digests.len() > 1 && *last != digests {
                 let others: Vec<String> = alive
@@ -225,7 +232,11 @@ async fn beat(shared: &Shared, node: &Node) {
                     "nodes of this cluster run different rule sets; deliveries depend on which node accepts an event until they agree"
                 );
             }
-            *last = if digests.len() > 1 { digests } else { Vec::new() };
+            *last = if digests.len() > 1 {
+                digests
+            } else {
+                Vec::new()
+            };
             *node.nodes.write().unwrap_or_else(|e| e.into_inner()) = list;
         }
         Err(e) => tracing::warn!(error = %e, "cluster heartbeat failed"),

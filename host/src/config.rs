@@ -526,7 +526,9 @@ impl Config {
                 if lease < Duration::from_secs(1) {
                     return Err(cfg_err(
                         src,
-                        format!("`cluster.lease`: {s} is too short; a node renews every third of it, use at least 1s"),
+                        format!(
+                            "`cluster.lease`: {s} is too short; a node renews every third of it, use at least 1s"
+                        ),
                     ));
                 }
                 self.cluster.lease = lease;
@@ -622,11 +624,17 @@ fn store_url(src: &str, key: &str, text: &str) -> Result<Option<PgUrl>, ConfigEr
     if !(t.starts_with("postgres://") || t.starts_with("postgresql://")) {
         return Err(cfg_err(
             src,
-            format!("`{key}`: expected `redb` or a postgres://… connection string, found `{}`", t.split(':').next().unwrap_or(t)),
+            format!(
+                "`{key}`: expected `redb` or a postgres://… connection string, found `{}`",
+                t.split(':').next().unwrap_or(t)
+            ),
         ));
     }
     t.parse::<tokio_postgres::Config>().map_err(|e| {
-        cfg_err(src, format!("`{key}`: not a valid PostgreSQL connection string: {e}"))
+        cfg_err(
+            src,
+            format!("`{key}`: not a valid PostgreSQL connection string: {e}"),
+        )
     })?;
     Ok(Some(PgUrl(t.to_string())))
 }
@@ -635,7 +643,9 @@ fn store_url(src: &str, key: &str, text: &str) -> Result<Option<PgUrl>, ConfigEr
 fn node_id(src: &str, id: &str) -> Result<String, ConfigError> {
     let ok = !id.is_empty()
         && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
         return Err(cfg_err(
             src,

@@ -37,5 +37,6 @@ pub mod rules;
 pub mod serve;
 pub mod sign;
 pub mod store;
+pub mod store_cli;
 pub mod targets;
 pub mod time;

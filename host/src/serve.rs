@@ -109,8 +109,7 @@ pub async fn run(
     let node_id = crate::cluster::node_id(&config);
     let store = {
         let (config, node_id) = (config.clone(), node_id.clone());
-        tokio::task::spawn_blocking(move || crate::cluster::open_store(&config, &node_id))
-            .await??
+        tokio::task::spawn_blocking(move || crate::cluster::open_store(&config, &node_id)).await??
     };
     let store = Arc::new(store);
     let (outbox, writer) = Outbox::start(store.clone());
@@ -190,7 +189,12 @@ pub async fn run(
         kick: Default::default(),
         cluster: config.store.as_ref().map(|_| {
             let node = crate::cluster::Node::new(node_id.clone(), config.cluster.lease);
-            node.set_addr(listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            node.set_addr(
+                listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            );
             Arc::new(node)
         }),
     });

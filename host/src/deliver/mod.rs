@@ -438,7 +438,9 @@ impl Dispatcher {
             let release = tokio::task::spawn_blocking(move || store.release(&claims));
             match tokio::time::timeout(Duration::from_secs(2), release).await {
                 Ok(Ok(Ok(()))) => {}
-                _ => tracing::warn!("could not release the claims of queued deliveries at the stop; other nodes take them when the lease runs out"),
+                _ => tracing::warn!(
+                    "could not release the claims of queued deliveries at the stop; other nodes take them when the lease runs out"
+                ),
             }
         }
         let grace = self.shared.config.shutdown_grace;
@@ -586,13 +588,20 @@ impl Dispatcher {
             // The delivery stays in `active` until this commit, so no scan
             // starts it again on the strength of its old state.
             let retry_at = match shared.outbox.write(outcome.ops).await {
-                Ok(done) if done.iter().any(|d| matches!(d, crate::store::Done::Rejected(_))) => {
+                Ok(done)
+                    if done
+                        .iter()
+                        .any(|d| matches!(d, crate::store::Done::Rejected(_))) =>
+                {
                     for d in &done {
                         if let crate::store::Done::Rejected(why) = d {
                             tracing::warn!(delivery = %id, reason = %why, "attempt result refused");
                         }
                     }
-                    shared.metrics.claims_lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared
+                        .metrics
+                        .claims_lost
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     None
                 }
                 Ok(_) => outcome.retry_at,

@@ -128,6 +128,10 @@ pub enum Next {
 }
 
 /// One write in a batch.
+// `Finish` carries its attempt record inline: ops are built once, moved
+// into a batch and consumed, so boxing would only add an allocation per
+// attempt on the hot path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Op {
     Accept(NewEvent),
@@ -206,7 +210,6 @@ pub enum Done {
     /// This op failed on its own (e.g. unknown delivery); the rest of the batch stands.
     Rejected(String),
 }
-
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -401,6 +404,17 @@ pub struct StateCounts {
     pub skipped: u64,
 }
 
+/// A slice of a store's contents (see `Backend::export`).
+#[derive(Clone, Debug, Default)]
+pub struct Export {
+    /// (event key, record), oldest first.
+    pub events: Vec<(EventKey, EventRecord)>,
+    /// Every delivery of those events, with its body and attempts.
+    pub deliveries: Vec<(Delivery, Vec<u8>, Vec<Attempt>)>,
+    /// Where the next slice starts (`after`); `None` at the end.
+    pub next: Option<EventKey>,
+}
+
 /// A rulehook node as the cluster sees it (`GET /v1/cluster`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct NodeInfo {
@@ -528,6 +542,27 @@ pub trait Backend: Send + Sync {
     /// `before_ms` and bound to no pending or parked delivery.
     fn unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError>;
 
+    /// Up to `limit` events accepted after `after` (an event key; `None`
+    /// from the first), oldest first, each with its deliveries, bodies and
+    /// attempts: what `rulehook store copy` moves. Stores that cannot be
+    /// copied from say so.
+    fn export(&self, _after: Option<EventKey>, _limit: usize) -> Result<Export, StoreError> {
+        Err(StoreError::Io {
+            op: "export",
+            message: format!("copying out of a {} store is not supported", self.kind()),
+        })
+    }
+
+    /// Stores exported records as they are, leaving any already there
+    /// (same event id or delivery id) untouched, so a copy run twice
+    /// changes nothing the second time. Returns the deliveries added.
+    fn import(&self, _part: Export) -> Result<usize, StoreError> {
+        Err(StoreError::Io {
+            op: "import",
+            message: format!("copying into a {} store is not supported", self.kind()),
+        })
+    }
+
     /// Deliveries newest first, filtered, `limit` at a time; `before` pages.
     fn list(
         &self,
@@ -540,10 +575,7 @@ pub trait Backend: Send + Sync {
 
     /// A delivery's last attempt, if it has one.
     fn last_attempt(&self, d: &Delivery) -> Result<Option<Attempt>, StoreError> {
-        Ok(self
-            .last_attempts(std::slice::from_ref(d))?
-            .pop()
-            .flatten())
+        Ok(self.last_attempts(std::slice::from_ref(d))?.pop().flatten())
     }
 }
 
@@ -579,7 +611,11 @@ impl Store {
         cache_bytes: usize,
         quick_repair: bool,
     ) -> Result<Store, StoreError> {
-        Ok(Store::new(Redb::open_with(path, cache_bytes, quick_repair)?))
+        Ok(Store::new(Redb::open_with(
+            path,
+            cache_bytes,
+            quick_repair,
+        )?))
     }
 }
 

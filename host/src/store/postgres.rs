@@ -236,7 +236,10 @@ impl Postgres {
         > + Send
         + 'static,
     ) -> Result<T, StoreError> {
-        let rt = self.rt.as_ref().expect("runtime lives as long as the store");
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("runtime lives as long as the store");
         let pool = self.pool.clone();
         let timeout = self.opts.op_timeout;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -367,11 +370,22 @@ async fn migrate(client: &mut deadpool_postgres::Client, shown: String) -> Resul
 /// with the batch's effect: accepts first (they touch only new rows, so
 /// they commute with the rest), then the others in their order, runs of
 /// finishes and endpoint saves merged as long as no delivery repeats.
+// A batch has a few groups; `One` holding its op inline costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Group {
     Accept(Vec<(usize, NewEvent)>),
-    Finish(Vec<(usize, DeliveryId, Option<Attempt>, Next, Option<u64>)>),
+    Finish(Vec<Finishing>),
     Endpoints(Vec<(usize, Endpoint)>),
     One(usize, Op),
+}
+
+/// One `Op::Finish` of a group, with its place in the batch.
+struct Finishing {
+    index: usize,
+    id: DeliveryId,
+    attempt: Option<Attempt>,
+    next: Next,
+    epoch: Option<u64>,
 }
 
 fn group(ops: Vec<Op>) -> Vec<Group> {
@@ -388,12 +402,19 @@ fn group(ops: Vec<Op>) -> Vec<Group> {
                 epoch,
             } => {
                 let fresh = finishing.insert(id);
+                let f = Finishing {
+                    index: i,
+                    id,
+                    attempt,
+                    next,
+                    epoch,
+                };
                 match rest.last_mut() {
-                    Some(Group::Finish(v)) if fresh => v.push((i, id, attempt, next, epoch)),
+                    Some(Group::Finish(v)) if fresh => v.push(f),
                     _ => {
                         finishing.clear();
                         finishing.insert(id);
-                        rest.push(Group::Finish(vec![(i, id, attempt, next, epoch)]));
+                        rest.push(Group::Finish(vec![f]));
                     }
                 }
             }
@@ -475,10 +496,7 @@ async fn accept(
             }
         }
     }
-    let keys: Vec<Uuid> = primary
-        .iter()
-        .map(|_| Uuid::now_v7())
-        .collect::<Vec<_>>();
+    let keys: Vec<Uuid> = primary.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>();
     let ids: Vec<&str> = primary.iter().map(|(_, ev)| ev.id.as_str()).collect();
     let now = ctx.now as i64;
     let stmt = tx
@@ -616,7 +634,7 @@ struct AcceptCols<'a> {
 /// left alone, and so is its attempt record.
 async fn finish(
     tx: &Tx<'_>,
-    v: Vec<(usize, DeliveryId, Option<Attempt>, Next, Option<u64>)>,
+    v: Vec<Finishing>,
     ctx: &mut Ctx,
     out: &mut [Option<Done>],
 ) -> Result<(), StoreError> {
@@ -629,11 +647,19 @@ async fn finish(
     let mut numbers: Vec<Option<i32>> = Vec::with_capacity(v.len());
     let mut statuses: Vec<Option<i32>> = Vec::with_capacity(v.len());
     let mut records: Vec<Option<String>> = Vec::with_capacity(v.len());
-    for (_, id, attempt, next, epoch) in &v {
+    for Finishing {
+        id,
+        attempt,
+        next,
+        epoch,
+        ..
+    } in &v
+    {
         let step = Step::after(attempt.as_ref(), next.clone());
         // Handed back to be sent at once (by a node with a WebSocket
         // client of its space): wake the others rather than wait for a scan.
-        ctx.wake |= step.state == State::Pending && step.next_attempt_at.is_some_and(|t| t <= ctx.now);
+        ctx.wake |=
+            step.state == State::Pending && step.next_attempt_at.is_some_and(|t| t <= ctx.now);
         ids.push(uuid(id.0));
         epochs.push(epoch.map(|e| e as i64));
         states.push(step.state.as_str());
@@ -677,7 +703,13 @@ async fn finish(
         .into_iter()
         .map(|r| r.get(0))
         .collect();
-    for (i, id, _, _, epoch) in v {
+    for Finishing {
+        index: i,
+        id,
+        epoch,
+        ..
+    } in v
+    {
         out[i] = Some(if done.contains(&uuid(id.0)) {
             Done::Finished
         } else {
@@ -907,6 +939,86 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
     }
 }
 
+/// `Backend::import`: one transaction per slice, every row `ON CONFLICT DO
+/// NOTHING`, deliveries unclaimed (any node takes the pending ones).
+async fn import(client: &mut deadpool_postgres::Client, part: Export) -> Result<usize, StoreError> {
+    let tx = client.transaction().await.map_err(pg("import"))?;
+    let keys: Vec<Uuid> = part.events.iter().map(|(k, _)| uuid(*k)).collect();
+    let ids: Vec<&str> = part.events.iter().map(|(_, e)| e.id.as_str()).collect();
+    let at: Vec<i64> = part
+        .events
+        .iter()
+        .map(|(_, e)| e.accepted_at as i64)
+        .collect();
+    tx.execute(
+        "INSERT INTO events (key, id, accepted_at) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
+        &[&keys, &ids, &at],
+    )
+    .await
+    .map_err(pg("import"))?;
+    let ds = &part.deliveries;
+    let col = |f: &dyn Fn(&Delivery) -> Option<i64>| -> Vec<Option<i64>> {
+        ds.iter().map(|(d, _, _)| f(d)).collect()
+    };
+    let id: Vec<Uuid> = ds.iter().map(|(d, _, _)| uuid(d.id.0)).collect();
+    let event: Vec<&str> = ds.iter().map(|(d, _, _)| d.event_id.as_str()).collect();
+    let rule: Vec<&str> = ds.iter().map(|(d, _, _)| d.rule.as_str()).collect();
+    let state: Vec<&str> = ds.iter().map(|(d, _, _)| d.state.as_str()).collect();
+    let attempts: Vec<i32> = ds.iter().map(|(d, _, _)| d.attempts as i32).collect();
+    let next_at = col(&|d| d.next_attempt_at.map(|t| t as i64));
+    let created = col(&|d| Some(d.created_at as i64));
+    let updated = col(&|d| Some(d.updated_at as i64));
+    let parked: Vec<Option<&str>> = ds.iter().map(|(d, _, _)| d.parked_on.as_deref()).collect();
+    let reason: Vec<Option<&str>> = ds.iter().map(|(d, _, _)| d.reason.as_deref()).collect();
+    let status: Vec<Option<i32>> = ds
+        .iter()
+        .map(|(d, _, _)| d.last_status.map(i32::from))
+        .collect();
+    let unbuilt: Vec<bool> = ds.iter().map(|(d, _, _)| d.unbuilt).collect();
+    let space: Vec<Option<&str>> = ds.iter().map(|(d, _, _)| d.space.as_deref()).collect();
+    let version: Vec<Option<&str>> = ds
+        .iter()
+        .map(|(d, _, _)| d.rule_version.as_deref())
+        .collect();
+    let body: Vec<&[u8]> = ds.iter().map(|(_, b, _)| b.as_slice()).collect();
+    let params: [&(dyn ToSql + Sync); 15] = [
+        &id, &event, &rule, &state, &attempts, &next_at, &created, &updated, &parked, &reason,
+        &status, &unbuilt, &space, &version, &body,
+    ];
+    let added = tx
+        .execute(
+            "INSERT INTO deliveries (id, event_id, rule, state, attempts, next_attempt_at, \
+             created_at, updated_at, parked_on, reason, last_status, unbuilt, space, rule_version, body) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::int[], \
+             $12::bool[], $13::text[], $14::text[], $15::bytea[]) ON CONFLICT DO NOTHING",
+            &params,
+        )
+        .await
+        .map_err(pg("import"))?;
+    let mut a_id = Vec::new();
+    let mut a_num = Vec::new();
+    let mut a_rec = Vec::new();
+    for (d, _, list) in ds {
+        for a in list {
+            a_id.push(uuid(d.id.0));
+            a_num.push(a.number as i32);
+            a_rec.push(String::from_utf8(to_json(a)).unwrap_or_default());
+        }
+    }
+    tx.execute(
+        "INSERT INTO attempts (delivery, number, record) \
+         SELECT i, n, r::json FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(i, n, r) \
+         ON CONFLICT DO NOTHING",
+        &[&a_id, &a_num, &a_rec],
+    )
+    .await
+    .map_err(pg("import"))?;
+    tx.commit().await.map_err(pg("import"))?;
+    Ok(added as usize)
+}
+
 impl Postgres {
     fn read<T: Send + 'static>(
         &self,
@@ -942,22 +1054,36 @@ impl Backend for Postgres {
     fn check_invariants(&self) {
         // (what is wrong, rows where it is)
         let checks = [
-            ("pending without a due time, or due while not pending",
-             "SELECT count(*) FROM deliveries WHERE (state = 'pending') <> (next_attempt_at IS NOT NULL)"),
-            ("parked without an endpoint, or an endpoint while not parked",
-             "SELECT count(*) FROM deliveries WHERE (state = 'parked') <> (parked_on IS NOT NULL)"),
-            ("a claim on a delivery that is not pending",
-             "SELECT count(*) FROM deliveries WHERE state <> 'pending' AND owner IS NOT NULL"),
-            ("an attempt of a delivery that is gone",
-             "SELECT count(*) FROM attempts a WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = a.delivery)"),
-            ("a delivery of an event that is gone",
-             "SELECT count(*) FROM deliveries d WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id)"),
-            ("more attempts counted than recorded",
-             "SELECT count(*) FROM deliveries d WHERE d.attempts > (SELECT count(*) FROM attempts a WHERE a.delivery = d.id)"),
+            (
+                "pending without a due time, or due while not pending",
+                "SELECT count(*) FROM deliveries WHERE (state = 'pending') <> (next_attempt_at IS NOT NULL)",
+            ),
+            (
+                "parked without an endpoint, or an endpoint while not parked",
+                "SELECT count(*) FROM deliveries WHERE (state = 'parked') <> (parked_on IS NOT NULL)",
+            ),
+            (
+                "a claim on a delivery that is not pending",
+                "SELECT count(*) FROM deliveries WHERE state <> 'pending' AND owner IS NOT NULL",
+            ),
+            (
+                "an attempt of a delivery that is gone",
+                "SELECT count(*) FROM attempts a WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = a.delivery)",
+            ),
+            (
+                "a delivery of an event that is gone",
+                "SELECT count(*) FROM deliveries d WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id)",
+            ),
+            (
+                "more attempts counted than recorded",
+                "SELECT count(*) FROM deliveries d WHERE d.attempts > (SELECT count(*) FROM attempts a WHERE a.delivery = d.id)",
+            ),
         ];
         for (what, sql) in checks {
             let n = self
-                .read("check", sql.into(), vec![], |rows| Ok(rows[0].get::<_, i64>(0)))
+                .read("check", sql.into(), vec![], |rows| {
+                    Ok(rows[0].get::<_, i64>(0))
+                })
                 .unwrap();
             assert_eq!(n, 0, "{what}: {n} rows");
         }
@@ -1051,7 +1177,11 @@ impl Backend for Postgres {
         let cap = body_cap.min(i32::MAX as usize) as i32;
         // A WebSocket delivery goes to a node with a client of its space,
         // or to any node (which parks it) when no live node has one.
-        let spaces = self.spaces.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let spaces = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let alive_since = now - self.lease_ms() as i64;
         self.run(move |c| {
             Box::pin(async move {
@@ -1073,7 +1203,15 @@ impl Backend for Postgres {
                     let rows = c
                         .query(
                             &stmt,
-                            &[&now, &limit, &node, &lease_until, &cap, &spaces, &alive_since],
+                            &[
+                                &now,
+                                &limit,
+                                &node,
+                                &lease_until,
+                                &cap,
+                                &spaces,
+                                &alive_since,
+                            ],
                         )
                         .await
                         .map_err(pg("claim"))?;
@@ -1087,9 +1225,8 @@ impl Backend for Postgres {
                             }),
                         });
                     }
-                    scan.found.sort_by_key(|d| {
-                        (d.delivery.next_attempt_at.unwrap_or(0), d.delivery.id)
-                    });
+                    scan.found
+                        .sort_by_key(|d| (d.delivery.next_attempt_at.unwrap_or(0), d.delivery.id));
                     scan.more = scan.found.len() as i64 >= limit;
                 } else {
                     scan.more = true;
@@ -1319,7 +1456,11 @@ impl Backend for Postgres {
             arg(&mut sql, " AND d.event_id = ?", boxed(event.clone()));
         }
         if let Some(state) = filter.state {
-            arg(&mut sql, " AND d.state = ?", boxed(state.as_str().to_string()));
+            arg(
+                &mut sql,
+                " AND d.state = ?",
+                boxed(state.as_str().to_string()),
+            );
         }
         match filter.status_code {
             Some(StatusMatch::Code(c)) => {
@@ -1457,6 +1598,10 @@ impl Backend for Postgres {
                 }
             })
             .collect())
+    }
+
+    fn import(&self, part: Export) -> Result<usize, StoreError> {
+        self.run(move |c| Box::pin(import(c, part)))
     }
 
     fn rule_versions(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {

@@ -23,7 +23,6 @@ pub struct Redb {
     quick_repair: bool,
 }
 
-
 /// Index entries a list may step over per record it may read: stepping
 /// over an index key costs a small fraction of reading and decoding a
 /// record.
@@ -588,11 +587,53 @@ impl Backend for Redb {
         self.stored_rule_versions()
     }
 
+    fn export(&self, after: Option<EventKey>, limit: usize) -> Result<Export, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let tx = self.read()?;
+        let events = tx.open_table(EVENTS).map_err(io("export"))?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("export"))?;
+        let bodies = tx.open_table(BODIES).map_err(io("export"))?;
+        let attempts = tx.open_table(ATTEMPTS).map_err(io("export"))?;
+        let mut out = Export::default();
+        let start = after.map_or(Unbounded, Excluded);
+        for item in events
+            .range::<EventKey>((start, Unbounded))
+            .map_err(io("export"))?
+        {
+            if out.events.len() >= limit {
+                out.next = out.events.last().map(|(k, _)| *k);
+                break;
+            }
+            let (k, v) = item.map_err(io("export"))?;
+            let record: EventRecord = from_json(v.value(), "event")?;
+            for id in &record.deliveries {
+                let Some(d) = deliveries.get(id.0).map_err(io("export"))? else {
+                    continue;
+                };
+                let d: Delivery = from_json(d.value(), "delivery")?;
+                let body = bodies
+                    .get(id.0)
+                    .map_err(io("export"))?
+                    .map(|b| b.value().to_vec())
+                    .unwrap_or_default();
+                let mut list = Vec::new();
+                for a in attempts
+                    .range((id.0, 0u32)..=(id.0, u32::MAX))
+                    .map_err(io("export"))?
+                {
+                    list.push(from_json(a.map_err(io("export"))?.1.value(), "attempt")?);
+                }
+                out.deliveries.push((d, body, list));
+            }
+            out.events.push((k.value(), record));
+        }
+        Ok(out)
+    }
+
     fn unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
         self.retired_unused_rule_versions(before_ms)
     }
 }
-
 
 fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
     let ids = tx.open_table(EVENT_IDS).map_err(io("read event"))?;

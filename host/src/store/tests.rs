@@ -37,7 +37,6 @@ impl TempDb {
     fn path(&self) -> std::path::PathBuf {
         self.dir.join("rulehook.redb")
     }
-
 }
 
 impl TempDb {
@@ -72,11 +71,14 @@ impl PgDb {
 
     /// The same database as another node sees it.
     fn as_node(&self, node: &str) -> Postgres {
-        Postgres::connect(&self.url, postgres::PgOptions {
-            node: node.into(),
-            lease: std::time::Duration::from_millis(300),
-            ..Default::default()
-        })
+        Postgres::connect(
+            &self.url,
+            postgres::PgOptions {
+                node: node.into(),
+                lease: std::time::Duration::from_millis(300),
+                ..Default::default()
+            },
+        )
         .unwrap()
     }
 }
@@ -185,7 +187,6 @@ fn listed(
     };
     ids(store.list(&filter, None, 100).unwrap())
 }
-
 
 fn a_delivery_moves_through_its_states_with_the_indexes_in_step(db: &dyn Db) {
     let store = db.open();
@@ -875,7 +876,11 @@ fn pages_follow_a_cursor_within_a_scan_budget_for_every_source(db: &dyn Db) {
     // budget counts the records behind the 8 matches; PostgreSQL filters in
     // the query and its budget counts only the rows it returns.
     let (_, pages) = all_pages(&store, &cases[3].0, 100, 4);
-    let least = if store.kind() == "redb" { 24 / 4 } else { 8 / 4 };
+    let least = if store.kind() == "redb" {
+        24 / 4
+    } else {
+        8 / 4
+    };
     assert!(pages >= least, "{pages} pages");
     // Time bounds are id bounds: nothing before the first, all from it.
     let first = made[0].created_ms();
@@ -970,7 +975,10 @@ fn finish_under(store: &Store, id: DeliveryId, number: u32, epoch: u64) -> Done 
 }
 
 fn due_now(store: &Store) -> Vec<Due> {
-    store.due(None, now_ms(), 100, &|_| false, 1 << 20).unwrap().found
+    store
+        .due(None, now_ms(), 100, &|_| false, 1 << 20)
+        .unwrap()
+        .found
 }
 
 #[test]
@@ -1026,7 +1034,10 @@ fn postgres_renewed_claims_hold_and_released_ones_go_at_once() {
     std::thread::sleep(std::time::Duration::from_millis(400));
     b.renew(&held).unwrap();
     let taken: Vec<DeliveryId> = due_now(&b).iter().map(|d| d.delivery.id).collect();
-    assert!(taken.contains(&held[0]), "A's lapsed claim was not taken over: {taken:?}");
+    assert!(
+        taken.contains(&held[0]),
+        "A's lapsed claim was not taken over: {taken:?}"
+    );
 }
 
 #[test]
@@ -1063,13 +1074,18 @@ fn postgres_the_same_event_on_many_nodes_at_once_makes_one_set_of_deliveries() {
 fn postgres_a_database_of_a_newer_schema_is_refused() {
     let db = PgDb::new("newer-schema");
     drop(db.open());
-    db._server
-        .sql_in(db.url.rsplit('/').next().unwrap(), "UPDATE rulehook_schema SET version = 99");
+    db._server.sql_in(
+        db.url.rsplit('/').next().unwrap(),
+        "UPDATE rulehook_schema SET version = 99",
+    );
     let err = Postgres::connect(&db.url, Default::default())
         .err()
         .expect("refused");
     let text = err.to_string();
-    assert!(text.contains("schema version 99") && text.contains("upgrade rulehook"), "{text}");
+    assert!(
+        text.contains("schema version 99") && text.contains("upgrade rulehook"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -93,7 +93,10 @@ impl Redb {
     /// Retired rule versions that may be deleted: retired before
     /// `before_ms` and bound to no pending or parked delivery. Looks at the
     /// backlog only when some version is old enough, which is rare.
-    pub(super) fn retired_unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
+    pub(super) fn retired_unused_rule_versions(
+        &self,
+        before_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
         let tx = self.read()?;
         let retired = tx
             .open_table(RULE_VERSIONS_RETIRED)
