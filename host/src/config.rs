@@ -48,6 +48,8 @@ pub struct Config {
     /// Reload on file changes (off: only SIGHUP and `POST /v1/rules/reload`,
     /// e.g. on network file systems without change notifications).
     pub watch: bool,
+    /// What one client may hold of the HTTP server (`server:` in the file).
+    pub server: ServerLimits,
 }
 
 /// Where deliveries may go.
@@ -159,6 +161,7 @@ impl Default for Config {
             quick_repair: true,
             plugin_limits: crate::plugins::Limits::default(),
             watch: true,
+            server: ServerLimits::default(),
         }
     }
 }
@@ -208,6 +211,7 @@ struct FileConfig {
     plugin_output_max: Option<String>,
     plugin_log_max: Option<String>,
     watch: Option<bool>,
+    server: Option<FileServerLimits>,
 }
 
 #[derive(Deserialize)]
@@ -414,6 +418,9 @@ impl Config {
         if let Some(w) = f.watch {
             self.watch = w;
         }
+        if let Some(l) = f.server {
+            self.server.apply(l, src)?;
+        }
         if let Some(q) = f.quick_repair {
             self.quick_repair = q;
         }
@@ -530,6 +537,86 @@ impl Config {
                     key,
                 });
             }
+        }
+        Ok(())
+    }
+}
+
+/// The HTTP server's bounds on what clients can hold: connections, the
+/// time to send a request, failed sign-ins. SECURITY.md says why each
+/// default is what it is and what happens past it.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Connections open at once. Past it a new connection closes the
+    /// oldest one that is not running a request (see `api::conns`).
+    pub max_connections: usize,
+    /// Time to send a request's headers, counted from when the server
+    /// starts waiting for them: from the accept, or on a keep-alive
+    /// connection from the end of the previous response (so it is the
+    /// idle keep-alive timeout too).
+    pub header_timeout: Duration,
+    /// Time to send a whole request body, once its headers are in.
+    pub body_timeout: Duration,
+    /// Failed sign-ins (channel and console) allowed per client address
+    /// (IPv6: per /64) in `sign_in_window`.
+    pub sign_in_failures: u32,
+    pub sign_in_window: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            sign_in_failures: 20,
+            sign_in_window: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServerLimits {
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    sign_in_failures: Option<u32>,
+    sign_in_window: Option<String>,
+}
+
+impl ServerLimits {
+    fn apply(&mut self, f: FileServerLimits, src: &str) -> Result<(), ConfigError> {
+        let positive = |key: &str, d: Duration| {
+            if d.is_zero() {
+                Err(cfg_err(
+                    src,
+                    format!("`server.{key}` must be longer than 0s"),
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        if let Some(n) = f.max_connections {
+            if n == 0 {
+                return Err(cfg_err(src, "`server.max_connections` must be at least 1"));
+            }
+            self.max_connections = n;
+        }
+        if let Some(s) = f.header_timeout {
+            let d = duration(src, "server.header_timeout", &s)?;
+            self.header_timeout = positive("header_timeout", d)?;
+        }
+        if let Some(s) = f.body_timeout {
+            let d = duration(src, "server.body_timeout", &s)?;
+            self.body_timeout = positive("body_timeout", d)?;
+        }
+        if let Some(n) = f.sign_in_failures {
+            self.sign_in_failures = n.max(1);
+        }
+        if let Some(s) = f.sign_in_window {
+            let d = duration(src, "server.sign_in_window", &s)?;
+            self.sign_in_window = positive("sign_in_window", d)?;
         }
         Ok(())
     }
