@@ -431,3 +431,34 @@ fn media_types_and_the_bearer_scheme_match_without_regard_to_case() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn a_jsonpath_too_costly_for_the_event_is_not_run() {
+    let rules = "rules:
+  - name: everything-below-everything
+    events: [create]
+    entity_types: [defect]
+    when: {field: \"$..*..*\", exists: true}
+    webhook: {url: \"http://127.0.0.1:9/hook\"}
+";
+    let (dir, config) = setup("limits-jsonpath", rules, "");
+    let server = Server::start(&dir, &config);
+    // 40 chains 60 deep, 17 KB: `$..*..*` could visit 2,457 nodes × 63² ≈
+    // 9.8 million times (it took 6.6 s and 670 MB in a debug build).
+    fn chain(depth: usize) -> Value {
+        (0..depth).fold(json!(1), |inner, _| json!({"x": inner}))
+    }
+    let deep: Vec<Value> = (0..40).map(|_| chain(60)).collect();
+    let hostile = json!({"id": "evt-deep", "event_type": "create", "entity_type": "defect",
+        "entity": {"id": "1", "items": deep}});
+    let r = server.post_event(&hostile);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["deliveries"], json!([]), "the costly query ran");
+    // The same rule on an ordinary event runs and matches.
+    let r = server.post_event(&json!({"id": "evt-small", "event_type": "create",
+        "entity_type": "defect", "entity": {"id": "2", "a": {"b": 1}}}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["deliveries"].as_array().map(Vec::len), Some(1));
+    let health = crate::support::http::request(server.addr, "GET", "/healthz", &[], b"");
+    assert_eq!(health.status, 200);
+}

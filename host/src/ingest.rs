@@ -110,9 +110,11 @@ impl Ingest {
         // One snapshot for the whole batch: a reload in the middle never
         // splits an event between old and new rules, or old and new plugins.
         let snapshot = self.rules.load_full();
-        let (ops, handovers) = if snapshot.chains {
-            // Plugin calls are CPU-bound and may run up to their deadline:
-            // keep them off the reactor threads.
+        let (ops, handovers) = if snapshot.chains || snapshot.queries_jsonpath() {
+            // Plugin calls are CPU-bound and may run up to their deadline,
+            // and a JSONPath query may take milliseconds on a large event
+            // (up to `rules::eval::MAX_JSONPATH_WORK`): keep them off the
+            // reactor threads, so `/healthz` and other requests never wait.
             tokio::task::spawn_blocking(move || prepare(&snapshot, events))
                 .await
                 .expect("preparing events does not panic")
