@@ -462,3 +462,49 @@ fn a_jsonpath_too_costly_for_the_event_is_not_run() {
     let health = crate::support::http::request(server.addr, "GET", "/healthz", &[], b"");
     assert_eq!(health.status, 200);
 }
+
+#[test]
+fn a_channel_key_bound_to_spaces_opens_only_their_channels() {
+    // The setup's config ends in its `api_keys` list: these lines join it.
+    let keys = "  - {name: bridge, role: websocket, key: bridge-secret-0123456789, spaces: [1001, \"team-a\"]}\n  - {name: any, role: websocket, key: any-secret-0123456789}\n";
+    let (_dir, server) = server("limits-spaces", keys);
+    let upgrade = |space: &str, id: &str, secret: &str| {
+        let head = format!(
+            "GET /messaging/shared_spaces/{space}/webhooks HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {id}:{secret}\r\n\r\n"
+        );
+        let mut s = send(server.addr, head.as_bytes());
+        answer(&mut s).expect("an answer to the upgrade")
+    };
+    for space in ["1001", "team-a"] {
+        let (status, text) = upgrade(space, "bridge", "bridge-secret-0123456789");
+        assert_eq!(status, 101, "{space}: {text}");
+    }
+    let (status, text) = upgrade("1002", "bridge", "bridge-secret-0123456789");
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("1001, team-a"), "{text}");
+    // A session from sign-in is bound the same way.
+    let body = json!({"client_id": "bridge", "client_secret": "bridge-secret-0123456789"});
+    let r = crate::support::http::request(
+        server.addr,
+        "POST",
+        "/authentication/sign_in",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cookie = r
+        .headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .and_then(|(_, v)| v.split(';').next())
+        .expect("session cookie")
+        .to_string();
+    let head = format!(
+        "GET /messaging/shared_spaces/1002/webhooks HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: {cookie}\r\n\r\n"
+    );
+    let mut s = send(server.addr, head.as_bytes());
+    assert_eq!(answer(&mut s).expect("answer").0, 403);
+    // A key without `spaces` opens any space, as before.
+    let (status, text) = upgrade("1002", "any", "any-secret-0123456789");
+    assert_eq!(status, 101, "{text}");
+}

@@ -120,6 +120,9 @@ pub struct ApiKey {
     pub name: String,
     pub role: Role,
     pub key: String,
+    /// The shared spaces whose WebSocket channel this key may open; `None`:
+    /// every space.
+    pub spaces: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -220,6 +223,7 @@ struct FileKey {
     name: String,
     role: String,
     key: FileSecret,
+    spaces: Option<Vec<FileSpace>>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +407,7 @@ impl Config {
                     name: k.name,
                     role,
                     key,
+                    spaces: k.spaces.map(|s| s.into_iter().map(FileSpace::id).collect()),
                 });
             }
         }
@@ -535,6 +540,7 @@ impl Config {
                     name: var.to_lowercase(),
                     role,
                     key,
+                    spaces: None,
                 });
             }
         }
@@ -583,6 +589,23 @@ struct FileServerLimits {
     body_timeout: Option<String>,
     sign_in_failures: Option<u32>,
     sign_in_window: Option<String>,
+}
+
+/// A shared space id as written: `1001` or `"1001"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSpace {
+    Number(u64),
+    Text(String),
+}
+
+impl FileSpace {
+    fn id(self) -> String {
+        match self {
+            FileSpace::Number(n) => n.to_string(),
+            FileSpace::Text(s) => s,
+        }
+    }
 }
 
 impl ServerLimits {

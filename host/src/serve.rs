@@ -69,11 +69,13 @@ pub fn generated_keys(data_dir: &Path) -> anyhow::Result<Vec<ApiKey>> {
             name: "generated admin".into(),
             role: Role::Admin,
             key: get("admin")?,
+            spaces: None,
         },
         ApiKey {
             name: "generated ingest".into(),
             role: Role::Ingest,
             key: get("ingest")?,
+            spaces: None,
         },
     ])
 }

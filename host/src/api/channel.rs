@@ -115,6 +115,26 @@ impl Api {
                 None,
             );
         };
+        // A key bound to spaces opens only their channels.
+        let bound = self
+            .keys
+            .iter()
+            .find(|k| k.name == client)
+            .and_then(|k| k.spaces.as_ref());
+        if let Some(spaces) = bound
+            && !spaces.iter().any(|s| *s == space)
+        {
+            tracing::warn!(client = %super::logged(&client), space = %super::logged(&space), "WebSocket channel refused: the key is not bound to this space");
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "key `{client}` may open the channels of spaces {} only (its `spaces` in api_keys)",
+                    spaces.join(", ")
+                ),
+                None,
+            );
+        }
         let header = |name: http::header::HeaderName| {
             req.headers()
                 .get(name)
