@@ -122,7 +122,7 @@ impl Api {
             .find(|k| k.name == client)
             .and_then(|k| k.spaces.as_ref());
         if let Some(spaces) = bound
-            && !spaces.iter().any(|s| *s == space)
+            && !spaces.contains(&space)
         {
             tracing::warn!(client = %super::logged(&client), space = %super::logged(&space), "WebSocket channel refused: the key is not bound to this space");
             return error(
