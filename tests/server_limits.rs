@@ -508,3 +508,36 @@ fn a_channel_key_bound_to_spaces_opens_only_their_channels() {
     let (status, text) = upgrade("1002", "any", "any-secret-0123456789");
     assert_eq!(status, 101, "{text}");
 }
+
+#[test]
+fn oversized_headers_and_deep_json_are_refused() {
+    let (_dir, server) = server("limits-head", "");
+    // 500 KiB of one header: past hyper's read buffer.
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(500 << 10)
+    );
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(T)).ok();
+    // The server may stop reading (and answer) before all of it is sent.
+    let _ = s.write_all(head.as_bytes());
+    let (status, text) = answer(&mut s).expect("an answer to oversized headers");
+    assert_eq!(status, 431, "{text}");
+    // JSON nested 200 deep is refused by name, not by a stack overflow.
+    let mut body = String::from(
+        r#"{"event_type": "create", "entity_type": "defect", "entity": {"id": "1", "deep": "#,
+    );
+    body.push_str(&"[".repeat(200));
+    body.push_str(&"]".repeat(200));
+    body.push_str("}}");
+    let r = crate::support::http::request(
+        server.addr,
+        "POST",
+        "/v1/events",
+        &[("Authorization", &format!("Bearer {INGEST_KEY}"))],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("recursion limit"), "{}", r.text());
+    assert_eq!(server.post_event(&event("evt-after-deep")).status, 202);
+}

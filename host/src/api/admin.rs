@@ -196,7 +196,7 @@ impl Api {
             ep.updated_at = crate::store::now_ms();
             ep.clone()
         };
-        tracing::info!(endpoint = %endpoint, "endpoint unblocked by an admin");
+        tracing::info!(endpoint = %super::logged(&endpoint), "endpoint unblocked by an admin");
         // The first few thousand now; a larger backlog follows in the
         // background (see `deliver::unpark`).
         match crate::deliver::unpark(
