@@ -152,7 +152,13 @@ fn slow_clients_past_the_cap_leave_healthz_and_ingest_answering() {
         let d = server.deliveries(&format!("event={id}"));
         assert_eq!(d.len(), 1, "event {id}: {d:?}");
     }
-    assert!(open_fds(&server) <= baseline + 100 + 8);
+    // (Plus the deliveries' outbound sockets, which close at once: nothing
+    // listens on their port.)
+    let fds = open_fds(&server);
+    assert!(
+        fds <= baseline + 100 + 8 + 10,
+        "{fds} fds open after ingest"
+    );
 }
 
 #[test]
@@ -540,4 +546,52 @@ fn oversized_headers_and_deep_json_are_refused() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("recursion limit"), "{}", r.text());
     assert_eq!(server.post_event(&event("evt-after-deep")).status, 202);
+}
+
+#[test]
+fn a_connection_being_served_keeps_its_slot_at_the_cap() {
+    let (_dir, server) = server(
+        "limits-busy",
+        "server: {max_connections: 10, header_timeout: 5m, body_timeout: 5m}\n",
+    );
+    // A live tail is a request being served for as long as it is open.
+    let mut tail = send(
+        server.addr,
+        format!("GET /v1/deliveries/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n")
+            .as_bytes(),
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tail.read(&mut buf).expect("the tail's answer");
+        assert!(n > 0, "the tail closed: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    // 30 slow clients for the 9 other slots: 21 of them give way, the tail
+    // does not.
+    let mut slow: Vec<TcpStream> = (0..30)
+        .map(|_| send(server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+        .collect();
+    wait_for(T, "21 slow clients closed to make room", || {
+        let n = slow
+            .iter_mut()
+            .filter_map(|s| closed(s).then_some(()))
+            .count();
+        (n >= 21).then_some(())
+    });
+    assert!(!closed(&mut tail), "the live tail was closed to make room");
+    // And it still works: an event accepted now shows up on it.
+    let r = server.post_event(&event("evt-busy"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("evt-busy") {
+        let n = tail.read(&mut buf).expect("the tail's events");
+        assert!(n > 0, "the tail closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
 }

@@ -331,6 +331,25 @@ impl Api {
             };
             return Ok(error(StatusCode::FORBIDDEN, "forbidden", why, None));
         }
+        // Authenticated, and not waiting for a body it would read: from now
+        // on the request is being served (a reload, a test connection) and
+        // its connection is not given up for room. Routes that read their
+        // body stay `Reading` until it is in (see `read_body_max`).
+        let reads_body = method == Method::POST
+            && matches!(
+                segments.as_slice(),
+                ["v1", "events"]
+                    | ["v1", "deliveries", "redeliver"]
+                    | ["v1", "endpoints", "unblock"]
+            );
+        if !reads_body
+            && let Some(slot) = req
+                .extensions()
+                .get::<Client>()
+                .and_then(|c| c.slot.as_ref())
+        {
+            slot.set(conns::Phase::Busy);
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         let resp = match (method, segments.as_slice()) {
             (Method::POST, ["v1", "events"]) => self.post_events(req).await,
