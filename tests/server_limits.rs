@@ -595,3 +595,64 @@ fn a_connection_being_served_keeps_its_slot_at_the_cap() {
         got.extend_from_slice(&buf[..n]);
     }
 }
+
+#[test]
+fn the_open_file_limit_is_raised_and_bounds_the_cap() {
+    use std::io::BufRead as _;
+    use std::os::unix::process::CommandExt as _;
+    let (dir, config) = setup("limits-nofile", RULES, "");
+    let log = dir.path().join("server.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rulehook"));
+    cmd.args([
+        "serve",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .env("RULEHOOK_LOG", "warn")
+    .env("RULEHOOK_LOG_FORMAT", "json")
+    .env("RULEHOOK_PLUGIN_CACHE", crate::support::plugin_cache())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::fs::File::create(&log).expect("log file"));
+    // SAFETY: setrlimit is async-signal-safe; the child runs nothing else
+    // before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A soft limit of 512 under a hard one of 700, as a service
+            // manager might leave them.
+            let lim = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 700,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start rulehook serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    let _ = child.kill();
+    let _ = child.wait();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("the open-files line");
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        numbers,
+        ["700", "700"],
+        "soft limit not raised: {open_files}"
+    );
+    // 700 less 256 kept for the store and files, less max_in_flight (256).
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        text.contains("leaves room for fewer connections") && text.contains("\"using\":188"),
+        "{text}"
+    );
+}

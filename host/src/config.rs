@@ -645,6 +645,59 @@ impl ServerLimits {
     }
 }
 
+#[cfg(test)]
+mod server_limits_tests {
+    use super::*;
+
+    #[test]
+    fn server_limits_load_and_mistakes_name_the_key() {
+        let dir =
+            std::env::temp_dir().join(format!("rulehook-config-server-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(
+            &file,
+            "server: {max_connections: 500, header_timeout: 5s, body_timeout: 1m, sign_in_failures: 3, sign_in_window: 30s}\napi_keys:\n  - {name: bridge, role: websocket, key: bridge-secret-0123456789, spaces: [1001, team-a]}\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.server.max_connections, 500);
+        assert_eq!(c.server.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.sign_in_failures, 3);
+        assert_eq!(c.server.sign_in_window, Duration::from_secs(30));
+        assert_eq!(
+            c.api_keys[0].spaces.as_deref(),
+            Some(&["1001".to_string(), "team-a".to_string()][..])
+        );
+        for (text, want) in [
+            (
+                "server: {max_conections: 5}\n",
+                "unknown field `max_conections`",
+            ),
+            (
+                "server: {max_connections: 0}\n",
+                "`server.max_connections` must be at least 1",
+            ),
+            (
+                "server: {header_timeout: soon}\n",
+                "`server.header_timeout`: `soon` is not a duration",
+            ),
+            (
+                "server: {body_timeout: 0s}\n",
+                "`server.body_timeout` must be longer than 0s",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(Some(&file), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 fn parse_cidrs(src: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
     list.iter()
         .map(|s| {
