@@ -152,6 +152,14 @@ fn slow_clients_past_the_cap_leave_healthz_and_ingest_answering() {
         let d = server.deliveries(&format!("event={id}"));
         assert_eq!(d.len(), 1, "event {id}: {d:?}");
     }
+    // The operator sees it in the metrics.
+    let metrics = server.admin("GET", "/metrics", None).text();
+    let room: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rulehook_connections_closed_total{reason=\"room\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no closed-for-room counter: {metrics}"));
+    assert!(room >= 200, "{metrics}");
     // (Plus the deliveries' outbound sockets, which close at once: nothing
     // listens on their port.)
     let fds = open_fds(&server);
@@ -298,6 +306,15 @@ fn failed_sign_ins_lock_out_only_the_address_they_come_from() {
     // Everyone else signs in as before.
     let (status, text) = sign_in_from(other, server.addr, "admin", ADMIN_KEY);
     assert_eq!(status, 200, "{text}");
+    let metrics = server.admin("GET", "/metrics", None).text();
+    assert!(
+        metrics.contains("rulehook_sign_ins_total{result=\"failed\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rulehook_sign_ins_total{result=\"locked_out\"} 3\n"),
+        "{metrics}"
+    );
 }
 
 #[test]

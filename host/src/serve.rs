@@ -202,6 +202,7 @@ pub async fn run(
     // Connections are told to finish when serving stops (see below); the
     // console's live tails watch the same signal.
     let (close_conns, conns_closing) = watch::channel(false);
+    let connections = Connections::new(connection_cap(&config));
     let api = Arc::new(Api {
         ingest: Ingest {
             rules: rules.clone(),
@@ -218,8 +219,8 @@ pub async fn run(
             config.server.sign_in_failures,
             config.server.sign_in_window,
         ),
+        connections: connections.clone(),
     });
-    let connections = Connections::new(connection_cap(&config));
 
     // Connections are told to finish when serving stops, and are kept in a
     // set so the stop can wait for them within the grace and then cut the

@@ -84,6 +84,16 @@ impl Connections {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Connections closed so far to make room for a new one.
+    pub fn closed_for_room(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// New connections closed so far because every slot was busy.
+    pub fn refused_all_busy(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Connections counted against the cap now.
     pub fn open(&self) -> usize {
         let inner = self.inner();

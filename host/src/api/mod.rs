@@ -50,6 +50,8 @@ pub struct Api {
     pub console: console::Console,
     /// Failed sign-ins per client address (channel and console).
     pub sign_ins: sign_ins::SignIns,
+    /// The server's open connections (for `/metrics`).
+    pub connections: Arc<conns::Connections>,
 }
 
 /// Who sent a request, put in its extensions by the server: the peer's

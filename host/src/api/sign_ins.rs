@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Clients tracked at once.
@@ -22,6 +23,10 @@ pub struct SignIns {
     max_failures: u32,
     window: Duration,
     clients: Mutex<HashMap<Client, (Instant, u32)>>,
+    /// Totals for `/metrics`: failed sign-ins, and sign-ins refused
+    /// because their address was locked out.
+    failed_total: AtomicU64,
+    refused_total: AtomicU64,
 }
 
 /// An IPv4 address, an IPv6 /64, or the overflow count.
@@ -50,6 +55,8 @@ impl SignIns {
             max_failures: max_failures.max(1),
             window,
             clients: Mutex::new(HashMap::new()),
+            failed_total: AtomicU64::new(0),
+            refused_total: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +66,14 @@ impl SignIns {
 
     pub fn window(&self) -> Duration {
         self.window
+    }
+
+    pub fn failed_total(&self) -> u64 {
+        self.failed_total.load(Ordering::Relaxed)
+    }
+
+    pub fn refused_total(&self) -> u64 {
+        self.refused_total.load(Ordering::Relaxed)
     }
 
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<Client, (Instant, u32)>> {
@@ -75,11 +90,16 @@ impl SignIns {
             clients.remove(&key);
             return None;
         }
-        (count >= self.max_failures).then(|| self.window - elapsed)
+        let locked = (count >= self.max_failures).then(|| self.window - elapsed);
+        if locked.is_some() {
+            self.refused_total.fetch_add(1, Ordering::Relaxed);
+        }
+        locked
     }
 
     /// Counts a failed sign-in from `ip`.
     pub fn failed(&self, ip: IpAddr) {
+        self.failed_total.fetch_add(1, Ordering::Relaxed);
         let mut clients = self.clients();
         let mut key = Self::key(&clients, Client::of(ip));
         if !clients.contains_key(&key) && clients.len() >= MAX_CLIENTS {
