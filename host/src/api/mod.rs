@@ -482,6 +482,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn client_text_is_logged_on_one_line_and_cut() {
+        assert_eq!(logged("ci-bridge"), "ci-bridge");
+        assert_eq!(
+            logged("a\nb\r\u{1b}[2J\u{2028}"),
+            "a\\nb\\r\\u{1b}[2J\\u{2028}"
+        );
+        let long = "é".repeat(300);
+        let cut = logged(&long);
+        assert!(cut.starts_with(&"é".repeat(128)), "{cut}");
+        assert!(cut.ends_with("… (600 bytes)"), "{cut}");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
+    }
+
+    #[test]
     fn times_get_an_rfc3339_twin_at_any_depth() {
         let v = with_times(json!({
             "created_at": 0, "name": "x", "blocked_until": 1_795_341_600_123u64,
