@@ -15,5 +15,6 @@ mod plugins;
 mod proxy;
 mod reload;
 mod rule_limits;
+mod server_limits;
 mod shutdown;
 mod websocket;

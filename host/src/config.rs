@@ -54,6 +54,8 @@ pub struct Config {
     pub store: Option<PgUrl>,
     /// How this node takes part in a cluster (postgres mode only).
     pub cluster: Cluster,
+    /// What one client may hold of the HTTP server (`server:` in the file).
+    pub server: ServerLimits,
 }
 
 /// A PostgreSQL connection string; shown without its password.
@@ -152,6 +154,9 @@ pub struct ApiKey {
     pub name: String,
     pub role: Role,
     pub key: String,
+    /// The shared spaces whose WebSocket channel this key may open; `None`:
+    /// every space.
+    pub spaces: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -199,6 +204,7 @@ impl Default for Config {
                 lease: Duration::from_secs(30),
                 pool_size: 8,
             },
+            server: ServerLimits::default(),
         }
     }
 }
@@ -250,6 +256,7 @@ struct FileConfig {
     watch: Option<bool>,
     store: Option<String>,
     cluster: Option<FileCluster>,
+    server: Option<FileServerLimits>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +273,7 @@ struct FileKey {
     name: String,
     role: String,
     key: FileSecret,
+    spaces: Option<Vec<FileSpace>>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +457,7 @@ impl Config {
                     name: k.name,
                     role,
                     key,
+                    spaces: k.spaces.map(|s| s.into_iter().map(FileSpace::id).collect()),
                 });
             }
         }
@@ -463,6 +472,9 @@ impl Config {
         }
         if let Some(w) = f.watch {
             self.watch = w;
+        }
+        if let Some(l) = f.server {
+            self.server.apply(l, src)?;
         }
         if let Some(q) = f.quick_repair {
             self.quick_repair = q;
@@ -607,6 +619,7 @@ impl Config {
                     name: var.to_lowercase(),
                     role,
                     key,
+                    spaces: None,
                 });
             }
         }
@@ -653,6 +666,156 @@ fn node_id(src: &str, id: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(id.to_string())
+}
+
+/// The HTTP server's bounds on what clients can hold: connections, the
+/// time to send a request, failed sign-ins. SECURITY.md says why each
+/// default is what it is and what happens past it.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Connections open at once. Past it a new connection closes the
+    /// oldest one that is not running a request (see `api::conns`).
+    pub max_connections: usize,
+    /// Time to send a request's headers, counted from when the server
+    /// starts waiting for them: from the accept, or on a keep-alive
+    /// connection from the end of the previous response (so it is the
+    /// idle keep-alive timeout too).
+    pub header_timeout: Duration,
+    /// Time to send a whole request body, once its headers are in.
+    pub body_timeout: Duration,
+    /// Failed sign-ins (channel and console) allowed per client address
+    /// (IPv6: per /64) in `sign_in_window`.
+    pub sign_in_failures: u32,
+    pub sign_in_window: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            sign_in_failures: 20,
+            sign_in_window: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServerLimits {
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    sign_in_failures: Option<u32>,
+    sign_in_window: Option<String>,
+}
+
+/// A shared space id as written: `1001` or `"1001"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSpace {
+    Number(u64),
+    Text(String),
+}
+
+impl FileSpace {
+    fn id(self) -> String {
+        match self {
+            FileSpace::Number(n) => n.to_string(),
+            FileSpace::Text(s) => s,
+        }
+    }
+}
+
+impl ServerLimits {
+    fn apply(&mut self, f: FileServerLimits, src: &str) -> Result<(), ConfigError> {
+        let positive = |key: &str, d: Duration| {
+            if d.is_zero() {
+                Err(cfg_err(
+                    src,
+                    format!("`server.{key}` must be longer than 0s"),
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        if let Some(n) = f.max_connections {
+            if n == 0 {
+                return Err(cfg_err(src, "`server.max_connections` must be at least 1"));
+            }
+            self.max_connections = n;
+        }
+        if let Some(s) = f.header_timeout {
+            let d = duration(src, "server.header_timeout", &s)?;
+            self.header_timeout = positive("header_timeout", d)?;
+        }
+        if let Some(s) = f.body_timeout {
+            let d = duration(src, "server.body_timeout", &s)?;
+            self.body_timeout = positive("body_timeout", d)?;
+        }
+        if let Some(n) = f.sign_in_failures {
+            self.sign_in_failures = n.max(1);
+        }
+        if let Some(s) = f.sign_in_window {
+            let d = duration(src, "server.sign_in_window", &s)?;
+            self.sign_in_window = positive("sign_in_window", d)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod server_limits_tests {
+    use super::*;
+
+    #[test]
+    fn server_limits_load_and_mistakes_name_the_key() {
+        let dir =
+            std::env::temp_dir().join(format!("rulehook-config-server-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(
+            &file,
+            "server: {max_connections: 500, header_timeout: 5s, body_timeout: 1m, sign_in_failures: 3, sign_in_window: 30s}\napi_keys:\n  - {name: bridge, role: websocket, key: bridge-secret-0123456789, spaces: [1001, team-a]}\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.server.max_connections, 500);
+        assert_eq!(c.server.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.sign_in_failures, 3);
+        assert_eq!(c.server.sign_in_window, Duration::from_secs(30));
+        assert_eq!(
+            c.api_keys[0].spaces.as_deref(),
+            Some(&["1001".to_string(), "team-a".to_string()][..])
+        );
+        for (text, want) in [
+            (
+                "server: {max_conections: 5}\n",
+                "unknown field `max_conections`",
+            ),
+            (
+                "server: {max_connections: 0}\n",
+                "`server.max_connections` must be at least 1",
+            ),
+            (
+                "server: {header_timeout: soon}\n",
+                "`server.header_timeout`: `soon` is not a duration",
+            ),
+            (
+                "server: {body_timeout: 0s}\n",
+                "`server.body_timeout` must be longer than 0s",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(Some(&file), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
 
 fn parse_cidrs(src: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {

@@ -71,9 +71,7 @@ const KEYS: &[&str] = &[
 impl Event {
     /// Parses an event from JSON text.
     pub fn from_json(text: &str) -> Result<Event, EventError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| err("(body)", format!("not valid JSON: {e}")))?;
-        Event::from_value(value)
+        Event::from_value(parse_json(text.as_bytes())?)
     }
 
     /// Parses an event from a JSON value.
@@ -259,10 +257,295 @@ fn looks_like_rfc3339(s: &str) -> bool {
         && b[16] == b':'
 }
 
+/// Parses JSON text the way an event must be read: like `serde_json`,
+/// but refusing what it would silently change. A duplicate key in an
+/// object is refused, naming it (`entity.name: duplicate key`), where
+/// serde keeps the last value, so two readers of the same event could
+/// disagree on it. An integer literal past 64 bits (above
+/// 18446744073709551615 or below -9223372036854775808) is refused, naming
+/// the field, where serde rounds it to a float: rulehook would otherwise
+/// send a different id than it got. Floats stay floats.
+pub fn parse_json(text: &[u8]) -> Result<Value, EventError> {
+    let ctx = strict::Ctx::default();
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let parsed = serde::de::DeserializeSeed::deserialize(ctx.root(), &mut de).and_then(|v| {
+        de.end()?;
+        Ok(v)
+    });
+    if let Some(fault) = ctx.fault.take() {
+        return Err(fault);
+    }
+    let value = parsed.map_err(|e| err("(body)", format!("not valid JSON: {e}")))?;
+    if let Some((field, literal)) = ctx.wide_integer(text) {
+        let shown: String = literal.chars().take(40).collect();
+        return Err(err(
+            field,
+            format!(
+                "the integer {shown}{} does not fit in 64 bits (from -9223372036854775808 to \
+                 18446744073709551615) and would be rounded; send it as a string to keep it exact",
+                if shown.len() < literal.len() {
+                    "…"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+/// The visitor behind `parse_json`: builds the same `Value` serde_json
+/// would, keeping each value's path for the error that names it.
+mod strict {
+    use std::cell::{Cell, RefCell};
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    use super::{EventError, err};
+
+    #[derive(Default)]
+    pub struct Ctx {
+        /// Numbers seen so far, in document order.
+        numbers: Cell<usize>,
+        /// Floats that may be integers past 64 bits (integral, of at
+        /// least 2^63): their place among the numbers, and their path.
+        /// Only the text tells whether one was written as an integer.
+        wide: RefCell<Vec<(usize, String)>>,
+        /// The refusal that stopped the parse, naming its field.
+        pub fault: RefCell<Option<EventError>>,
+    }
+
+    #[derive(Clone, Copy)]
+    enum Path<'a> {
+        Root,
+        Key(&'a Path<'a>, &'a str),
+        Index(&'a Path<'a>, usize),
+    }
+
+    impl Path<'_> {
+        fn render(&self) -> String {
+            let mut parts = Vec::new();
+            let mut at = self;
+            loop {
+                match at {
+                    Path::Root => break,
+                    Path::Key(parent, k) => {
+                        parts.push(format!(".{k}"));
+                        at = parent;
+                    }
+                    Path::Index(parent, i) => {
+                        parts.push(format!("[{i}]"));
+                        at = parent;
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return "(body)".into();
+            }
+            parts.reverse();
+            let joined = parts.concat();
+            joined.strip_prefix('.').unwrap_or(&joined).to_string()
+        }
+    }
+
+    pub struct Seed<'a> {
+        ctx: &'a Ctx,
+        path: Path<'a>,
+    }
+
+    impl Ctx {
+        pub fn root(&self) -> Seed<'_> {
+            Seed {
+                ctx: self,
+                path: Path::Root,
+            }
+        }
+
+        fn number(&self) -> usize {
+            let n = self.numbers.get();
+            self.numbers.set(n + 1);
+            n
+        }
+
+        /// The path and text of the first wide float that `text` wrote
+        /// as an integer literal, if any.
+        pub fn wide_integer(&self, text: &[u8]) -> Option<(String, String)> {
+            let wide = self.wide.borrow();
+            let mut wanted = wide.iter().peekable();
+            wanted.peek()?;
+            for (index, token) in numbers(text).enumerate() {
+                let Some((at, path)) = wanted.peek() else {
+                    break;
+                };
+                if *at != index {
+                    continue;
+                }
+                wanted.next();
+                if !token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+                    return Some((path.clone(), String::from_utf8_lossy(token).into_owned()));
+                }
+            }
+            None
+        }
+    }
+
+    /// The number tokens of valid JSON text, in order.
+    fn numbers(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let mut in_string = false;
+            while i < text.len() {
+                let b = text[i];
+                if in_string {
+                    match b {
+                        b'\\' => i += 1,
+                        b'"' => in_string = false,
+                        _ => {}
+                    }
+                } else if b == b'"' {
+                    in_string = true;
+                } else if b == b'-' || b.is_ascii_digit() {
+                    let start = i;
+                    while i < text.len()
+                        && matches!(text[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    {
+                        i += 1;
+                    }
+                    return Some(&text[start..i]);
+                }
+                i += 1;
+            }
+            None
+        })
+    }
+
+    impl<'de> DeserializeSeed<'de> for Seed<'_> {
+        type Value = Value;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Seed<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            self.ctx.number();
+            Ok(Value::Number(v.into()))
+        }
+
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            self.ctx.number();
+            Ok(Value::Number(v.into()))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+            let at = self.ctx.number();
+            if v.fract() == 0.0 && v.abs() >= 9_223_372_036_854_775_808.0 {
+                self.ctx.wide.borrow_mut().push((at, self.path.render()));
+            }
+            Number::from_f64(v)
+                .map(Value::Number)
+                .ok_or_else(|| E::custom("a number that is not finite"))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_string()))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            loop {
+                let seed = Seed {
+                    ctx: self.ctx,
+                    path: Path::Index(&self.path, items.len()),
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(v) => items.push(v),
+                    None => return Ok(Value::Array(items)),
+                }
+            }
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut obj = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = Path::Key(&self.path, &key);
+                if obj.contains_key(&key) {
+                    *self.ctx.fault.borrow_mut() = Some(err(
+                        path.render(),
+                        "duplicate key: an object may name each key once (which value is meant?)",
+                    ));
+                    return Err(de::Error::custom("duplicate key"));
+                }
+                let value = map.next_value_seed(Seed {
+                    ctx: self.ctx,
+                    path,
+                })?;
+                obj.insert(key, value);
+            }
+            Ok(Value::Object(obj))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn strict_json_is_serde_json_without_its_silent_changes() {
+        let text = r#"{"a": [1, -2, 3.5, 1e300, 18446744073709551615, "x\"1e99\""], "b": {"c": null, "d": true}}"#;
+        let strict = parse_json(text.as_bytes()).unwrap();
+        let serde: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(strict, serde);
+        assert_eq!(
+            serde_json::to_string(&strict).unwrap(),
+            serde_json::to_string(&serde).unwrap(),
+            "same key order and number forms"
+        );
+        for (text, field, problem) in [
+            (r#"{"a": 1, "a": 2}"#, "a", "duplicate key"),
+            (
+                r#"{"x": [{"k": 1}, {"k": 1, "k": 2}]}"#,
+                "x[1].k",
+                "duplicate key",
+            ),
+            (r#"{"a": 1e19, "b": 18446744073709551616}"#, "b", "64 bits"),
+            (r#"[-9223372036854775809]"#, "[0]", "64 bits"),
+            (r#"{"a": "1"#, "(body)", "not valid JSON"),
+        ] {
+            let e = parse_json(text.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{text}: {e}");
+            assert!(e.problem.contains(problem), "{text}: {e}");
+        }
+        // A wide float written as a float is a float.
+        assert!(parse_json(br#"{"a": 1e19, "b": 1.8446744073709552e19}"#).is_ok());
+    }
 
     fn sample() -> Value {
         json!({"id": "evt-1", "event_type": "update", "entity_type": "defect",

@@ -80,10 +80,13 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Event>, IngestError> 
             problem,
         },
     };
+    // Strict JSON: duplicate keys and integers past 64 bits are refused
+    // by name (see `event::parse_json`).
+    let json = |text: &[u8], line| {
+        crate::event::parse_json(text).map_err(|error| IngestError::BadEvent { line, error })
+    };
     if !ndjson {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| bad(None, format!("not valid JSON: {e}")))?;
-        return Ok(vec![parse_event(value, None)?]);
+        return Ok(vec![parse_event(json(body, None)?, None)?]);
     }
     let text = std::str::from_utf8(body).map_err(|_| bad(None, "not UTF-8".into()))?;
     let mut out = Vec::new();
@@ -91,8 +94,7 @@ pub fn parse_body(body: &[u8], ndjson: bool) -> Result<Vec<Event>, IngestError> 
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| bad(Some(i + 1), format!("not valid JSON: {e}")))?;
+        let value = json(line.as_bytes(), Some(i + 1))?;
         out.push(parse_event(value, Some(i + 1))?);
     }
     if out.is_empty() {
@@ -108,9 +110,11 @@ impl Ingest {
         // One snapshot for the whole batch: a reload in the middle never
         // splits an event between old and new rules, or old and new plugins.
         let snapshot = self.rules.load_full();
-        let (ops, handovers) = if snapshot.chains {
-            // Plugin calls are CPU-bound and may run up to their deadline:
-            // keep them off the reactor threads.
+        let (ops, handovers) = if snapshot.chains || snapshot.queries_jsonpath() {
+            // Plugin calls are CPU-bound and may run up to their deadline,
+            // and a JSONPath query may take milliseconds on a large event
+            // (up to `rules::eval::MAX_JSONPATH_WORK`): keep them off the
+            // reactor threads, so `/healthz` and other requests never wait.
             tokio::task::spawn_blocking(move || prepare(&snapshot, events))
                 .await
                 .expect("preparing events does not panic")

@@ -15,7 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::Api;
+use crate::api::conns::Connections;
+use crate::api::{Api, Client};
 use crate::config::{ApiKey, Config, Role};
 use crate::deliver::{self, Shared};
 use crate::ingest::Ingest;
@@ -68,11 +69,13 @@ pub fn generated_keys(data_dir: &Path) -> anyhow::Result<Vec<ApiKey>> {
             name: "generated admin".into(),
             role: Role::Admin,
             key: get("admin")?,
+            spaces: None,
         },
         ApiKey {
             name: "generated ingest".into(),
             role: Role::Ingest,
             key: get("ingest")?,
+            spaces: None,
         },
     ])
 }
@@ -217,6 +220,7 @@ pub async fn run(
     // Connections are told to finish when serving stops (see below); the
     // console's live tails watch the same signal.
     let (close_conns, conns_closing) = watch::channel(false);
+    let connections = Connections::new(connection_cap(&config));
     let api = Arc::new(Api {
         ingest: Ingest {
             rules: rules.clone(),
@@ -229,6 +233,11 @@ pub async fn run(
         keys,
         loader: loader.clone(),
         console: crate::api::Console::new(conns_closing.clone()),
+        sign_ins: crate::api::sign_ins::SignIns::new(
+            config.server.sign_in_failures,
+            config.server.sign_in_window,
+        ),
+        connections: connections.clone(),
     });
 
     // Connections are told to finish when serving stops, and are kept in a
@@ -261,7 +270,7 @@ pub async fn run(
             // Reap finished connections, so the set holds live ones only.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -269,12 +278,22 @@ pub async fn run(
                         continue;
                     }
                 };
+                // Every slot is serving a request: this connection is
+                // closed unanswered (see `api::conns` for why not queued).
+                let Some(slot) = connections.admit() else {
+                    drop(stream);
+                    continue;
+                };
+                let slot = Arc::new(slot);
                 let _ = stream.set_nodelay(true);
                 let api = api.clone();
-                let service = service_fn(move |req| api.clone().handle(req));
+                let client = Client { peer, slot: Some(slot.clone()) };
+                let service = service_fn(move |req| api.clone().serve(req, client.clone()));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
+                    // Runs from when hyper starts waiting for a request's
+                    // head, so it bounds idle keep-alive connections too.
+                    .header_read_timeout(config.server.header_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     // For the WebSocket channel's upgrade.
                     .with_upgrades();
@@ -283,6 +302,9 @@ pub async fn run(
                     let mut conn = std::pin::pin!(conn);
                     let ended = tokio::select! {
                         ended = conn.as_mut() => ended,
+                        // Waiting or reading the longest at the cap: cut
+                        // (no request of it has been read, so none is lost).
+                        _ = slot.closed_for_room() => return,
                         _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
                             // Finish the request in progress, take no more.
                             conn.as_mut().graceful_shutdown();
@@ -417,6 +439,66 @@ async fn retention_loop(
             Err(_) => {}
         }
     }
+}
+
+/// File descriptors kept free of client connections: the store, plugin
+/// files, the listener, and outbound connections beyond `max_in_flight`.
+const FD_RESERVE: u64 = 256;
+
+/// The connection cap to run with: `server.max_connections`, lowered (with
+/// a warning) to what the process's file-descriptor limit leaves after
+/// outbound attempts and `FD_RESERVE`, so clients can never take the
+/// descriptors the store and deliveries need.
+fn connection_cap(config: &Config) -> usize {
+    let wanted = config.server.max_connections;
+    let Some(fds) = raise_fd_limit() else {
+        return wanted;
+    };
+    let others = FD_RESERVE + config.max_in_flight as u64;
+    let room = fds.saturating_sub(others).max(16) as usize;
+    if room < wanted {
+        tracing::warn!(
+            max_connections = wanted,
+            file_limit = fds,
+            using = room,
+            "the open-file limit (RLIMIT_NOFILE) leaves room for fewer connections than server.max_connections; raise the limit (ulimit -n, LimitNOFILE=) or lower the setting"
+        );
+        return room;
+    }
+    wanted
+}
+
+/// Raises the soft open-file limit to the hard one and returns it. The
+/// soft limit's usual 1024 is a leftover for `select(2)` users; servers on
+/// epoll raise it at start (Go's runtime, nginx's `worker_rlimit_nofile`,
+/// systemd's own advice for `LimitNOFILE`). `None` if it cannot be read.
+fn raise_fd_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only into the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: as above; a refusal leaves the limit as it was.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        // `rlim_t` is u64 on Linux but not on every unix.
+        #[allow(clippy::unnecessary_cast)]
+        Some(lim.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Binds the configured address.

@@ -37,6 +37,20 @@ pub fn setup(name: &str, rules: &str, config_extra: &str) -> (TempDir, PathBuf) 
 
 impl Server {
     pub fn start(dir: &TempDir, config: &std::path::Path) -> Server {
+        Server::start_inner(dir, config, Stdio::inherit())
+    }
+
+    /// Like `start`, with the server's log (stderr) written to `log`.
+    pub fn start_logging_to(
+        dir: &TempDir,
+        config: &std::path::Path,
+        log: &std::path::Path,
+    ) -> Server {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Server::start_inner(dir, config, Stdio::from(file))
+    }
+
+    fn start_inner(dir: &TempDir, config: &std::path::Path, stderr: Stdio) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rulehook"))
             .args([
                 "serve",
@@ -48,7 +62,7 @@ impl Server {
             .env("RULEHOOK_LOG", "warn")
             .env("RULEHOOK_PLUGIN_CACHE", super::plugin_cache())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start rulehook serve");
         let mut line = String::new();

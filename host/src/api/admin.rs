@@ -1,6 +1,7 @@
 //! The operator's routes: rules (`GET /v1/rules`, reload, test
 //! connection), endpoints (list, unblock) and `/metrics`.
 
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
 use http::{Request, Response, StatusCode};
@@ -264,7 +265,7 @@ impl Api {
             ep.updated_at = crate::store::now_ms();
             ep.clone()
         };
-        tracing::info!(endpoint = %endpoint, "endpoint unblocked by an admin");
+        tracing::info!(endpoint = %super::logged(&endpoint), "endpoint unblocked by an admin");
         // The first few thousand now; a larger backlog follows in the
         // background (see `deliver::unpark`).
         match crate::deliver::unpark(
@@ -338,11 +339,34 @@ impl Api {
                 self.ingest.rules.load().len() as u64,
             ),
             (
+                "rulehook_connections_open",
+                "Client connections open, counted against server.max_connections.",
+                self.connections.open() as u64,
+            ),
+            (
                 "rulehook_rules_last_reload_ok",
                 "1 when the last rule/plugin load succeeded, 0 when it failed and the previous set kept running.",
                 u64::from(self.loader.report().ok),
             ),
         ]);
+        // Counters of the server's own limits, kept beside the connections
+        // and sign-ins they count rather than in `Metrics`.
+        let mut text = text;
+        let _ = write!(
+            text,
+            "# HELP rulehook_connections_closed_total Client connections closed by the connection cap: to make room for a new one (room), or new ones because every slot was serving a request (all_busy).\n\
+             # TYPE rulehook_connections_closed_total counter\n\
+             rulehook_connections_closed_total{{reason=\"room\"}} {}\n\
+             rulehook_connections_closed_total{{reason=\"all_busy\"}} {}\n\
+             # HELP rulehook_sign_ins_total Sign-ins (channel and console) that failed, or were refused because their address failed too often.\n\
+             # TYPE rulehook_sign_ins_total counter\n\
+             rulehook_sign_ins_total{{result=\"failed\"}} {}\n\
+             rulehook_sign_ins_total{{result=\"locked_out\"}} {}\n",
+            self.connections.closed_for_room(),
+            self.connections.refused_all_busy(),
+            self.sign_ins.failed_total(),
+            self.sign_ins.refused_total(),
+        );
         let mut r = Response::new(super::full(text));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,

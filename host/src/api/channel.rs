@@ -31,7 +31,11 @@ impl Api {
     /// `POST /authentication/sign_in` `{"client_id", "client_secret"}`:
     /// answers 200 with the session cookie the channel's upgrade carries.
     pub(super) async fn sign_in(&self, req: Request<Incoming>) -> Resp {
-        let body = match self.read_body(req).await {
+        let peer = super::peer(&req);
+        if let Some(refused) = self.sign_in_locked(peer, "channel") {
+            return refused;
+        }
+        let body = match self.read_body_max(req, super::SIGN_IN_MAX_BODY).await {
             Ok(b) => b,
             Err(r) => return r,
         };
@@ -58,7 +62,9 @@ impl Api {
             );
         };
         let Some(client) = self.channel_client(&id, &secret) else {
-            tracing::warn!(client_id = %id, "WebSocket sign-in refused");
+            self.sign_ins.failed(peer);
+            // The id is the client's text: escaped, so it cannot forge a line.
+            tracing::warn!(client_id = %super::logged(&id), %peer, "WebSocket sign-in refused");
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -93,7 +99,7 @@ impl Api {
             .and_then(|(_, token)| self.shared.channel.session(token));
         from_cookie.or_else(|| {
             let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-            let (id, secret) = auth.strip_prefix("Bearer ")?.trim().split_once(':')?;
+            let (id, secret) = super::bearer(auth)?.split_once(':')?;
             self.channel_client(id, secret)
         })
     }
@@ -109,6 +115,26 @@ impl Api {
                 None,
             );
         };
+        // A key bound to spaces opens only their channels.
+        let bound = self
+            .keys
+            .iter()
+            .find(|k| k.name == client)
+            .and_then(|k| k.spaces.as_ref());
+        if let Some(spaces) = bound
+            && !spaces.contains(&space)
+        {
+            tracing::warn!(client = %super::logged(&client), space = %super::logged(&space), "WebSocket channel refused: the key is not bound to this space");
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "key `{client}` may open the channels of spaces {} only (its `spaces` in api_keys)",
+                    spaces.join(", ")
+                ),
+                None,
+            );
+        }
         let header = |name: http::header::HeaderName| {
             req.headers()
                 .get(name)

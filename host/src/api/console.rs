@@ -32,12 +32,6 @@ pub const CSRF_HEADER: &str = "x-rulehook-csrf";
 const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions kept at once; signing in past that ends the oldest.
 const MAX_SESSIONS: usize = 1_000;
-/// Failed sign-ins allowed per window, over all clients: past that every
-/// sign-in is refused until the window ends, which bounds guessing keys
-/// (the router does not see client addresses to count per client).
-const MAX_FAILED_SIGN_INS: u32 = 20;
-const SIGN_IN_WINDOW: Duration = Duration::from_secs(10);
-
 /// The console's shared state.
 pub struct Console {
     /// Set when the server starts to stop: live tails end so connections
@@ -46,8 +40,6 @@ pub struct Console {
     /// Live-tail streams open now.
     streams: Arc<AtomicUsize>,
     sessions: Mutex<HashMap<String, Session>>,
-    /// Failed sign-ins in the current window: (window start, count).
-    failures: Mutex<(Instant, u32)>,
 }
 
 #[derive(Clone)]
@@ -74,27 +66,7 @@ impl Console {
             closing,
             streams: Arc::default(),
             sessions: Mutex::default(),
-            failures: Mutex::new((Instant::now(), 0)),
         }
-    }
-
-    /// `Some(wait)` while sign-ins are refused after too many failures.
-    fn sign_in_locked(&self) -> Option<Duration> {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let elapsed = f.0.elapsed();
-        if elapsed >= SIGN_IN_WINDOW {
-            *f = (Instant::now(), 0);
-            return None;
-        }
-        (f.1 >= MAX_FAILED_SIGN_INS).then(|| SIGN_IN_WINDOW - elapsed)
-    }
-
-    fn sign_in_failed(&self) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if f.0.elapsed() >= SIGN_IN_WINDOW {
-            *f = (Instant::now(), 0);
-        }
-        f.1 += 1;
     }
 
     pub(super) fn closing(&self) -> watch::Receiver<bool> {
@@ -193,25 +165,11 @@ impl Api {
                 None,
             );
         }
-        if let Some(wait) = self.console.sign_in_locked() {
-            tracing::warn!("console sign-in refused: too many failed sign-ins");
-            let mut resp = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_sign_ins",
-                format!(
-                    "more than {MAX_FAILED_SIGN_INS} failed sign-ins in {} s; try again in {} s",
-                    SIGN_IN_WINDOW.as_secs(),
-                    wait.as_secs() + 1
-                ),
-                None,
-            );
-            resp.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from(wait.as_secs() + 1),
-            );
-            return resp;
+        let peer = super::peer(&req);
+        if let Some(refused) = self.sign_in_locked(peer, "console") {
+            return refused;
         }
-        let body = match self.read_body(req).await {
+        let body = match self.read_body_max(req, super::SIGN_IN_MAX_BODY).await {
             Ok(b) => b,
             Err(r) => return r,
         };
@@ -227,7 +185,7 @@ impl Api {
             );
         };
         let Some((name, role)) = self.key_role(key.trim()) else {
-            self.console.sign_in_failed();
+            self.sign_ins.failed(peer);
             tracing::warn!("console sign-in refused: unknown API key");
             return error(
                 StatusCode::UNAUTHORIZED,

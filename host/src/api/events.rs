@@ -16,7 +16,10 @@ impl Api {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| {
-                ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl")
+                // Media types are case-insensitive (RFC 9110 §8.3.1).
+                let essence = ct.split(';').next().unwrap_or_default().trim();
+                essence.eq_ignore_ascii_case("application/x-ndjson")
+                    || essence.eq_ignore_ascii_case("application/jsonl")
             });
         let body = match self.read_body(req).await {
             Ok(b) => b,

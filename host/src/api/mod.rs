@@ -16,12 +16,17 @@
 
 mod admin;
 mod channel;
+pub mod conns;
 mod console;
 mod deliveries;
 mod events;
+pub mod sign_ins;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -43,6 +48,101 @@ pub struct Api {
     pub loader: Arc<Loader>,
     /// Console sessions, live-tail streams and the shutdown signal.
     pub console: console::Console,
+    /// Failed sign-ins per client address (channel and console).
+    pub sign_ins: sign_ins::SignIns,
+    /// The server's open connections (for `/metrics`).
+    pub connections: Arc<conns::Connections>,
+}
+
+/// Who sent a request, put in its extensions by the server: the peer's
+/// address (for per-client limits) and its connection's slot (whose phase
+/// decides whether the connection may be closed to make room).
+#[derive(Clone)]
+pub struct Client {
+    pub peer: SocketAddr,
+    pub slot: Option<Arc<conns::Slot>>,
+}
+
+/// A response body that moves its connection back to `Waiting` once it is
+/// written out (or dropped): until then the request is being served.
+struct Tracked {
+    inner: Body,
+    _served: Served,
+}
+
+struct Served(Option<Arc<conns::Slot>>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(slot) = &self.0 {
+            slot.set(conns::Phase::Waiting);
+        }
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client's text as it may be logged: control characters (and the
+/// Unicode line separators) escaped, so a newline cannot forge a log line,
+/// and cut to 128 characters.
+pub fn logged(text: &str) -> String {
+    const MAX: usize = 128;
+    let escaped = crate::plugins::runtime::escape_controls(text);
+    match escaped.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}… ({} bytes)", &escaped[..at], text.len()),
+        None => escaped.into_owned(),
+    }
+}
+
+/// The credentials of an `Authorization: Bearer …` header. The scheme is
+/// matched without regard to case, as HTTP says (RFC 9110 §11.1).
+pub(crate) fn bearer(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|c| !c.is_empty())
+}
+
+/// The largest sign-in body (channel and console): credentials are a few
+/// hundred bytes, and these routes are open to anyone, so they take far
+/// less than `max_body`.
+pub(super) const SIGN_IN_MAX_BODY: usize = 8 << 10;
+
+/// The client address of a request (unspecified if the server did not
+/// say, as in unit tests).
+pub(super) fn peer(req: &Request<Incoming>) -> std::net::IpAddr {
+    req.extensions()
+        .get::<Client>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.peer.ip())
+}
+
+/// `Connection: close` on an answer given without reading the request's
+/// body: the unread bytes would be taken for the next request.
+fn closing(mut resp: Resp) -> Resp {
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 pub use console::Console;
@@ -104,6 +204,28 @@ impl Refusal {
 }
 
 impl Api {
+    /// A `429` while `peer` has failed to sign in too often, given before
+    /// its body is read. Not logged each time: the failures that led to it
+    /// were, and a client hammering a locked door would flood the log.
+    fn sign_in_locked(&self, peer: std::net::IpAddr, route: &str) -> Option<Resp> {
+        let wait = self.sign_ins.locked(peer)?;
+        tracing::debug!(%peer, route, "sign-in refused: too many failed sign-ins from this address");
+        let secs = wait.as_secs() + 1;
+        let mut resp = closing(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sign_ins",
+            format!(
+                "more than {} failed sign-ins from your address in {} s (server.sign_in_failures, server.sign_in_window); try again in {secs} s",
+                self.sign_ins.max_failures(),
+                self.sign_ins.window().as_secs()
+            ),
+            None,
+        ));
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        Some(resp)
+    }
+
     /// The role of the Bearer key the request carries, if any.
     fn bearer_role(&self, req: &Request<Incoming>) -> Option<Role> {
         let header = req
@@ -111,7 +233,7 @@ impl Api {
             .get(http::header::AUTHORIZATION)?
             .to_str()
             .ok()?;
-        let presented = header.strip_prefix("Bearer ")?.trim();
+        let presented = bearer(header)?;
         self.key_role(presented).map(|(_, role)| role)
     }
 
@@ -126,6 +248,35 @@ impl Api {
             }
         }
         found
+    }
+
+    /// Serves one request of a connection: its phase is `Reading` until
+    /// its body is read (`Busy` at once when it has none) and `Busy` until
+    /// the answer is written.
+    pub async fn serve(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: Client,
+    ) -> Result<Resp, Infallible> {
+        use hyper::body::Body as _;
+        let slot = client.slot.clone();
+        if let Some(slot) = &slot {
+            slot.set(if req.body().is_end_stream() {
+                conns::Phase::Busy
+            } else {
+                conns::Phase::Reading
+            });
+        }
+        req.extensions_mut().insert(client);
+        let resp = self.handle(req).await?;
+        let served = Served(slot);
+        Ok(resp.map(|inner| {
+            Tracked {
+                inner,
+                _served: served,
+            }
+            .boxed()
+        }))
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
@@ -182,6 +333,25 @@ impl Api {
             };
             return Ok(error(StatusCode::FORBIDDEN, "forbidden", why, None));
         }
+        // Authenticated, and not waiting for a body it would read: from now
+        // on the request is being served (a reload, a test connection) and
+        // its connection is not given up for room. Routes that read their
+        // body stay `Reading` until it is in (see `read_body_max`).
+        let reads_body = method == Method::POST
+            && matches!(
+                segments.as_slice(),
+                ["v1", "events"]
+                    | ["v1", "deliveries", "redeliver"]
+                    | ["v1", "endpoints", "unblock"]
+            );
+        if !reads_body
+            && let Some(slot) = req
+                .extensions()
+                .get::<Client>()
+                .and_then(|c| c.slot.as_ref())
+        {
+            slot.set(conns::Phase::Busy);
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         let resp = match (method, segments.as_slice()) {
             (Method::POST, ["v1", "events"]) => self.post_events(req).await,
@@ -214,19 +384,59 @@ impl Api {
     }
 
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Resp> {
-        let max = self.shared.config.max_body_bytes;
-        match Limited::new(req.into_body(), max).collect().await {
+        self.read_body_max(req, self.shared.config.max_body_bytes)
+            .await
+    }
+
+    /// The request's body, at most `max` bytes within `server.body_timeout`.
+    /// A declared `Content-Length` over `max` is refused before a byte of
+    /// the body is read.
+    async fn read_body_max(&self, req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
+        use hyper::body::Body as _;
+        if let Some(declared) = req.body().size_hint().exact()
+            && declared > max as u64
+        {
+            return Err(closing(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the body is {declared} bytes (Content-Length), larger than the {max} bytes this route takes (max_body)"
+                ),
+                None,
+            )));
+        }
+        let slot = req
+            .extensions()
+            .get::<Client>()
+            .and_then(|c| c.slot.clone());
+        let timeout = self.shared.config.server.body_timeout;
+        let read = Limited::new(req.into_body(), max).collect();
+        let Ok(read) = tokio::time::timeout(timeout, read).await else {
+            return Err(closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {} s (server.body_timeout); send it whole and at once",
+                    timeout.as_secs_f64()
+                ),
+                None,
+            )));
+        };
+        if let Some(slot) = slot {
+            slot.set(conns::Phase::Busy);
+        }
+        match read {
             Ok(b) => Ok(b.to_bytes()),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                Err(error(
+                Err(closing(error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
                     format!("the body is larger than {max} bytes (max_body)"),
                     None,
-                ))
+                )))
             }
             Err(e) => Err(error(
                 StatusCode::BAD_REQUEST,
@@ -271,6 +481,29 @@ fn add_times(value: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_text_is_logged_on_one_line_and_cut() {
+        assert_eq!(logged("ci-bridge"), "ci-bridge");
+        assert_eq!(
+            logged("a\nb\r\u{1b}[2J\u{2028}"),
+            "a\\nb\\r\\u{1b}[2J\\u{2028}"
+        );
+        let long = "é".repeat(300);
+        let cut = logged(&long);
+        assert!(cut.starts_with(&"é".repeat(128)), "{cut}");
+        assert!(cut.ends_with("… (600 bytes)"), "{cut}");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
+    }
 
     #[test]
     fn times_get_an_rfc3339_twin_at_any_depth() {

@@ -4,7 +4,7 @@
 //! the fast path allocates nothing; `explain` turns it into words.
 
 use std::borrow::Cow;
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::cmp::Ordering;
 
 use serde_json::{Map, Value};
@@ -13,12 +13,55 @@ use super::model::{Condition, ConditionKind, Field, Leaf, Op};
 use super::value;
 use crate::event::Event;
 
+/// The most work one JSONPath query may cost on one event, in node
+/// visits, worst case. The sender shapes the event and a query's cost
+/// grows with it: each descendant segment (`..`) can visit every node
+/// below each node it starts from, so `$..*..*` over a deep 17 KB event
+/// took 6.6 s and 670 MB (debug build) before this bound. A query whose
+/// worst case on the event is past it is not run: its field reads as
+/// missing and the rule does not fire (whatever the operator), the same in
+/// matching and `explain`, which says why.
+pub const MAX_JSONPATH_WORK: u64 = 1_000_000;
+
 /// An event prepared for evaluation. The JSON documents that JSONPath
 /// conditions query are built only if a JSONPath condition runs.
 pub struct EventView<'e> {
     pub event: &'e Event,
-    current_doc: OnceCell<Value>,
-    original_doc: OnceCell<Value>,
+    current_doc: OnceCell<Doc>,
+    original_doc: OnceCell<Doc>,
+    /// The last JSONPath query not run for its cost, with that cost.
+    refused: RefCell<Option<(String, u64)>>,
+}
+
+/// A document JSONPath queries, with the shape that bounds their cost.
+struct Doc {
+    value: Value,
+    /// Every value in it, containers included.
+    nodes: u64,
+    /// The longest path from the root to a value, root counted.
+    depth: u64,
+}
+
+impl Doc {
+    fn new(value: Value) -> Doc {
+        let (mut nodes, mut depth) = (0u64, 0u64);
+        // A stack of its own: no recursion on the sender's nesting.
+        let mut stack = vec![(&value, 1u64)];
+        while let Some((v, d)) = stack.pop() {
+            nodes += 1;
+            depth = depth.max(d);
+            match v {
+                Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+                Value::Object(m) => stack.extend(m.values().map(|i| (i, d + 1))),
+                _ => {}
+            }
+        }
+        Doc {
+            value,
+            nodes,
+            depth,
+        }
+    }
 }
 
 impl<'e> EventView<'e> {
@@ -27,18 +70,46 @@ impl<'e> EventView<'e> {
             event,
             current_doc: OnceCell::new(),
             original_doc: OnceCell::new(),
+            refused: RefCell::new(None),
         }
     }
 
     /// The document `$` refers to: the event with `entity` (or, for
     /// `original: true`, `before` in its place) and the computed `changes`.
     fn document(&self, original: bool) -> &Value {
+        &self.doc(original).value
+    }
+
+    fn doc(&self, original: bool) -> &Doc {
         let cell = if original {
             &self.original_doc
         } else {
             &self.current_doc
         };
-        cell.get_or_init(|| event_document(self.event, original))
+        cell.get_or_init(|| Doc::new(event_document(self.event, original)))
+    }
+
+    /// The JSONPath query (and its worst-case work) that was not run since
+    /// `clear_refused`, if any.
+    pub fn refused_query(&self) -> Option<(String, u64)> {
+        self.refused.borrow().clone()
+    }
+
+    pub fn clear_refused(&self) {
+        self.refused.borrow_mut().take();
+    }
+
+    /// The worst-case work of the JSONPath `text` on this event: nodes ×
+    /// depth per descendant segment, × the selectors of a union. Counted
+    /// on the text, so a `..` or `,` inside a string literal counts too,
+    /// which only errs on the safe side.
+    pub fn jsonpath_work(&self, text: &str, original: bool) -> u64 {
+        let doc = self.doc(original);
+        let descendants = text.matches("..").count() as u32;
+        let selectors = text.matches(',').count() as u64 + 1;
+        doc.nodes
+            .saturating_mul(doc.depth.max(1).saturating_pow(descendants))
+            .saturating_mul(selectors)
     }
 
     fn entity(&self, original: bool) -> Option<&'e Map<String, Value>> {
@@ -98,7 +169,12 @@ impl Field {
                 }
                 Some(Cow::Borrowed(cur))
             }
-            Field::JsonPath { query, .. } => {
+            Field::JsonPath { query, text } => {
+                let work = view.jsonpath_work(text, original);
+                if work > MAX_JSONPATH_WORK {
+                    *view.refused.borrow_mut() = Some((text.clone(), work));
+                    return None;
+                }
                 let doc = view.document(original);
                 let found = jsonpath_rust::query::js_path_process(query, doc).ok()?;
                 match found.len() {

@@ -97,7 +97,18 @@ fn describe(rule: &Rule, miss: &Miss<'_>, view: &EventView<'_>) -> Reason {
                 why,
             }
         }
-        Miss::Condition(cond) => condition_reason(cond, view),
+        Miss::Condition(cond) => match view.refused_query() {
+            Some((query, work)) => Reason {
+                check: cond.path.clone(),
+                expected: describe_condition(cond),
+                actual: Value::Null,
+                why: format!(
+                    "the JSONPath `{query}` was not run: on this event it could visit {work} nodes, more than the {} one query may (each `..` multiplies the event's nodes by its depth); a rule with a query past the bound does not fire",
+                    super::eval::MAX_JSONPATH_WORK
+                ),
+            },
+            None => condition_reason(cond, view),
+        },
     }
 }
 

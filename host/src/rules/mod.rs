@@ -51,6 +51,9 @@ pub struct RuleSet {
     index: Index,
     /// Rule name → position in `rules` (names are unique).
     by_name: HashMap<String, usize>,
+    /// Some active rule has a JSONPath condition, whose cost the event
+    /// drives (bounded per query by `eval::MAX_JSONPATH_WORK`).
+    jsonpath: bool,
 }
 
 impl RuleSet {
@@ -99,11 +102,32 @@ impl RuleSet {
             .enumerate()
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
+        fn has_jsonpath(c: &model::Condition) -> bool {
+            match &c.kind {
+                model::ConditionKind::Leaf(leaf) => {
+                    matches!(leaf.field, model::Field::JsonPath { .. })
+                }
+                model::ConditionKind::All(cs) | model::ConditionKind::Any(cs) => {
+                    cs.iter().any(has_jsonpath)
+                }
+                model::ConditionKind::Not(inner) => has_jsonpath(inner),
+            }
+        }
+        let jsonpath = rules
+            .iter()
+            .any(|r| r.active && r.when.as_ref().is_some_and(has_jsonpath));
         RuleSet {
             rules,
             index,
             by_name,
+            jsonpath,
         }
+    }
+
+    /// Whether matching may run JSONPath queries: then matching an event
+    /// can take milliseconds, and callers keep it off async threads.
+    pub fn queries_jsonpath(&self) -> bool {
+        self.jsonpath
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -176,7 +200,17 @@ impl Rule {
             }
         }
         match &self.when {
-            Some(cond) => cond.eval(view).map_err(Miss::Condition),
+            Some(cond) => {
+                view.clear_refused();
+                let decided = cond.eval(view).map_err(Miss::Condition);
+                // A JSONPath too costly on this event leaves the condition
+                // undecided: the rule does not fire, whatever the operator
+                // (a `not` around it must not turn the refusal into a match).
+                if view.refused_query().is_some() {
+                    return Err(Miss::Condition(cond));
+                }
+                decided
+            }
             None => Ok(()),
         }
     }
