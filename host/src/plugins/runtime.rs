@@ -74,6 +74,17 @@ impl Default for Limits {
 /// and one tick is added, so a timeout fires between `timeout` and
 /// `timeout + TICK`.
 const TICK: Duration = Duration::from_millis(5);
+/// The deadline for starting an instance (when the per-call timeout is
+/// shorter); see `Compiled::instance`.
+const START_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Epoch ticks for a deadline of `d`. The ticker runs freely, so the next
+/// tick may come at once: one tick more makes the deadline at least `d`,
+/// never less.
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() as u64).div_ceil(TICK.as_millis() as u64) + 1
+}
+
 /// Warm instances kept per plugin; more concurrent calls instantiate fresh
 /// ones and drop them afterwards.
 const WARM_PER_PLUGIN: usize = 8;
@@ -321,11 +332,8 @@ impl Runtime {
     ) -> Result<Compiled, String> {
         let hash = hash.to_string();
         let component = self.component(name, bytes, &hash)?;
-        let http = sandbox::with_http_traps(&self.linker, &self.engine, &component)
-            .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
-        let pre = http
-            .as_ref()
-            .unwrap_or(&self.linker)
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
         let pre = TransformPre::new(pre).map_err(|e| {
@@ -511,12 +519,24 @@ impl Compiled {
         }
         drop(slots);
         let mut store = self.runtime.new_store();
-        // Instantiation runs the component's start code: give it a deadline too.
-        store.set_epoch_deadline(self.deadline_ticks());
+        // Instantiation runs the component's start code: give it a deadline
+        // too, but its own. Starting a snapshotted interpreter (an 18 MB
+        // Python component) is mostly the host mapping its memory and
+        // linking hundreds of functions; on a loaded machine that took
+        // more than the 50 ms a call gets, and the instance then serves many
+        // calls from the pool.
+        let start = self.runtime.limits.timeout.max(START_TIMEOUT);
+        store.set_epoch_deadline(ticks(start));
         match self.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Warm { store, bindings }),
             Err(e) => {
                 self.release(None);
+                if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                    return Err(CallError::Instantiate(format!(
+                        "its start-up ran past the {} ms start deadline",
+                        start.as_millis()
+                    )));
+                }
                 // The root cause: the outer layers are backtrace headers.
                 let max = self.runtime.limits.message_bytes;
                 Err(CallError::Instantiate(plain_text(
@@ -552,10 +572,7 @@ impl Compiled {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        let t = self.runtime.limits.timeout.as_millis() as u64;
-        // The ticker runs freely, so the next tick may come at once: one
-        // tick more makes the deadline at least `timeout`, never less.
-        t.div_ceil(TICK.as_millis() as u64) + 1
+        ticks(self.runtime.limits.timeout)
     }
 
     /// Prepares a warm or fresh instance for one call of `export`: caps
@@ -940,12 +957,12 @@ mod tests {
             ),
             "{err}"
         );
-        // wasi:http is linked (as traps): such a component gets as far as
-        // the world check.
+        // wasi:http is not linked: refused before compiling, with the
+        // componentize-js flag that leaves it out.
         let http = super::super::imports::tests::importing("wasi:http/outgoing-handler@0.2.0");
         let err = rt.load("http", &http).err().unwrap();
         assert!(
-            err.starts_with("plugin http does not implement the rulehook:plugin/transform world"),
+            err.starts_with("plugin http imports wasi:http/outgoing-handler@0.2.0, which the host does not provide (plugins have no network access"),
             "{err}"
         );
     }
