@@ -207,6 +207,8 @@ struct FileConfig {
     plugin_memory: Option<String>,
     plugin_output_max: Option<String>,
     plugin_log_max: Option<String>,
+    plugin_log_lines: Option<usize>,
+    plugin_message_max: Option<String>,
     watch: Option<bool>,
 }
 
@@ -428,6 +430,24 @@ impl Config {
         }
         if let Some(s) = f.plugin_log_max {
             self.plugin_limits.log_bytes = size(src, "plugin_log_max", &s)?;
+        }
+        if let Some(n) = f.plugin_log_lines {
+            self.plugin_limits.log_lines = n;
+        }
+        if let Some(s) = f.plugin_message_max {
+            // Shorter than this, the cut's own note ("… (N bytes in all; cut
+            // to M)") would be most of what is left of the message.
+            const MIN: usize = 64;
+            let n = size(src, "plugin_message_max", &s)?;
+            if n < MIN {
+                return Err(cfg_err(
+                    src,
+                    format!(
+                        "`plugin_message_max`: {n} bytes would leave plugin errors unreadable; set at least {MIN} (the default is 4KiB)"
+                    ),
+                ));
+            }
+            self.plugin_limits.message_bytes = n;
         }
         if let Some(s) = f.retention {
             self.retention = duration(src, "retention", &s)?;
@@ -655,6 +675,26 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn plugin_log_lines_and_message_max_are_read_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("rulehook-config-pl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(&file, "plugin_log_lines: 20\nplugin_message_max: 1KiB\n").unwrap();
+        let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.plugin_limits.log_lines, 20);
+        assert_eq!(c.plugin_limits.message_bytes, 1024);
+        std::fs::write(&file, "plugin_message_max: \"10\"\n").unwrap();
+        let err = Config::load(Some(&file), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`plugin_message_max`: 10 bytes would leave plugin errors unreadable; set at least 64"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }
