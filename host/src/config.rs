@@ -209,6 +209,8 @@ struct FileConfig {
     plugin_log_max: Option<String>,
     plugin_log_lines: Option<usize>,
     plugin_message_max: Option<String>,
+    plugin_timeout_max: Option<String>,
+    plugin_memory_max: Option<String>,
     watch: Option<bool>,
 }
 
@@ -449,6 +451,14 @@ impl Config {
             }
             self.plugin_limits.message_bytes = n;
         }
+        // The most a rule's plugin entry may set as its own `timeout` and
+        // `memory` (the plugin check refuses more, naming these keys).
+        if let Some(s) = f.plugin_timeout_max {
+            self.plugin_limits.timeout_max = duration(src, "plugin_timeout_max", &s)?;
+        }
+        if let Some(s) = f.plugin_memory_max {
+            self.plugin_limits.memory_max = size(src, "plugin_memory_max", &s)?;
+        }
         if let Some(s) = f.retention {
             self.retention = duration(src, "retention", &s)?;
         }
@@ -679,12 +689,14 @@ mod tests {
     }
 
     #[test]
-    fn plugin_log_lines_and_message_max_are_read_and_bounded() {
+    fn plugin_limit_keys_are_read_and_bounded() {
         let dir = std::env::temp_dir().join(format!("rulehook-config-pl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("rulehook.yaml");
-        std::fs::write(&file, "plugin_log_lines: 20\nplugin_message_max: 1KiB\n").unwrap();
+        std::fs::write(&file, "plugin_log_lines: 20\nplugin_message_max: 1KiB\nplugin_timeout_max: 2s\nplugin_memory_max: 512MiB\n").unwrap();
         let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.plugin_limits.timeout_max, Duration::from_secs(2));
+        assert_eq!(c.plugin_limits.memory_max, 512 << 20);
         assert_eq!(c.plugin_limits.log_lines, 20);
         assert_eq!(c.plugin_limits.message_bytes, 1024);
         std::fs::write(&file, "plugin_message_max: \"10\"\n").unwrap();
@@ -696,5 +708,24 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();
+        // Rule files' `memory:` reads sizes with the same grammar.
+        for text in [
+            "64MiB",
+            "512KiB",
+            "1GiB",
+            "3",
+            "4 B",
+            "7MB",
+            "x",
+            "",
+            "1TiB",
+            "99999999999999999999G",
+        ] {
+            assert_eq!(
+                parse_size(text),
+                crate::rules::parse::parse_size(text),
+                "{text}"
+            );
+        }
     }
 }

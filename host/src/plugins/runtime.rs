@@ -55,6 +55,35 @@ pub struct Limits {
     /// Size of a skip reason, error message or trap cause; longer ones are
     /// cut, saying how long they were.
     pub message_bytes: usize,
+    /// The most a rule's plugin entry may set as its own `timeout`.
+    pub timeout_max: Duration,
+    /// The most a rule's plugin entry may set as its own `memory`; also the
+    /// size of the engine's memory slots.
+    pub memory_max: usize,
+}
+
+/// What one plugin entry of a rule sets for its own calls instead of the
+/// server's defaults (`timeout`, `memory` in the rule file); the rules'
+/// check refuses values above [`Limits::timeout_max`] and
+/// [`Limits::memory_max`], and a call clamps to them as well.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub timeout: Option<Duration>,
+    pub memory_bytes: Option<usize>,
+}
+
+impl Limits {
+    /// The deadline and memory cap of a call with `o`.
+    fn effective(&self, o: &Overrides) -> (Duration, usize) {
+        (
+            o.timeout
+                .unwrap_or(self.timeout)
+                .min(self.timeout_max.max(self.timeout)),
+            o.memory_bytes
+                .unwrap_or(self.memory_bytes)
+                .min(self.memory_max.max(self.memory_bytes)),
+        )
+    }
 }
 
 impl Default for Limits {
@@ -66,6 +95,8 @@ impl Default for Limits {
             log_bytes: 64 << 10,
             log_lines: 1000,
             message_bytes: 4096,
+            timeout_max: Duration::from_secs(1),
+            memory_max: 256 << 20,
         }
     }
 }
@@ -169,7 +200,13 @@ pub struct State {
     pub(super) table: ResourceTable,
     /// Virtual clock, seeded random numbers, captured stdio.
     pub(super) sandbox: Sandbox,
+    /// This call's memory cap and deadline (the plugin entry's, else the
+    /// server's), for the limiter and for naming a trap.
     memory_cap: usize,
+    call_timeout: Duration,
+    /// The instance's linear memory, as last grown: a warm instance bigger
+    /// than a later call's cap is not reused for it.
+    memory_size: usize,
     memory_exceeded: bool,
     log_cap: usize,
     log_used: usize,
@@ -207,6 +244,7 @@ impl ResourceLimiter for State {
             self.memory_exceeded = true;
             return Err(wasmtime::Error::msg("memory limit exceeded"));
         }
+        self.memory_size = self.memory_size.max(desired);
         Ok(true)
     }
 
@@ -285,7 +323,12 @@ impl Runtime {
             .total_core_instances(4096)
             .total_memories(1024)
             .total_tables(2048)
-            .max_memory_size(limits.memory_bytes.next_multiple_of(65536));
+            .max_memory_size(
+                limits
+                    .memory_max
+                    .max(limits.memory_bytes)
+                    .next_multiple_of(65536),
+            );
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| format!("cannot start wasmtime: {e}"))?;
         let mut linker = Linker::new(&engine);
@@ -400,6 +443,8 @@ impl Runtime {
             sandbox,
             table: ResourceTable::new(),
             memory_cap: self.limits.memory_bytes,
+            call_timeout: self.limits.timeout,
+            memory_size: 0,
             memory_exceeded: false,
             log_cap: self.limits.log_bytes,
             log_used: 0,
@@ -492,9 +537,22 @@ impl CallContext {
 impl Compiled {
     /// A warm instance, or a fresh one if this plugin is under its bound;
     /// at the bound, waits for one to come back, at most for the deadline.
-    fn instance(&self) -> Result<Warm, CallError> {
+    fn instance(&self, timeout: Duration, memory_cap: usize) -> Result<Warm, CallError> {
+        // A warm instance that grew past this call's cap (under an entry
+        // that allows more) is dropped rather than run: its memory never
+        // shrinks. Dropped ones free their slot, so this ends with a fresh
+        // instance at the latest.
+        loop {
+            let w = self.any_instance(timeout, memory_cap)?;
+            if w.store.data().memory_size <= memory_cap {
+                return Ok(w);
+            }
+            self.release(None);
+        }
+    }
+
+    fn any_instance(&self, timeout: Duration, memory_cap: usize) -> Result<Warm, CallError> {
         let limit = self.runtime.per_plugin;
-        let timeout = self.runtime.limits.timeout;
         let give_up = Instant::now() + timeout;
         let mut slots = self.live.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -519,6 +577,8 @@ impl Compiled {
         }
         drop(slots);
         let mut store = self.runtime.new_store();
+        // Initial memory counts against the cap of the call it starts for.
+        store.data_mut().memory_cap = memory_cap;
         // Instantiation runs the component's start code: give it a deadline
         // too, but its own. Starting a snapshotted interpreter (an 18 MB
         // Python component) is mostly the host mapping its memory and
@@ -571,15 +631,14 @@ impl Compiled {
         (slots.live, slots.waiting)
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        ticks(self.runtime.limits.timeout)
-    }
-
     /// Prepares a warm or fresh instance for one call of `export`: caps
     /// reset, the sandbox's clock at 0 and its random numbers seeded from
     /// the call's input, the deadline set.
-    fn begin(&self, w: &mut Warm, export: &str, parts: &[&str]) {
+    fn begin(&self, w: &mut Warm, export: &str, parts: &[&str], limits: (Duration, usize)) {
+        let (timeout, memory_cap) = limits;
         let s = w.store.data_mut();
+        s.call_timeout = timeout;
+        s.memory_cap = memory_cap;
         s.log_used = 0;
         s.logs_dropped = 0;
         s.log_lines_dropped = 0;
@@ -587,13 +646,30 @@ impl Compiled {
         s.memory_exceeded = false;
         s.sandbox
             .begin(&self.hash, export, parts, self.runtime.limits.log_bytes);
-        w.store.set_epoch_deadline(self.deadline_ticks());
+        w.store.set_epoch_deadline(ticks(timeout));
     }
 
-    /// Runs `transform` once.
+    /// The server's limits this plugin runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.runtime.limits
+    }
+
+    /// Runs `transform` once under the server's limits.
     pub fn transform(&self, ctx: &CallContext, payload: &str, config: &str) -> Call {
+        self.transform_with(ctx, payload, config, &Overrides::default())
+    }
+
+    /// Runs `transform` once, with a plugin entry's own limits.
+    pub fn transform_with(
+        &self,
+        ctx: &CallContext,
+        payload: &str,
+        config: &str,
+        overrides: &Overrides,
+    ) -> Call {
         let started = Instant::now();
-        let mut w = match self.instance() {
+        let limits = self.runtime.limits.effective(overrides);
+        let mut w = match self.instance(limits.0, limits.1) {
             Ok(w) => w,
             Err(e) => {
                 return Call {
@@ -616,6 +692,7 @@ impl Compiled {
                 payload,
                 config,
             ],
+            limits,
         );
         let wit_ctx = WitContext {
             rule: ctx.rule.clone(),
@@ -671,10 +748,10 @@ impl Compiled {
 
     fn trap_cause(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
         if state.memory_exceeded {
-            return CallError::Memory(self.runtime.limits.memory_bytes >> 20);
+            return CallError::Memory(state.memory_cap >> 20);
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return CallError::Timeout(self.runtime.limits.timeout.as_millis() as u64);
+            return CallError::Timeout(state.call_timeout.as_millis() as u64);
         }
         let panic = state
             .logs
@@ -702,8 +779,18 @@ impl Compiled {
     /// Runs `validate-config` once; `Err` is the plugin's message. Bounded
     /// by the same deadline, memory cap and sandbox as a transform.
     pub fn validate_config(&self, config: &str) -> Result<(), CallError> {
-        let mut w = self.instance()?;
-        self.begin(&mut w, "validate-config", &[config]);
+        self.validate_config_with(config, &Overrides::default())
+    }
+
+    /// [`Compiled::validate_config`] with a plugin entry's own limits.
+    pub fn validate_config_with(
+        &self,
+        config: &str,
+        overrides: &Overrides,
+    ) -> Result<(), CallError> {
+        let limits = self.runtime.limits.effective(overrides);
+        let mut w = self.instance(limits.0, limits.1)?;
+        self.begin(&mut w, "validate-config", &[config], limits);
         let raw = w.bindings.call_validate_config(&mut w.store, config);
         let stderr = collect_stdio(w.store.data_mut());
         match raw {
@@ -865,6 +952,43 @@ mod tests {
             );
         });
         assert_eq!(spin.instances(), (0, 0));
+    }
+
+    #[test]
+    fn an_entry_sets_its_own_deadline_and_memory_cap_within_the_maxima() {
+        let limits = Limits {
+            timeout_max: Duration::from_millis(300),
+            memory_max: 48 << 20,
+            ..Limits::default()
+        };
+        let rt = Runtime::new(limits, None).unwrap();
+        let ctx = CallContext::default();
+        let spin = rt.load("spin", &wasm("spin")).unwrap();
+        let with = |timeout: Option<u64>, memory: Option<usize>| Overrides {
+            timeout: timeout.map(Duration::from_millis),
+            memory_bytes: memory,
+        };
+        let result = |p: &Compiled, o: Overrides| p.transform_with(&ctx, "{}", "null", &o).result;
+        assert_eq!(result(&spin, with(None, None)), Err(CallError::Timeout(50)));
+        assert_eq!(
+            result(&spin, with(Some(100), None)),
+            Err(CallError::Timeout(100))
+        );
+        // Above the maximum (which the rules' check refuses), a call is
+        // held to the maximum.
+        assert_eq!(
+            result(&spin, with(Some(60_000), None)),
+            Err(CallError::Timeout(300))
+        );
+        // The memory bomb gets the longest deadline, so it meets its cap
+        // first however loaded the machine is.
+        let membomb = rt.load("membomb", &wasm("membomb")).unwrap();
+        let memory = |cap: Option<usize>| result(&membomb, with(Some(300), cap));
+        assert_eq!(memory(None), Err(CallError::Memory(32)));
+        assert_eq!(memory(Some(40 << 20)), Err(CallError::Memory(40)));
+        assert_eq!(memory(Some(1 << 30)), Err(CallError::Memory(48)));
+        // A lower cap than the default holds too.
+        assert_eq!(memory(Some(20 << 20)), Err(CallError::Memory(20)));
     }
 
     #[test]
