@@ -11,6 +11,7 @@ mod console_api;
 mod console_browser;
 mod delivery;
 mod failure;
+mod plugin_languages;
 mod plugins;
 mod proxy;
 mod reload;

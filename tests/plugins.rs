@@ -59,8 +59,15 @@ fn hostile_plugins_fail_their_delivery_and_harm_nothing_else() {
         .iter()
         .chain(&[("read-env", "", ""), ("log-flood", "", "")])
     {
+        // The memory and output bombs get the most time an entry may ask
+        // for: they must hit their cap, not the deadline, however loaded
+        // the machine running the tests is.
+        let limits = match *name {
+            "membomb" | "huge" => ", timeout: 1s",
+            _ => "",
+        };
         rules.push_str(&format!(
-            "  - name: hostile-{name}\n    events: [create]\n    plugins: [{{name: {name}}}]\n    webhook: {{url: \"{}\"}}\n",
+            "  - name: hostile-{name}\n    events: [create]\n    plugins: [{{name: {name}{limits}}}]\n    webhook: {{url: \"{}\"}}\n",
             rx.url(&format!("/{name}"))
         ));
     }
@@ -641,4 +648,56 @@ fn network_calls_trap_with_no_network_access() {
             "{config}: {out}"
         );
     }
+}
+
+/// A rule's plugin entry sets its own deadline and memory cap: `check`
+/// refuses one above the server's maxima, naming the key to raise, and
+/// the server holds a call to the entry's own deadline.
+#[test]
+fn a_plugin_entry_sets_its_own_limits_within_the_maxima() {
+    let dir = TempDir::new("entry-limits");
+    dir.write(
+        "rules/r.yaml",
+        "rules:\n  - name: a\n    events: [create]\n    plugins: [{name: noop, timeout: 5s}]\n    webhook: {url: \"https://example.com/a\"}\n  - name: b\n    events: [create]\n    plugins: [{name: noop, memory: 1GiB}]\n    webhook: {url: \"https://example.com/b\"}\n",
+    );
+    let out = rulehook(&["check", dir.path().join("rules").to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let file = dir.path().join("rules/r.yaml");
+    assert!(
+        text.contains(&format!(
+            "{}:4:15: error: plugin `noop`: timeout 5000 ms is above the server's plugin_timeout_max of 1000 ms",
+            file.display()
+        )) && text.contains("raise plugin_timeout_max in the server's config"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "plugin `noop`: memory 1024 MiB is above the server's plugin_memory_max of 256 MiB"
+        ),
+        "{text}"
+    );
+
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (dir, config) = setup(
+        "entry-limits-serve",
+        &format!(
+            "rules:\n  - name: patient\n    events: [create]\n    plugins: [{{name: spin, timeout: 120ms}}]\n    webhook: {{url: \"{}\"}}\n",
+            rx.url("/patient")
+        ),
+        &format!("plugins_dir: plugins\nhttp_ports: [{}]\n", rx.addr.port()),
+    );
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    std::fs::copy(wasm("spin"), dir.path().join("plugins/spin.wasm")).unwrap();
+    let server = Server::start(&dir, &config);
+    let r = server.post_event(&story_created("limits-1"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let list = server.deliveries("rule=patient");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["state"], "failed", "{}", list[0]);
+    assert_eq!(
+        list[0]["reason"], "plugin spin timed out after 120 ms",
+        "{}",
+        list[0]
+    );
 }

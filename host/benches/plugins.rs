@@ -3,11 +3,17 @@
 //! - call overhead of the no-op plugin on a 2 KB payload, warm instance;
 //! - select-fields on a 5 KB entity;
 //! - loading a plugin after a restart with a warm on-disk cache, against a
-//!   cold compile.
+//!   cold compile;
+//! - the same template plugin (add `source`, skip listed types) in Rust,
+//!   JavaScript (QuickJS) and Python: cold compile, load from the disk
+//!   cache, a fresh instance's first call and a warm call, on 0.6 KB and
+//!   800 KB payloads.
 //!
-//! `cargo bench -p rulehook --bench plugins`
+//! `cargo bench -p rulehook --bench plugins`. The template components are
+//! the ones the integration tests build (`cargo test -p rulehook --test
+//! integration -- template`); a missing one is named with that command.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rulehook::plugins::{CallContext, Limits, Outcome, Runtime};
@@ -128,4 +134,130 @@ fn main() {
         warm_total.as_secs_f64() * 1e3
     );
     let _ = std::fs::remove_dir_all(&cache);
+
+    languages(&ctx);
+}
+
+/// The newest `dir/*/NAME.wasm` (the integration tests' build cache keeps
+/// one directory per source hash).
+fn newest(dir: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(name))
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+/// The template plugin in each language, as the integration tests left it.
+fn template_components() -> Vec<(&'static str, PathBuf)> {
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let builds = target.join("plugin-language-builds");
+    let found = [
+        (
+            "Rust",
+            Some(target.join("template-plugin/wasm32-wasip2/release/my_filter.wasm"))
+                .filter(|p| p.exists()),
+        ),
+        ("JavaScript (QuickJS)", newest(&builds, "tpl-js.wasm")),
+        ("Python", newest(&builds, "tpl-python.wasm")),
+    ];
+    found
+        .into_iter()
+        .map(|(lang, path)| {
+            let path = path.unwrap_or_else(|| {
+                panic!(
+                    "the {lang} template component is missing; build it with `cargo test -p rulehook --test integration -- template`"
+                )
+            });
+            (lang, path)
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Cold compile, cached load, fresh instance and warm calls per language.
+fn languages(ctx: &CallContext) {
+    let small = payload_of_size(600, 3).to_string();
+    let large = payload_of_size(800_000, 10).to_string();
+    println!();
+    println!(
+        "template plugin per language ({} B and {} B payloads; fresh instance = first call after a load, minus a warm call):",
+        small.len(),
+        large.len()
+    );
+    // A deadline far above any call here: this measures what a call costs
+    // (an 800 KB payload through CPython's json takes tens of ms, past the
+    // 50 ms default), not whether it fits.
+    let limits = Limits {
+        timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    for (lang, path) in template_components() {
+        let bytes = std::fs::read(&path).expect("read the component");
+        let cache = std::env::temp_dir().join(format!(
+            "rulehook-bench-lang-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
+        let _ = std::fs::remove_dir_all(&cache);
+        let cold = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
+        let t = Instant::now();
+        drop(cold.load("tpl", &bytes).expect("compiles"));
+        let compile = t.elapsed();
+        drop(cold);
+
+        // A new runtime per load, as after a restart; the call after each
+        // load runs on a fresh instance.
+        let mut loads = Vec::new();
+        let mut firsts = Vec::new();
+        for _ in 0..10 {
+            let rt = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
+            let t = Instant::now();
+            let p = rt.load("tpl", &bytes).expect("loads from the cache");
+            loads.push(t.elapsed());
+            let call = p.transform(ctx, &small, "{}");
+            assert!(
+                matches!(call.result, Ok(Outcome::Send(_))),
+                "{:?}",
+                call.result
+            );
+            firsts.push(call.elapsed);
+        }
+        let rt = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
+        let p = rt.load("tpl", &bytes).expect("loads");
+        let warm = |payload: &str, n: usize| {
+            measure(n, n / 10 + 1, || {
+                let call = p.transform(ctx, payload, "{}");
+                assert!(
+                    matches!(call.result, Ok(Outcome::Send(_))),
+                    "{:?}",
+                    call.result
+                );
+            })
+        };
+        let (small_median, small_p99) = warm(&small, 2_000);
+        let (large_median, large_p99) = warm(&large, 40);
+        let first = median(firsts);
+        println!(
+            "  {lang}: {:.1} MB component; cold compile {:.0} ms, load from cache {:.1} ms; fresh instance {:.3} ms; warm call 0.6 KB median {:.1} µs (p99 {:.1} µs), 800 KB median {:.2} ms (p99 {:.2} ms)",
+            bytes.len() as f64 / 1e6,
+            ms(compile),
+            ms(median(loads)),
+            ms(first.saturating_sub(small_median)),
+            small_median.as_secs_f64() * 1e6,
+            small_p99.as_secs_f64() * 1e6,
+            ms(large_median),
+            ms(large_p99),
+        );
+        let _ = std::fs::remove_dir_all(&cache);
+    }
 }

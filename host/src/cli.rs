@@ -189,14 +189,20 @@ pub enum DeliveriesCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum PluginCommand {
-    /// Create a ready-to-build plugin crate NAME (in DIR/NAME) using the SDK.
+    /// Create a ready-to-build plugin project NAME (in DIR/NAME), in Rust (on
+    /// the SDK), JavaScript, TypeScript or Python.
     New {
         name: String,
         /// Where to create it.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The plugin-sdk directory to depend on (default: the one this
-        /// rulehook was built from).
+        /// The language: a Rust crate on the SDK, or a JavaScript,
+        /// TypeScript (both built with componentize-qjs) or Python
+        /// (componentize-py) project with the WIT and a build script.
+        #[arg(long, value_enum, default_value_t = Lang::Rust)]
+        lang: Lang,
+        /// The plugin-sdk directory a Rust plugin depends on (default: the
+        /// one this rulehook was built from).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -248,6 +254,15 @@ pub enum StoreCommand {
 pub enum ClusterCommand {
     /// Every node with its heartbeat, version and rule-set digest.
     Status,
+}
+
+/// The languages `rulehook plugin new` has a template for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    Rust,
+    Js,
+    Ts,
+    Python,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

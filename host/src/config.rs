@@ -253,6 +253,10 @@ struct FileConfig {
     plugin_memory: Option<String>,
     plugin_output_max: Option<String>,
     plugin_log_max: Option<String>,
+    plugin_log_lines: Option<usize>,
+    plugin_message_max: Option<String>,
+    plugin_timeout_max: Option<String>,
+    plugin_memory_max: Option<String>,
     watch: Option<bool>,
     store: Option<String>,
     cluster: Option<FileCluster>,
@@ -490,6 +494,32 @@ impl Config {
         }
         if let Some(s) = f.plugin_log_max {
             self.plugin_limits.log_bytes = size(src, "plugin_log_max", &s)?;
+        }
+        if let Some(n) = f.plugin_log_lines {
+            self.plugin_limits.log_lines = n;
+        }
+        if let Some(s) = f.plugin_message_max {
+            // Shorter than this, the cut's own note ("… (N bytes in all; cut
+            // to M)") would be most of what is left of the message.
+            const MIN: usize = 64;
+            let n = size(src, "plugin_message_max", &s)?;
+            if n < MIN {
+                return Err(cfg_err(
+                    src,
+                    format!(
+                        "`plugin_message_max`: {n} bytes would leave plugin errors unreadable; set at least {MIN} (the default is 4KiB)"
+                    ),
+                ));
+            }
+            self.plugin_limits.message_bytes = n;
+        }
+        // The most a rule's plugin entry may set as its own `timeout` and
+        // `memory` (the plugin check refuses more, naming these keys).
+        if let Some(s) = f.plugin_timeout_max {
+            self.plugin_limits.timeout_max = duration(src, "plugin_timeout_max", &s)?;
+        }
+        if let Some(s) = f.plugin_memory_max {
+            self.plugin_limits.memory_max = size(src, "plugin_memory_max", &s)?;
         }
         if let Some(s) = f.retention {
             self.retention = duration(src, "retention", &s)?;
@@ -939,5 +969,46 @@ mod tests {
             assert!(err.contains(want), "{text}: {err}");
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn plugin_limit_keys_are_read_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("rulehook-config-pl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(&file, "plugin_log_lines: 20\nplugin_message_max: 1KiB\nplugin_timeout_max: 2s\nplugin_memory_max: 512MiB\n").unwrap();
+        let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.plugin_limits.timeout_max, Duration::from_secs(2));
+        assert_eq!(c.plugin_limits.memory_max, 512 << 20);
+        assert_eq!(c.plugin_limits.log_lines, 20);
+        assert_eq!(c.plugin_limits.message_bytes, 1024);
+        std::fs::write(&file, "plugin_message_max: \"10\"\n").unwrap();
+        let err = Config::load(Some(&file), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`plugin_message_max`: 10 bytes would leave plugin errors unreadable; set at least 64"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+        // Rule files' `memory:` reads sizes with the same grammar.
+        for text in [
+            "64MiB",
+            "512KiB",
+            "1GiB",
+            "3",
+            "4 B",
+            "7MB",
+            "x",
+            "",
+            "1TiB",
+            "99999999999999999999G",
+        ] {
+            assert_eq!(
+                parse_size(text),
+                crate::rules::parse::parse_size(text),
+                "{text}"
+            );
+        }
     }
 }

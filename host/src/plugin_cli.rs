@@ -1,4 +1,5 @@
-//! `rulehook plugin new` (a plugin crate from the template) and
+//! `rulehook plugin new` (a plugin project from a template: Rust,
+//! JavaScript, TypeScript or Python) and
 //! `rulehook plugin run` (one call through the same runtime and limits the
 //! server uses, with the outcome, timing and logs printed).
 
@@ -8,11 +9,15 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::cli::{Format, PluginCommand};
+use crate::cli::{Format, Lang, PluginCommand};
 use crate::plugins::{CallContext, Outcome};
 
-/// The template's files: (path in the new crate, contents).
-const TEMPLATE: &[(&str, &str)] = &[
+/// A template file: (path in the new project, contents with `{{…}}`
+/// placeholders).
+type TemplateFile = (&'static str, &'static str);
+
+/// The Rust crate on the SDK.
+const RUST: &[TemplateFile] = &[
     (
         "Cargo.toml",
         include_str!("../templates/plugin/Cargo.toml.tmpl"),
@@ -31,9 +36,145 @@ const TEMPLATE: &[(&str, &str)] = &[
     ),
 ];
 
+/// The WIT, copied into the JavaScript, TypeScript and Python projects:
+/// their toolchains read it from a directory of the project (componentize
+/// tools run in a sandbox that sees only the working directory).
+const WIT: TemplateFile = (
+    "wit/plugin.wit",
+    include_str!("../../plugin-sdk/wit/plugin.wit"),
+);
+
+/// The native-test route shared by the JavaScript and TypeScript projects:
+/// node's test runner, with the host interface resolved to a stub.
+const NODE_TEST: &[TemplateFile] = &[
+    (
+        "test/index.test.js",
+        include_str!("../templates/plugin-js/test/index.test.js.tmpl"),
+    ),
+    (
+        "test/register.js",
+        include_str!("../templates/plugin-js/test/register.js.tmpl"),
+    ),
+    (
+        "test/hooks.js",
+        include_str!("../templates/plugin-js/test/hooks.js.tmpl"),
+    ),
+    (
+        "test/host.js",
+        include_str!("../templates/plugin-js/test/host.js.tmpl"),
+    ),
+];
+
+const JS: &[TemplateFile] = &[
+    (
+        "package.json",
+        include_str!("../templates/plugin-js/package.json.tmpl"),
+    ),
+    (
+        "src/index.js",
+        include_str!("../templates/plugin-js/src/index.js.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../templates/plugin-js/README.md.tmpl"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../templates/plugin-js/gitignore.tmpl"),
+    ),
+];
+
+const TS: &[TemplateFile] = &[
+    (
+        "package.json",
+        include_str!("../templates/plugin-ts/package.json.tmpl"),
+    ),
+    (
+        "tsconfig.json",
+        include_str!("../templates/plugin-ts/tsconfig.json.tmpl"),
+    ),
+    (
+        "src/index.ts",
+        include_str!("../templates/plugin-ts/src/index.ts.tmpl"),
+    ),
+    (
+        "src/rulehook.d.ts",
+        include_str!("../templates/plugin-ts/src/rulehook.d.ts.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../templates/plugin-ts/README.md.tmpl"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../templates/plugin-ts/gitignore.tmpl"),
+    ),
+];
+
+const PYTHON: &[TemplateFile] = &[
+    (
+        "app.py",
+        include_str!("../templates/plugin-python/app.py.tmpl"),
+    ),
+    (
+        "test_app.py",
+        include_str!("../templates/plugin-python/test_app.py.tmpl"),
+    ),
+    (
+        "build.sh",
+        include_str!("../templates/plugin-python/build.sh.tmpl"),
+    ),
+    (
+        "requirements-dev.txt",
+        include_str!("../templates/plugin-python/requirements-dev.txt.tmpl"),
+    ),
+    (
+        "pyproject.toml",
+        include_str!("../templates/plugin-python/pyproject.toml.tmpl"),
+    ),
+    (
+        "README.md",
+        include_str!("../templates/plugin-python/README.md.tmpl"),
+    ),
+    (
+        ".gitignore",
+        include_str!("../templates/plugin-python/gitignore.tmpl"),
+    ),
+];
+
+/// The toolchain versions rulehook's tests build plugins with
+/// (`plugin-sdk/toolchains/`, installed by `.ci/run`). The templates pin
+/// the same ones, read from those files so the two cannot drift.
+const TOOLCHAIN_NPM: &str = include_str!("../../plugin-sdk/toolchains/package.json");
+const TOOLCHAIN_PYPI: &str = include_str!("../../plugin-sdk/toolchains/requirements.txt");
+
+/// The version `plugin-sdk/toolchains/package.json` pins for `package`.
+fn npm_pin(package: &str) -> String {
+    let manifest: Value = serde_json::from_str(TOOLCHAIN_NPM).unwrap_or(Value::Null);
+    manifest["devDependencies"][package]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The version `plugin-sdk/toolchains/requirements.txt` pins for `package`.
+fn pypi_pin(package: &str) -> String {
+    TOOLCHAIN_PYPI
+        .lines()
+        .filter_map(|l| l.trim().split_once("=="))
+        .find(|(name, _)| name.trim() == package)
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
 pub fn run(command: PluginCommand) -> ExitCode {
     let result = match command {
-        PluginCommand::New { name, dir, sdk } => new(&name, &dir, sdk),
+        PluginCommand::New {
+            name,
+            dir,
+            lang,
+            sdk,
+        } => new(&name, &dir, lang, sdk),
         PluginCommand::Run {
             plugin,
             event,
@@ -51,7 +192,7 @@ pub fn run(command: PluginCommand) -> ExitCode {
     }
 }
 
-fn new(name: &str, dir: &Path, sdk: Option<PathBuf>) -> Result<ExitCode, String> {
+fn new(name: &str, dir: &Path, lang: Lang, sdk: Option<PathBuf>) -> Result<ExitCode, String> {
     let valid = !name.is_empty()
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -62,13 +203,6 @@ fn new(name: &str, dir: &Path, sdk: Option<PathBuf>) -> Result<ExitCode, String>
             "`{name}` is not a usable plugin name; use lowercase letters, digits and dashes, starting with a letter (e.g. my-filter)"
         ));
     }
-    let sdk = sdk.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk"));
-    let sdk = sdk.canonicalize().map_err(|e| {
-        format!(
-            "the plugin SDK is not at {} ({e}); pass --sdk PATH to the rulehook plugin-sdk directory",
-            sdk.display()
-        )
-    })?;
     let root = dir.join(name);
     if root.exists() {
         return Err(format!(
@@ -76,26 +210,106 @@ fn new(name: &str, dir: &Path, sdk: Option<PathBuf>) -> Result<ExitCode, String>
             root.display()
         ));
     }
-    let crate_name = name.replace('-', "_");
-    for (path, text) in TEMPLATE {
+    let files = template(lang);
+    let values = placeholders(name, lang, sdk)?;
+    for (path, text) in &files {
         let file = root.join(path);
-        let text = text
-            .replace("{{name}}", name)
-            .replace("{{crate_name}}", &crate_name)
-            .replace("{{sdk_path}}", &sdk.display().to_string());
+        let mut text = text.to_string();
+        for (key, value) in &values {
+            text = text.replace(&format!("{{{{{key}}}}}"), value);
+        }
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        // The Python template's build script is run as `./build.sh`.
+        #[cfg(unix)]
+        if path.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("cannot make {} executable: {e}", file.display()))?;
+        }
     }
-    println!("created plugin crate {}", root.display());
-    println!("  test:   cd {} && cargo test", root.display());
-    println!("  build:  cargo build --release --target wasm32-wasip2");
-    println!(
-        "  try:    rulehook plugin run target/wasm32-wasip2/release/{crate_name}.wasm --event EVENT.json --config '{{}}'"
-    );
+    let at = root.display();
+    let crate_name = name.replace('-', "_");
+    let (what, test, build, component) = match lang {
+        Lang::Rust => (
+            "plugin crate",
+            "cargo test".to_string(),
+            "cargo build --release --target wasm32-wasip2".to_string(),
+            format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
+        ),
+        Lang::Js | Lang::Ts => (
+            "plugin project",
+            "npm install && npm test".to_string(),
+            "npm run build".to_string(),
+            format!("{name}.wasm"),
+        ),
+        Lang::Python => (
+            "plugin project",
+            "pip install -r requirements-dev.txt && ./build.sh && pytest".to_string(),
+            "./build.sh".to_string(),
+            format!("{name}.wasm"),
+        ),
+    };
+    println!("created {what} {at}");
+    println!("  test:   cd {at} && {test}");
+    println!("  build:  {build}");
+    println!("  try:    rulehook plugin run {component} --event EVENT.json --config '{{}}'");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The files of `lang`'s template.
+fn template(lang: Lang) -> Vec<TemplateFile> {
+    match lang {
+        Lang::Rust => RUST.to_vec(),
+        Lang::Js => [JS, NODE_TEST, &[WIT]].concat(),
+        Lang::Ts => [TS, NODE_TEST, &[WIT]].concat(),
+        Lang::Python => [PYTHON, &[WIT]].concat(),
+    }
+}
+
+/// The values of the `{{…}}` placeholders in `lang`'s template.
+fn placeholders(
+    name: &str,
+    lang: Lang,
+    sdk: Option<PathBuf>,
+) -> Result<Vec<(&'static str, String)>, String> {
+    let mut values = vec![
+        ("name", name.to_string()),
+        ("crate_name", name.replace('-', "_")),
+    ];
+    match lang {
+        Lang::Rust => {
+            let sdk =
+                sdk.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk"));
+            let sdk = sdk.canonicalize().map_err(|e| {
+                format!(
+                    "the plugin SDK is not at {} ({e}); pass --sdk PATH to the rulehook plugin-sdk directory",
+                    sdk.display()
+                )
+            })?;
+            values.push(("sdk_path", sdk.display().to_string()));
+        }
+        Lang::Js | Lang::Ts => {
+            values.push(("componentize_qjs_version", npm_pin("componentize-qjs")));
+            values.push(("typescript_version", npm_pin("typescript")));
+            // The tests import what the build compiles: the source itself
+            // in JavaScript, tsc's output in TypeScript.
+            let entry = if lang == Lang::Js {
+                "src/index.js"
+            } else {
+                "dist/index.js"
+            };
+            values.push(("entry", entry.to_string()));
+        }
+        Lang::Python => {
+            values.push(("componentize_py_version", pypi_pin("componentize-py")));
+            values.push(("pytest_version", pypi_pin("pytest")));
+        }
+    }
+    Ok(values)
 }
 
 fn run_once(
@@ -227,5 +441,44 @@ fn print_outcome(out: &Value, format: Format) {
     }
     if let Some(n) = out.get("logs_dropped_bytes") {
         println!("  ({n} bytes of logs dropped over the cap)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_pin_the_toolchain_versions_the_tests_build_with() {
+        // An empty pin would write `"componentize-qjs": ""` into every new
+        // project; these are the names the templates look up.
+        for package in ["componentize-qjs", "typescript"] {
+            let v = npm_pin(package);
+            assert!(
+                v.chars().next().is_some_and(|c| c.is_ascii_digit()),
+                "{package}: {v:?}"
+            );
+        }
+        for package in ["componentize-py", "pytest"] {
+            let v = pypi_pin(package);
+            assert!(
+                v.chars().next().is_some_and(|c| c.is_ascii_digit()),
+                "{package}: {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_placeholder_in_a_template_has_a_value() {
+        for lang in [Lang::Rust, Lang::Js, Lang::Ts, Lang::Python] {
+            let values = placeholders("my-plugin", lang, None).expect("the SDK is in the tree");
+            for (path, text) in template(lang) {
+                let mut text = text.to_string();
+                for (key, value) in &values {
+                    text = text.replace(&format!("{{{{{key}}}}}"), value);
+                }
+                assert!(!text.contains("{{"), "{lang:?} {path} keeps a placeholder");
+            }
+        }
     }
 }

@@ -11,8 +11,11 @@
 use wasmparser::{ComponentTypeRef, Encoding, Parser, Payload};
 
 /// Interfaces the host links, by package, and the version range: WASI 0.2
-/// (wasmtime-wasi's p2; any 0.2.x import is matched to it by semver), the
-/// network ones as traps (see `sandbox`), and the plugin interface.
+/// (wasmtime-wasi's p2; any 0.2.x import is matched to it by semver),
+/// sockets as traps (see `sandbox`), and the plugin interface. Not
+/// `wasi:http`: its types share `wasi:io`'s stream resources, so stubs of
+/// our own do not link, and a component importing it is refused here (see
+/// [`HTTP_HINT`]).
 const PROVIDED: &[(&str, &str, &[&str])] = &[
     (
         "wasi:cli",
@@ -51,9 +54,6 @@ const PROVIDED: &[(&str, &str, &[&str])] = &[
             "udp-create-socket",
         ],
     ),
-    // Every wasi:http interface is stubbed as traps from the component's
-    // own import types, so any name in the package is provided.
-    ("wasi:http", "0.2", &["*"]),
     ("rulehook:plugin", "0.1", &["host", "types"]),
 ];
 
@@ -118,15 +118,24 @@ pub fn check(plugin: &str, bytes: &[u8]) -> Result<(), ImportError> {
     Ok(())
 }
 
+/// Why `wasi:http` is refused and how to build without it. StarlingMonkey
+/// (componentize-js) imports it by default for `fetch`, and its flags are
+/// the fix most integrators need; `--disable http` alone keeps
+/// `wasi:http/types` for the fetch event.
+const HTTP_HINT: &str = "plugins have no network access; JavaScript built with componentize-js imports it unless built with `--disable http fetch-event` (or build with componentize-qjs --sync, which never imports it); otherwise drop the dependency that makes HTTP requests";
+
 /// `None` when the host provides `import`; else what to change in the build.
 fn unprovided(import: &str) -> Option<String> {
     let (path, version) = import.split_once('@').unwrap_or((import, ""));
     let (package, interface) = path.split_once('/').unwrap_or((path, ""));
+    if package == "wasi:http" {
+        return Some(HTTP_HINT.to_string());
+    }
     let known = PROVIDED.iter().find(|(p, _, _)| *p == package);
     let Some((_, series, interfaces)) = known else {
         return Some(match package.split_once(':') {
             Some(("wasi", _)) => format!(
-                "it offers only {}; for JavaScript built with componentize-js, `--disable all` (or `--disable http`) leaves out the optional WASI interfaces; otherwise drop the dependency that needs {package}",
+                "it offers only {}; for JavaScript built with componentize-js, `--disable` followed by the features (`stdio random clocks http fetch-event`) leaves out optional WASI interfaces; otherwise drop the dependency that needs {package}",
                 offered()
             ),
             _ => format!(
@@ -191,7 +200,6 @@ pub(crate) mod tests {
         for name in [
             "wasi:cli/environment@0.2.0",
             "wasi:io/streams@0.2.12",
-            "wasi:http/outgoing-handler@0.2.3",
             "wasi:sockets/tcp@0.2.0",
             "rulehook:plugin/host@0.1.0",
         ] {
@@ -222,7 +230,15 @@ pub(crate) mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("--disable all"), "{text}");
+        assert!(text.contains("--disable"), "{text}");
+        for http in ["wasi:http/types@0.2.10", "wasi:http/outgoing-handler@0.2.0"] {
+            let err = check("sm", &importing(http)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("imports {http}, which the host does not provide (plugins have no network access"))
+                    && err.contains("--disable http fetch-event"),
+                "{err}"
+            );
+        }
         let err = check("old", &importing("rulehook:plugin/host@0.2.0")).unwrap_err();
         assert!(
             err.to_string()

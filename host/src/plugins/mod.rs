@@ -19,7 +19,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::rules::{Diagnostic, Rule, RuleSet, Severity};
-pub use runtime::{Call, CallContext, CallError, Compiled, Limits, LogLine, Outcome, Runtime};
+pub use runtime::{
+    Call, CallContext, CallError, Compiled, Limits, LogLine, Outcome, Overrides, Runtime,
+};
 
 mod bundled {
     include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
@@ -267,7 +269,41 @@ impl PluginSet {
                     ));
                     continue;
                 };
-                if let Err(e) = compiled.validate_config(&p.config.to_string()) {
+                let limits = compiled.limits();
+                if let Some(t) = p
+                    .timeout
+                    .filter(|t| *t > limits.timeout_max.max(limits.timeout))
+                {
+                    out.push(diag(
+                        &p.origin,
+                        format!(
+                            "plugin `{}`: timeout {} ms is above the server's plugin_timeout_max of {} ms",
+                            p.name,
+                            t.as_millis(),
+                            limits.timeout_max.max(limits.timeout).as_millis()
+                        ),
+                        Some("lower the entry's timeout, or raise plugin_timeout_max in the server's config".into()),
+                    ));
+                    continue;
+                }
+                if let Some(m) = p
+                    .memory
+                    .filter(|m| *m > limits.memory_max.max(limits.memory_bytes))
+                {
+                    out.push(diag(
+                        &p.origin,
+                        format!(
+                            "plugin `{}`: memory {} MiB is above the server's plugin_memory_max of {} MiB",
+                            p.name,
+                            m.div_ceil(1 << 20),
+                            limits.memory_max.max(limits.memory_bytes) >> 20
+                        ),
+                        Some("lower the entry's memory, or raise plugin_memory_max in the server's config".into()),
+                    ));
+                    continue;
+                }
+                if let Err(e) = compiled.validate_config_with(&p.config.to_string(), &overrides(p))
+                {
                     out.push(diag(
                         &p.origin,
                         format!("plugin `{}` rejects its config: {}", p.name, plain(&e)),
@@ -292,23 +328,24 @@ impl PluginSet {
             return ChainOutcome::Send(serde_json::to_vec(payload).unwrap_or_default());
         }
         let mut text = payload.to_string();
-        let mut steps: Vec<(&str, String)> = Vec::with_capacity(rule.plugins.len() + 1);
+        let mut steps: Vec<(&str, String, Overrides)> = Vec::with_capacity(rule.plugins.len() + 1);
         if !rule.fields.is_empty() {
             steps.push((
                 SELECT_FIELDS,
                 crate::payload::select_fields_config(rule).to_string(),
+                Overrides::default(),
             ));
         }
         for p in &rule.plugins {
-            steps.push((p.name.as_str(), p.config.to_string()));
+            steps.push((p.name.as_str(), p.config.to_string(), overrides(p)));
         }
-        for (name, config) in steps {
+        for (name, config, limits) in steps {
             let Some(plugin) = self.get(name) else {
                 return ChainOutcome::Failed(format!(
                     "plugin {name} is not loaded; add it to the plugins directory and redeliver"
                 ));
             };
-            let call = plugin.transform(ctx, &text, &config);
+            let call = plugin.transform_with(ctx, &text, &config, &limits);
             for line in &call.logs {
                 tracing::info!(plugin = name, rule = %rule.name, event = %ctx.event_id, level = line.level, "plugin log: {}", line.message);
             }
@@ -334,6 +371,14 @@ impl PluginSet {
             return ChainOutcome::Failed(format!("the plugin chain's output is not JSON: {e}"));
         }
         ChainOutcome::Send(text.into_bytes())
+    }
+}
+
+/// The limits a rule's plugin entry sets for its own calls.
+fn overrides(p: &crate::rules::PluginRef) -> Overrides {
+    Overrides {
+        timeout: p.timeout,
+        memory_bytes: p.memory,
     }
 }
 

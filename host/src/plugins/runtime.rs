@@ -55,6 +55,35 @@ pub struct Limits {
     /// Size of a skip reason, error message or trap cause; longer ones are
     /// cut, saying how long they were.
     pub message_bytes: usize,
+    /// The most a rule's plugin entry may set as its own `timeout`.
+    pub timeout_max: Duration,
+    /// The most a rule's plugin entry may set as its own `memory`; also the
+    /// size of the engine's memory slots.
+    pub memory_max: usize,
+}
+
+/// What one plugin entry of a rule sets for its own calls instead of the
+/// server's defaults (`timeout`, `memory` in the rule file); the rules'
+/// check refuses values above [`Limits::timeout_max`] and
+/// [`Limits::memory_max`], and a call clamps to them as well.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub timeout: Option<Duration>,
+    pub memory_bytes: Option<usize>,
+}
+
+impl Limits {
+    /// The deadline and memory cap of a call with `o`.
+    fn effective(&self, o: &Overrides) -> (Duration, usize) {
+        (
+            o.timeout
+                .unwrap_or(self.timeout)
+                .min(self.timeout_max.max(self.timeout)),
+            o.memory_bytes
+                .unwrap_or(self.memory_bytes)
+                .min(self.memory_max.max(self.memory_bytes)),
+        )
+    }
 }
 
 impl Default for Limits {
@@ -66,6 +95,8 @@ impl Default for Limits {
             log_bytes: 64 << 10,
             log_lines: 1000,
             message_bytes: 4096,
+            timeout_max: Duration::from_secs(1),
+            memory_max: 256 << 20,
         }
     }
 }
@@ -74,6 +105,17 @@ impl Default for Limits {
 /// and one tick is added, so a timeout fires between `timeout` and
 /// `timeout + TICK`.
 const TICK: Duration = Duration::from_millis(5);
+/// The deadline for starting an instance (when the per-call timeout is
+/// shorter); see `Compiled::instance`.
+const START_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Epoch ticks for a deadline of `d`. The ticker runs freely, so the next
+/// tick may come at once: one tick more makes the deadline at least `d`,
+/// never less.
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() as u64).div_ceil(TICK.as_millis() as u64) + 1
+}
+
 /// Warm instances kept per plugin; more concurrent calls instantiate fresh
 /// ones and drop them afterwards.
 const WARM_PER_PLUGIN: usize = 8;
@@ -158,7 +200,13 @@ pub struct State {
     pub(super) table: ResourceTable,
     /// Virtual clock, seeded random numbers, captured stdio.
     pub(super) sandbox: Sandbox,
+    /// This call's memory cap and deadline (the plugin entry's, else the
+    /// server's), for the limiter and for naming a trap.
     memory_cap: usize,
+    call_timeout: Duration,
+    /// The instance's linear memory, as last grown: a warm instance bigger
+    /// than a later call's cap is not reused for it.
+    memory_size: usize,
     memory_exceeded: bool,
     log_cap: usize,
     log_used: usize,
@@ -196,6 +244,7 @@ impl ResourceLimiter for State {
             self.memory_exceeded = true;
             return Err(wasmtime::Error::msg("memory limit exceeded"));
         }
+        self.memory_size = self.memory_size.max(desired);
         Ok(true)
     }
 
@@ -274,7 +323,12 @@ impl Runtime {
             .total_core_instances(4096)
             .total_memories(1024)
             .total_tables(2048)
-            .max_memory_size(limits.memory_bytes.next_multiple_of(65536));
+            .max_memory_size(
+                limits
+                    .memory_max
+                    .max(limits.memory_bytes)
+                    .next_multiple_of(65536),
+            );
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| format!("cannot start wasmtime: {e}"))?;
         let mut linker = Linker::new(&engine);
@@ -321,11 +375,8 @@ impl Runtime {
     ) -> Result<Compiled, String> {
         let hash = hash.to_string();
         let component = self.component(name, bytes, &hash)?;
-        let http = sandbox::with_http_traps(&self.linker, &self.engine, &component)
-            .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
-        let pre = http
-            .as_ref()
-            .unwrap_or(&self.linker)
+        let pre = self
+            .linker
             .instantiate_pre(&component)
             .map_err(|e| format!("plugin {name} cannot be linked: {e:#}"))?;
         let pre = TransformPre::new(pre).map_err(|e| {
@@ -392,6 +443,8 @@ impl Runtime {
             sandbox,
             table: ResourceTable::new(),
             memory_cap: self.limits.memory_bytes,
+            call_timeout: self.limits.timeout,
+            memory_size: 0,
             memory_exceeded: false,
             log_cap: self.limits.log_bytes,
             log_used: 0,
@@ -484,9 +537,22 @@ impl CallContext {
 impl Compiled {
     /// A warm instance, or a fresh one if this plugin is under its bound;
     /// at the bound, waits for one to come back, at most for the deadline.
-    fn instance(&self) -> Result<Warm, CallError> {
+    fn instance(&self, timeout: Duration, memory_cap: usize) -> Result<Warm, CallError> {
+        // A warm instance that grew past this call's cap (under an entry
+        // that allows more) is dropped rather than run: its memory never
+        // shrinks. Dropped ones free their slot, so this ends with a fresh
+        // instance at the latest.
+        loop {
+            let w = self.any_instance(timeout, memory_cap)?;
+            if w.store.data().memory_size <= memory_cap {
+                return Ok(w);
+            }
+            self.release(None);
+        }
+    }
+
+    fn any_instance(&self, timeout: Duration, memory_cap: usize) -> Result<Warm, CallError> {
         let limit = self.runtime.per_plugin;
-        let timeout = self.runtime.limits.timeout;
         let give_up = Instant::now() + timeout;
         let mut slots = self.live.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -511,12 +577,26 @@ impl Compiled {
         }
         drop(slots);
         let mut store = self.runtime.new_store();
-        // Instantiation runs the component's start code: give it a deadline too.
-        store.set_epoch_deadline(self.deadline_ticks());
+        // Initial memory counts against the cap of the call it starts for.
+        store.data_mut().memory_cap = memory_cap;
+        // Instantiation runs the component's start code: give it a deadline
+        // too, but its own. Starting a snapshotted interpreter (an 18 MB
+        // Python component) is mostly the host mapping its memory and
+        // linking hundreds of functions; on a loaded machine that took
+        // more than the 50 ms a call gets, and the instance then serves many
+        // calls from the pool.
+        let start = self.runtime.limits.timeout.max(START_TIMEOUT);
+        store.set_epoch_deadline(ticks(start));
         match self.pre.instantiate(&mut store) {
             Ok(bindings) => Ok(Warm { store, bindings }),
             Err(e) => {
                 self.release(None);
+                if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                    return Err(CallError::Instantiate(format!(
+                        "its start-up ran past the {} ms start deadline",
+                        start.as_millis()
+                    )));
+                }
                 // The root cause: the outer layers are backtrace headers.
                 let max = self.runtime.limits.message_bytes;
                 Err(CallError::Instantiate(plain_text(
@@ -551,18 +631,14 @@ impl Compiled {
         (slots.live, slots.waiting)
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        let t = self.runtime.limits.timeout.as_millis() as u64;
-        // The ticker runs freely, so the next tick may come at once: one
-        // tick more makes the deadline at least `timeout`, never less.
-        t.div_ceil(TICK.as_millis() as u64) + 1
-    }
-
     /// Prepares a warm or fresh instance for one call of `export`: caps
     /// reset, the sandbox's clock at 0 and its random numbers seeded from
     /// the call's input, the deadline set.
-    fn begin(&self, w: &mut Warm, export: &str, parts: &[&str]) {
+    fn begin(&self, w: &mut Warm, export: &str, parts: &[&str], limits: (Duration, usize)) {
+        let (timeout, memory_cap) = limits;
         let s = w.store.data_mut();
+        s.call_timeout = timeout;
+        s.memory_cap = memory_cap;
         s.log_used = 0;
         s.logs_dropped = 0;
         s.log_lines_dropped = 0;
@@ -570,13 +646,30 @@ impl Compiled {
         s.memory_exceeded = false;
         s.sandbox
             .begin(&self.hash, export, parts, self.runtime.limits.log_bytes);
-        w.store.set_epoch_deadline(self.deadline_ticks());
+        w.store.set_epoch_deadline(ticks(timeout));
     }
 
-    /// Runs `transform` once.
+    /// The server's limits this plugin runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.runtime.limits
+    }
+
+    /// Runs `transform` once under the server's limits.
     pub fn transform(&self, ctx: &CallContext, payload: &str, config: &str) -> Call {
+        self.transform_with(ctx, payload, config, &Overrides::default())
+    }
+
+    /// Runs `transform` once, with a plugin entry's own limits.
+    pub fn transform_with(
+        &self,
+        ctx: &CallContext,
+        payload: &str,
+        config: &str,
+        overrides: &Overrides,
+    ) -> Call {
         let started = Instant::now();
-        let mut w = match self.instance() {
+        let limits = self.runtime.limits.effective(overrides);
+        let mut w = match self.instance(limits.0, limits.1) {
             Ok(w) => w,
             Err(e) => {
                 return Call {
@@ -599,6 +692,7 @@ impl Compiled {
                 payload,
                 config,
             ],
+            limits,
         );
         let wit_ctx = WitContext {
             rule: ctx.rule.clone(),
@@ -654,10 +748,10 @@ impl Compiled {
 
     fn trap_cause(&self, e: &wasmtime::Error, state: &State, stderr: &str) -> CallError {
         if state.memory_exceeded {
-            return CallError::Memory(self.runtime.limits.memory_bytes >> 20);
+            return CallError::Memory(state.memory_cap >> 20);
         }
         if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return CallError::Timeout(self.runtime.limits.timeout.as_millis() as u64);
+            return CallError::Timeout(state.call_timeout.as_millis() as u64);
         }
         let panic = state
             .logs
@@ -685,8 +779,18 @@ impl Compiled {
     /// Runs `validate-config` once; `Err` is the plugin's message. Bounded
     /// by the same deadline, memory cap and sandbox as a transform.
     pub fn validate_config(&self, config: &str) -> Result<(), CallError> {
-        let mut w = self.instance()?;
-        self.begin(&mut w, "validate-config", &[config]);
+        self.validate_config_with(config, &Overrides::default())
+    }
+
+    /// [`Compiled::validate_config`] with a plugin entry's own limits.
+    pub fn validate_config_with(
+        &self,
+        config: &str,
+        overrides: &Overrides,
+    ) -> Result<(), CallError> {
+        let limits = self.runtime.limits.effective(overrides);
+        let mut w = self.instance(limits.0, limits.1)?;
+        self.begin(&mut w, "validate-config", &[config], limits);
         let raw = w.bindings.call_validate_config(&mut w.store, config);
         let stderr = collect_stdio(w.store.data_mut());
         match raw {
@@ -851,6 +955,43 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_sets_its_own_deadline_and_memory_cap_within_the_maxima() {
+        let limits = Limits {
+            timeout_max: Duration::from_millis(300),
+            memory_max: 48 << 20,
+            ..Limits::default()
+        };
+        let rt = Runtime::new(limits, None).unwrap();
+        let ctx = CallContext::default();
+        let spin = rt.load("spin", &wasm("spin")).unwrap();
+        let with = |timeout: Option<u64>, memory: Option<usize>| Overrides {
+            timeout: timeout.map(Duration::from_millis),
+            memory_bytes: memory,
+        };
+        let result = |p: &Compiled, o: Overrides| p.transform_with(&ctx, "{}", "null", &o).result;
+        assert_eq!(result(&spin, with(None, None)), Err(CallError::Timeout(50)));
+        assert_eq!(
+            result(&spin, with(Some(100), None)),
+            Err(CallError::Timeout(100))
+        );
+        // Above the maximum (which the rules' check refuses), a call is
+        // held to the maximum.
+        assert_eq!(
+            result(&spin, with(Some(60_000), None)),
+            Err(CallError::Timeout(300))
+        );
+        // The memory bomb gets the longest deadline, so it meets its cap
+        // first however loaded the machine is.
+        let membomb = rt.load("membomb", &wasm("membomb")).unwrap();
+        let memory = |cap: Option<usize>| result(&membomb, with(Some(300), cap));
+        assert_eq!(memory(None), Err(CallError::Memory(32)));
+        assert_eq!(memory(Some(40 << 20)), Err(CallError::Memory(40)));
+        assert_eq!(memory(Some(1 << 30)), Err(CallError::Memory(48)));
+        // A lower cap than the default holds too.
+        assert_eq!(memory(Some(20 << 20)), Err(CallError::Memory(20)));
+    }
+
+    #[test]
     fn stderr_cause_keeps_the_last_lines_without_the_backtrace_hint() {
         let rust = "\nthread '<unnamed>' panicked at src/lib.rs:9:13:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
         assert_eq!(
@@ -940,12 +1081,12 @@ mod tests {
             ),
             "{err}"
         );
-        // wasi:http is linked (as traps): such a component gets as far as
-        // the world check.
+        // wasi:http is not linked: refused before compiling, with the
+        // componentize-js flag that leaves it out.
         let http = super::super::imports::tests::importing("wasi:http/outgoing-handler@0.2.0");
         let err = rt.load("http", &http).err().unwrap();
         assert!(
-            err.starts_with("plugin http does not implement the rulehook:plugin/transform world"),
+            err.starts_with("plugin http imports wasi:http/outgoing-handler@0.2.0, which the host does not provide (plugins have no network access"),
             "{err}"
         );
     }

@@ -22,17 +22,18 @@
 //! - **stdout and stderr**: captured per call, up to the log cap, and added
 //!   to the call's log (stdout at `info`, stderr at `error`), so a panic
 //!   message or an interpreter's traceback reaches the record.
-//! - **Network** (`wasi:sockets`, `wasi:http`): linked, but every entry
-//!   point traps with [`NO_NETWORK`].
+//! - **Network** (`wasi:sockets`): linked, but every entry point traps with
+//!   [`NO_NETWORK`]. `wasi:http` is not linked at all: a component importing
+//!   it is refused before compiling (`imports`), naming the build flag that
+//!   drops it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, Linker, LinkerInstance, Resource, ResourceType};
-use wasmtime::{Engine, StoreContextMut};
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock};
@@ -409,63 +410,6 @@ pub fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             .func_new(func, |_, _, _, _| wasmtime::bail!(NO_NETWORK))?;
     }
     linker.allow_shadowing(false);
-    Ok(())
-}
-
-/// Whether an import is one of the network interfaces the host links as traps.
-pub fn is_network(import: &str) -> bool {
-    import.starts_with("wasi:http/") || import.starts_with("wasi:sockets/")
-}
-
-/// `linker` plus traps for the `wasi:http` interfaces `component` imports
-/// (wasmtime-wasi has no `wasi:http`; sockets are in the shared linker).
-/// `None` when it imports none and the shared linker serves as is.
-pub fn with_http_traps(
-    linker: &Linker<State>,
-    engine: &Engine,
-    component: &Component,
-) -> wasmtime::Result<Option<Linker<State>>> {
-    let ty = component.component_type();
-    let http: Vec<(String, ComponentItem)> = ty
-        .imports(engine)
-        .filter(|(name, _)| name.starts_with("wasi:http/"))
-        .map(|(name, item)| (name.to_string(), item.ty))
-        .collect();
-    if http.is_empty() {
-        return Ok(None);
-    }
-    let mut linker = linker.clone();
-    for (name, item) in http {
-        stub(&mut linker.root(), &name, &item, engine)?;
-    }
-    Ok(Some(linker))
-}
-
-/// The host side of a `wasi:http` resource no guest can ever get a handle to.
-struct NoNetwork;
-
-fn stub(
-    linker: &mut LinkerInstance<'_, State>,
-    name: &str,
-    item: &ComponentItem,
-    engine: &Engine,
-) -> wasmtime::Result<()> {
-    match item {
-        ComponentItem::ComponentFunc(_) => {
-            linker.func_new(name, |_, _, _, _| wasmtime::bail!(NO_NETWORK))?;
-        }
-        ComponentItem::ComponentInstance(instance) => {
-            let mut inner = linker.instance(name)?;
-            for (export, item) in instance.exports(engine) {
-                stub(&mut inner, export, &item.ty, engine)?;
-            }
-        }
-        ComponentItem::Resource(_) => {
-            linker.resource(name, ResourceType::host::<NoNetwork>(), |_, _| Ok(()))?;
-        }
-        // Type exports (records, enums) need no definition.
-        _ => {}
-    }
     Ok(())
 }
 

@@ -57,6 +57,12 @@ pub struct PluginRef {
     pub origin: Origin,
     /// The name itself, where an unknown plugin is reported.
     pub name_origin: Origin,
+    /// This entry's own deadline per call (`timeout:`), instead of the
+    /// server's `plugin_timeout`; at most `plugin_timeout_max`, which the
+    /// plugin check (it knows the server's limits) enforces.
+    pub timeout: Option<Duration>,
+    /// This entry's own memory cap (`memory:`), at most `plugin_memory_max`.
+    pub memory: Option<usize>,
 }
 
 /// A condition node. `path` says where it sits in the rule (`when.all[1]`)

@@ -97,7 +97,7 @@ const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
 const TIMEOUT_KEYS: &[&str] = &["connect", "reply"];
 const RETRY_KEYS: &[&str] = &["policy", "interval", "retries", "intervals", "jitter"];
 const TLS_KEYS: &[&str] = &["verify"];
-const PLUGIN_KEYS: &[&str] = &["name", "config"];
+const PLUGIN_KEYS: &[&str] = &["name", "config", "timeout", "memory"];
 const SECRET_KEYS: &[&str] = &["env", "file"];
 const GROUP_KEYS: &[&str] = &["all", "any", "not"];
 const STANDARD_EVENTS: &[&str] = &["create", "update", "delete"];
@@ -599,11 +599,49 @@ impl<'a> Decoder<'a> {
             let config = e
                 .get("config")
                 .map_or(Value::Object(Default::default()), Node::to_json);
+            let timeout = match e.get("timeout") {
+                None => None,
+                Some(n) => {
+                    match self.duration(n, &format!("{context}.timeout")) {
+                        Some(d) if d.is_zero() => {
+                            self.sink.error(
+                            n.span,
+                            format!("{context}.timeout: a plugin needs some time"),
+                            Some("write e.g. 100ms, or leave it out for the server's plugin_timeout".into()),
+                        );
+                            ok = false;
+                            None
+                        }
+                        Some(d) => Some(d),
+                        None => {
+                            ok = false;
+                            None
+                        }
+                    }
+                }
+            };
+            let memory = match e.get("memory") {
+                None => None,
+                Some(n) => {
+                    let parsed = parse_size(&n.scalar_text()).filter(|&b| b > 0);
+                    if parsed.is_none() {
+                        self.sink.error(
+                            n.span,
+                            format!("{context}.memory: `{}` is not a memory size", n.scalar_text()),
+                            Some("write a size such as 64MiB, or leave it out for the server's plugin_memory".into()),
+                        );
+                        ok = false;
+                    }
+                    parsed
+                }
+            };
             out.push(PluginRef {
                 name,
                 config,
                 origin: self.origin(item.span),
                 name_origin: self.origin(name_span),
+                timeout,
+                memory,
             });
         }
         ok.then_some(out)
@@ -1384,6 +1422,24 @@ fn jsonpath_problem(error: &str) -> String {
         .find_map(|l| l.trim().strip_prefix("= "))
         .unwrap_or_else(|| error.lines().next().unwrap_or(error).trim());
     format!("{}{what}", at.unwrap_or_default())
+}
+
+/// `64MiB`, `512KiB`, `1GiB`, or a bare number of bytes: the grammar of
+/// the server config's sizes (`config::parse_size`; a test keeps the two
+/// equal), kept here so the rules module does not import the config.
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: usize = n.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// `500ms`, `20s`, `5m`, `1h`, `1d`, or a bare number of seconds.

@@ -118,6 +118,10 @@ pub struct PluginRef {
     /// A bundled plugin or a `.wasm` file name (without extension) in the plugins directory.
     pub name: String,
     pub config: Option<Value>,
+    /// This entry's deadline per call (e.g. `200ms`), instead of the server's `plugin_timeout`; at most `plugin_timeout_max` (default 1s).
+    pub timeout: Option<String>,
+    /// This entry's memory cap (e.g. `64MiB`), instead of the server's `plugin_memory`; at most `plugin_memory_max` (default 256MiB).
+    pub memory: Option<String>,
 }
 
 /// Where and how to send.
