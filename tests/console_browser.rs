@@ -2,7 +2,8 @@
 //! `chromium-driver`, which `.ci/run` installs when missing), driven over
 //! WebDriver by `fantoccini` against the real binary and real receivers.
 //! Each test signs in and does what an admin (or a viewer) would; the
-//! screenshots at 1280×800 land in `docs/console/`, which the README shows.
+//! screenshots at 1280×800 land in `target/console-screenshots/`, or with
+//! `UPDATE_SCREENSHOTS=1` in `docs/console/`, which the README shows.
 //!
 //! The tests take turns (one Chromium at a time on a 2-core machine), and
 //! every wait is bounded.
@@ -172,7 +173,7 @@ impl Browser {
     fn screenshot(&self, name: &str) {
         let png = self.run(|c| async move { c.screenshot().await });
         let dir = screenshots_dir();
-        std::fs::create_dir_all(&dir).expect("create docs/console");
+        std::fs::create_dir_all(&dir).expect("create the screenshots directory");
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
     }
 
@@ -195,8 +196,15 @@ impl Drop for Browser {
     }
 }
 
+/// `docs/console/` with `UPDATE_SCREENSHOTS=1` (to refresh the README's
+/// pictures on purpose), else `target/console-screenshots/`: a test run
+/// leaves the source tree as it was.
 fn screenshots_dir() -> PathBuf {
-    crate::support::repo().join("docs/console")
+    if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        crate::support::repo().join("docs/console")
+    } else {
+        crate::support::repo().join("target/console-screenshots")
+    }
 }
 
 fn turn() -> std::sync::MutexGuard<'static, ()> {

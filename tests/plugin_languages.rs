@@ -235,21 +235,34 @@ fn event(id: &str, event_type: &str) -> Value {
 
 /// `rulehook plugin run` as JSON, with `rule` as the rule name.
 fn plugin_run(plugin: &Path, event: &Value, config: &Value, rule: &str) -> Value {
+    plugin_run_with(plugin, event, config, rule, &[])
+}
+
+fn plugin_run_with(
+    plugin: &Path,
+    event: &Value,
+    config: &Value,
+    rule: &str,
+    extra: &[&str],
+) -> Value {
     let dir = TempDir::new("lang-run");
     let event_file = dir.write("event.json", &event.to_string());
-    let out = rulehook(&[
+    let config = config.to_string();
+    let mut args = vec![
         "plugin",
         "run",
         plugin.to_str().expect("utf-8"),
         "--event",
         event_file.to_str().expect("utf-8"),
         "--config",
-        &config.to_string(),
+        &config,
         "--rule",
         rule,
         "--format",
         "json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = rulehook(&args);
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{e}: {}{}",
@@ -644,7 +657,16 @@ fn starlingmonkey_is_refused_with_the_flag_by_default_and_runs_with_it() {
             ],
         )),
     );
-    let sent = plugin_run(&flagged, &event("sm-2", "create"), &json!({}), "r");
+    // StarlingMonkey's first calls start its engine; a debug build on a
+    // loaded machine needs more than the default 50 ms, as a rule's entry
+    // for it would set.
+    let sent = plugin_run_with(
+        &flagged,
+        &event("sm-2", "create"),
+        &json!({}),
+        "r",
+        &["--timeout", "1s"],
+    );
     assert_eq!(sent["outcome"], "send", "{sent}");
     assert_eq!(sent["payload"]["source"], "rulehook");
     assert_eq!(

@@ -701,3 +701,49 @@ fn a_plugin_entry_sets_its_own_limits_within_the_maxima() {
         list[0]
     );
 }
+
+/// `plugin run --timeout` gives the call the deadline a rule's entry would,
+/// within `plugin_timeout_max`, and refuses what the check would refuse.
+#[test]
+fn plugin_run_takes_an_entry_timeout_within_the_maximum() {
+    let dir = TempDir::new("plugin-run-timeout");
+    let event_file = dir.write("event.json", &story_created("spin-1").to_string());
+    let spin = wasm("spin");
+    let run = |timeout: &str| {
+        rulehook(&[
+            "plugin",
+            "run",
+            spin.to_str().unwrap(),
+            "--event",
+            event_file.to_str().unwrap(),
+            "--timeout",
+            timeout,
+            "--format",
+            "json",
+        ])
+    };
+    let out = run("120ms");
+    let shown: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        shown["error"], "plugin spin timed out after 120 ms",
+        "{shown}"
+    );
+    let cases = [
+        (
+            "2s",
+            "--timeout 2s is more than plugin_timeout_max (1000 ms)",
+        ),
+        (
+            "soon",
+            "--timeout \"soon\" is not a duration such as 200ms or 1s",
+        ),
+        ("0s", "is not a duration"),
+    ];
+    for (timeout, expected) in cases {
+        let out = run(timeout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{timeout}: {err}");
+        assert!(err.contains(expected), "{timeout}: {err}");
+    }
+}

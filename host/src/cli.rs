@@ -220,6 +220,10 @@ pub enum PluginCommand {
         /// The rule name the payload and context carry.
         #[arg(long, default_value = "plugin-run")]
         rule: String,
+        /// The call's deadline, as a rule's plugin entry may set it (e.g.
+        /// `200ms`; default the server's 50ms, at most 1s).
+        #[arg(long)]
+        timeout: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Human)]
         format: Format,
     },

@@ -180,8 +180,9 @@ pub fn run(command: PluginCommand) -> ExitCode {
             event,
             config,
             rule,
+            timeout,
             format,
-        } => run_once(&plugin, &event, &config, &rule, format),
+        } => run_once(&plugin, &event, &config, &rule, timeout.as_deref(), format),
     };
     match result {
         Ok(code) => code,
@@ -312,13 +313,37 @@ fn placeholders(
     Ok(values)
 }
 
+/// `--timeout`, checked as the plugin check checks a rule entry's
+/// `timeout`: a duration, at most the default `plugin_timeout_max`.
+fn run_overrides(timeout: Option<&str>) -> Result<crate::plugins::Overrides, String> {
+    let Some(text) = timeout else {
+        return Ok(Default::default());
+    };
+    let max = crate::plugins::Limits::default().timeout_max;
+    let t = crate::rules::parse::parse_duration(text)
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| format!("--timeout {text:?} is not a duration such as 200ms or 1s"))?;
+    if t > max {
+        return Err(format!(
+            "--timeout {text} is more than plugin_timeout_max ({} ms), the most a rule's plugin entry may set",
+            max.as_millis()
+        ));
+    }
+    Ok(crate::plugins::Overrides {
+        timeout: Some(t),
+        memory_bytes: None,
+    })
+}
+
 fn run_once(
     plugin: &str,
     event_file: &Path,
     config: &str,
     rule: &str,
+    timeout: Option<&str>,
     format: Format,
 ) -> Result<ExitCode, String> {
+    let overrides = run_overrides(timeout)?;
     let config_value: Value =
         serde_json::from_str(config).map_err(|e| format!("--config is not valid JSON: {e}"))?;
     let text = std::fs::read_to_string(event_file)
@@ -353,7 +378,7 @@ fn run_once(
     };
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    if let Err(e) = compiled.validate_config(&config_value.to_string()) {
+    if let Err(e) = compiled.validate_config_with(&config_value.to_string(), &overrides) {
         let out =
             json!({"plugin": compiled.name, "outcome": "invalid-config", "error": e.to_string()});
         print_outcome(&out, format);
@@ -361,10 +386,10 @@ fn run_once(
     }
     let ctx = CallContext::for_event(rule, &event_id, &event);
     let input = payload.to_string();
-    let call = compiled.transform(&ctx, &input, &config_value.to_string());
+    let call = compiled.transform_with(&ctx, &input, &config_value.to_string(), &overrides);
     // A second call on the now-warm instance shows what the server pays
     // per delivery once the plugin is loaded.
-    let warm = compiled.transform(&ctx, &input, &config_value.to_string());
+    let warm = compiled.transform_with(&ctx, &input, &config_value.to_string(), &overrides);
     let mut out = json!({
         "plugin": compiled.name,
         "timing": {

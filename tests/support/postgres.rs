@@ -373,6 +373,15 @@ pub fn shared() -> Arc<PgServer> {
     s
 }
 
+/// A server that lives as long as the test process (its watchdog stops it
+/// when the process ends), for databases that must outlive every handle a
+/// test holds: the postgres mode of the whole suite, where a test stops a
+/// rulehook server and starts it again on the same data.
+pub fn for_process() -> &'static PgServer {
+    static SERVER: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(|| PgServer::start("suite"))
+}
+
 /// A fresh database on the shared server: its connection string, and the
 /// server to keep alive while it is used.
 pub fn fresh_db(prefix: &str) -> (Arc<PgServer>, String) {

@@ -35,6 +35,44 @@ pub fn setup(name: &str, rules: &str, config_extra: &str) -> (TempDir, PathBuf) 
     (dir, config)
 }
 
+/// The environment variable that runs the suite in postgres mode:
+/// `RULEHOOK_TEST_STORE=postgres cargo test -p rulehook --test integration`
+/// (the second run in `.ci/run`).
+pub const TEST_STORE: &str = "RULEHOOK_TEST_STORE";
+
+/// Whether this run puts every server on PostgreSQL.
+pub fn postgres_mode() -> bool {
+    match std::env::var(TEST_STORE).as_deref() {
+        Ok("postgres") => true,
+        Ok("redb") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("{TEST_STORE}={other}: use postgres or redb"),
+    }
+}
+
+/// In postgres mode, the store of a server whose config names none: a
+/// database of its own on the suite's PostgreSQL server, created at its
+/// first start and remembered in its directory, so a restart (or a kill -9
+/// and a start) finds the same data, as with redb.
+fn test_store(dir: &TempDir, config: &std::path::Path) -> Option<String> {
+    if !postgres_mode() {
+        return None;
+    }
+    let text = std::fs::read_to_string(config).expect("read the test's config");
+    if text.lines().any(|l| l.starts_with("store:")) {
+        return None;
+    }
+    let remembered = dir.path().join("test-store-url");
+    if let Ok(url) = std::fs::read_to_string(&remembered) {
+        return Some(url);
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let url =
+        super::postgres::for_process().create_db(&format!("suite_{}_{n}", std::process::id()));
+    std::fs::write(&remembered, &url).expect("remember the test's database");
+    Some(url)
+}
+
 impl Server {
     pub fn start(dir: &TempDir, config: &std::path::Path) -> Server {
         Server::start_inner(dir, config, Stdio::inherit())
@@ -51,7 +89,16 @@ impl Server {
     }
 
     fn start_inner(dir: &TempDir, config: &std::path::Path, stderr: Stdio) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rulehook"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rulehook"));
+        let store = test_store(dir, config);
+        if let Some(url) = &store {
+            // A fixed node id per data directory: a restart is the same
+            // node coming back, which takes its own claims back at once.
+            command
+                .env("RULEHOOK_STORE", url)
+                .env("RULEHOOK_NODE_ID", "test-node");
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--config",
@@ -76,6 +123,14 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("serve did not print its address: {line:?}"));
+        if let Some(url) = &store {
+            // The run is in postgres mode only if the server really is:
+            // its migrations ran before it listened.
+            let db = url.rsplit('/').next().expect("a database name");
+            let schema =
+                super::postgres::for_process().sql_in(db, "SELECT count(*) FROM rulehook_schema");
+            assert_eq!(schema, "1", "the server did not use its database {url}");
+        }
         Server {
             child,
             addr,

@@ -209,8 +209,34 @@ impl Postgres {
         };
         let shown = store.shown.clone();
         store.run(move |c| Box::pin(migrate(c, shown)))?;
+        store.release_own_claims()?;
         tracing::info!(database = %store.shown, node = %store.opts.node, "postgres store ready");
         Ok(store)
+    }
+
+    /// Hands back the claims a previous process with this node id still
+    /// holds: a process that is just starting sends nothing, so they are
+    /// leftovers of one that died, and a node with a fixed `node_id`
+    /// restarted after a crash picks its work up at once instead of after
+    /// the lease. Each released claim's epoch is raised, so a late result
+    /// of that process is refused like any lost claim's.
+    fn release_own_claims(&self) -> Result<(), StoreError> {
+        let node = self.opts.node.clone();
+        let released = self.run(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE deliveries SET owner = NULL, lease_until = NULL, epoch = epoch + 1 \
+                     WHERE owner = $1 AND state = 'pending'",
+                    &[&node],
+                )
+                .await
+                .map_err(pg("release this node's old claims"))
+            })
+        })?;
+        if released > 0 {
+            tracing::info!(released, node = %self.opts.node, "released the claims an earlier process of this node held");
+        }
+        Ok(())
     }
 
     /// This node's id (the owner of its claims).

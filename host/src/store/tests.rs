@@ -1012,6 +1012,27 @@ fn postgres_a_late_result_from_a_node_that_lost_its_lease_is_refused() {
 }
 
 #[test]
+fn postgres_a_restarted_node_hands_back_its_earlier_claims_at_once() {
+    let db = PgDb::new("restart");
+    let a = Store::new(db.as_node("node-a"));
+    let b = Store::new(db.as_node("node-b"));
+    let (ids, claim) = accept_claimed(&a, new_event("e1", &["r1"]));
+    assert!(due_now(&b).is_empty(), "B claimed a delivery A holds");
+    // Node A's process dies and starts again under the same id, well
+    // inside the lease: the claim is free at once.
+    let a_again = Store::new(db.as_node("node-a"));
+    let taken = due_now(&b);
+    assert_eq!(taken.iter().map(|d| d.delivery.id).collect::<Vec<_>>(), ids);
+    // And the dead process's result could not be recorded.
+    let late = finish_under(&a, ids[0], 1, claim.epoch);
+    assert!(matches!(late, Done::Rejected(_)), "{late:?}");
+    let b_claim = taken[0].claim.expect("claimed");
+    assert!(b_claim.epoch > claim.epoch);
+    assert_eq!(finish_under(&b, ids[0], 1, b_claim.epoch), Done::Finished);
+    a_again.check_invariants();
+}
+
+#[test]
 fn postgres_renewed_claims_hold_and_released_ones_go_at_once() {
     let db = PgDb::new("leases");
     let a = Store::new(db.as_node("node-a"));
