@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::TempDir;
-use crate::support::http::try_request;
+use crate::support::http::{request, try_request};
 use crate::support::postgres::PgServer;
 use crate::support::receiver::{Answer, Receiver};
 use crate::support::server::{INGEST_KEY, Server, setup};
@@ -424,20 +424,37 @@ fn a_database_restart_under_load_is_ridden_out_without_restarting_the_nodes() {
         .collect();
     let nodes: Vec<Server> = files.iter().map(start).collect();
     let addrs = Arc::new(Mutex::new(nodes.iter().map(|n| n.addr).collect::<Vec<_>>()));
-    let restarter = {
+    let first = nodes[0].addr;
+    let healthz = move || request(first, "GET", "/healthz", &[], b"").status;
+    let (restarter, down_health) = {
         let pg = &pg;
         std::thread::scope(|s| {
             let h = s.spawn(move || {
                 std::thread::sleep(Duration::from_millis(1500));
                 pg.stop();
-                std::thread::sleep(Duration::from_secs(2));
+                // While the database is down, the node says so.
+                let until = Instant::now() + Duration::from_secs(2);
+                let mut seen = healthz();
+                while seen != 503 && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                    seen = healthz();
+                }
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
                 pg.start_again();
+                seen
             });
             let out = load(addrs.clone(), "pgr", Duration::from_secs(7));
-            h.join().unwrap();
-            out
+            let seen = h.join().unwrap();
+            (out, seen)
         })
     };
+    assert_eq!(
+        down_health, 503,
+        "/healthz did not report the database down"
+    );
+    wait_for(Duration::from_secs(20), "/healthz to be 200 again", || {
+        (healthz() == 200).then_some(())
+    });
     let (accepted, odd) = restarter;
     assert!(odd.is_empty(), "answers other than 202/503: {odd:?}");
     assert!(accepted.len() > 50, "only {} accepted", accepted.len());

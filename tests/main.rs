@@ -10,6 +10,7 @@ mod cluster;
 mod console_api;
 mod console_browser;
 mod delivery;
+mod disk_full;
 mod failure;
 mod plugin_languages;
 mod plugins;

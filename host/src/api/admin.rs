@@ -329,6 +329,11 @@ impl Api {
                 active,
             ),
             (
+                "rulehook_store_writable",
+                "1 while the store takes writes, 0 while they fail (a full disk, an unreachable database); /healthz then answers 503.",
+                u64::from(!self.shared.store.is_failing()),
+            ),
+            (
                 "rulehook_outbox_commits",
                 "Durable commits made by the outbox.",
                 self.shared.outbox.stats.commits.load(Relaxed),

@@ -279,11 +279,35 @@ impl Api {
         }))
     }
 
+    /// `GET /healthz`: 200 while the node can take events; 503 while its
+    /// store's writes fail (ingest then answers 503 too, and no attempt
+    /// starts), with the error and since when, so a load balancer sends
+    /// events to another node and an operator sees why.
+    fn healthz(&self) -> Resp {
+        match self.shared.store.failing() {
+            None => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            Some(f) => {
+                let mut resp = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "store_failing", "store": {
+                        "error": f.error,
+                        "since": crate::time::rfc3339(f.since_ms),
+                    }}),
+                );
+                resp.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from_static("1"),
+                );
+                resp
+            }
+        }
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         if path == "/healthz" {
-            return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
+            return Ok(self.healthz());
         }
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, segments.as_slice()) {

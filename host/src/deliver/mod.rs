@@ -356,6 +356,9 @@ const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
 /// ones when their attempt starts, so a scan never holds much memory.
 const SCAN_BODY_CAP: usize = 64 << 10;
 
+/// How often the dispatcher tries a write while the store's writes fail.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
 impl Dispatcher {
     fn new(shared: Arc<Shared>) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -558,6 +561,20 @@ impl Dispatcher {
     }
 
     fn start(&mut self, work: Work, endpoint: String) {
+        if self.shared.store.is_failing() {
+            // Its record could not be written: the attempt would be sent
+            // and then sent again, for as long as writes fail. It stays due
+            // in the store; the scan probes the store and finds it again
+            // once writes work.
+            self.shared
+                .active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&work.id);
+            self.shared.release([work]);
+            self.backlog = true;
+            return;
+        }
         if let (Some(node), Some(claim)) = (&self.shared.cluster, &work.claim)
             && !node.holds(claim, now_ms())
         {
@@ -626,6 +643,16 @@ impl Dispatcher {
     /// Unparks endpoints whose block expired, then starts due deliveries
     /// while there is room. Returns how long until the next scan.
     async fn scan(&mut self) -> Duration {
+        if self.shared.store.is_failing() {
+            // No attempt starts while records cannot be written (see
+            // `start`); a probe, once a second, notices when they can.
+            let store = self.shared.store.clone();
+            let probed = tokio::task::spawn_blocking(move || store.probe()).await;
+            if !matches!(probed, Ok(Ok(()))) {
+                return STORE_PROBE_EVERY;
+            }
+            self.cursor = None;
+        }
         let now = now_ms();
         self.unpark_expired(now).await;
         // Refill to a few times the overall limit, so a backlog is read in

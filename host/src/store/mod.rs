@@ -448,6 +448,12 @@ pub trait Backend: Send + Sync {
     /// every op's effect is stored, or (on a storage error) none is.
     fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError>;
 
+    /// Whether a write would work now, found by one that needs what a
+    /// batch needs (the embedded store: room on the disk and a file that
+    /// takes a commit; postgres: a write on the primary, replicated as
+    /// configured). Nothing of it is visible.
+    fn probe(&self) -> Result<(), StoreError>;
+
     fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError>;
     fn body(&self, id: DeliveryId) -> Result<Option<Vec<u8>>, StoreError>;
     fn attempts(&self, id: DeliveryId) -> Result<Vec<Attempt>, StoreError>;
@@ -579,9 +585,38 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// The store the host holds: one of the backends, behind the contract.
+/// The store the host holds: one of the backends, behind the contract,
+/// and whether its writes work (see [`Store::apply`]).
 pub struct Store {
     backend: Box<dyn Backend>,
+    health: Health,
+}
+
+/// Whether the last write worked, and if not, why and since when. Kept
+/// because a store whose writes fail (a full disk, an unreachable
+/// database) must be visible (`/healthz` answers 503) and must hold the
+/// dispatcher back: an attempt whose record cannot be written would be sent
+/// again and again.
+#[derive(Default)]
+struct Health {
+    failing: std::sync::atomic::AtomicBool,
+    why: std::sync::Mutex<Option<Failing>>,
+}
+
+/// Why writes fail, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failing {
+    pub error: String,
+    /// The first failure of this run of failures (ms since the epoch).
+    pub since_ms: u64,
+}
+
+impl StoreError {
+    /// Whether the error says the storage itself failed (a write or the
+    /// connection), rather than something about one record.
+    pub fn is_storage_failure(&self) -> bool {
+        matches!(self, StoreError::Io { .. } | StoreError::Unavailable { .. })
+    }
 }
 
 impl std::ops::Deref for Store {
@@ -595,6 +630,79 @@ impl Store {
     pub fn new(backend: impl Backend + 'static) -> Store {
         Store {
             backend: Box::new(backend),
+            health: Health::default(),
+        }
+    }
+
+    /// The contract's `apply` (this shadows [`Backend::apply`]), noting
+    /// whether the write worked: a storage failure makes the store
+    /// [`failing`](Store::failing) until a later write or
+    /// [`probe`](Store::probe) works.
+    pub fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        let r = self.backend.apply(ops);
+        self.note(r.as_ref().map(|_| ()));
+        r
+    }
+
+    /// Tries a write that needs what a real one needs (room on the disk, a
+    /// writable database) and notes the result; the dispatcher calls it
+    /// while the store is failing, to notice when it is back.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        let r = self.backend.probe();
+        self.note(r.as_ref().map(|_| ()));
+        r
+    }
+
+    /// Whether the last write (or probe) failed.
+    pub fn is_failing(&self) -> bool {
+        self.health
+            .failing
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Why writes fail, while they do.
+    pub fn failing(&self) -> Option<Failing> {
+        if !self.is_failing() {
+            return None;
+        }
+        self.health
+            .why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note(&self, r: Result<(), &StoreError>) {
+        use std::sync::atomic::Ordering;
+        match r {
+            Ok(()) => {
+                if self.health.failing.swap(false, Ordering::AcqRel) {
+                    let was = self
+                        .health
+                        .why
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    let ms = was.map(|f| now_ms().saturating_sub(f.since_ms));
+                    tracing::warn!(failing_ms = ms, "store writes work again");
+                }
+            }
+            Err(e) if e.is_storage_failure() => {
+                let mut why = self.health.why.lock().unwrap_or_else(|e| e.into_inner());
+                let since_ms = match &*why {
+                    Some(f) if self.is_failing() => f.since_ms,
+                    _ => {
+                        tracing::error!(error = %e, "store writes fail: ingest answers 503 and no attempt starts until they work again");
+                        now_ms()
+                    }
+                };
+                *why = Some(Failing {
+                    error: e.to_string(),
+                    since_ms,
+                });
+                self.health.failing.store(true, Ordering::Release);
+            }
+            Err(_) => {}
         }
     }
 

@@ -16,17 +16,62 @@ use super::schema::*;
 use super::*;
 
 pub struct Redb {
-    pub(super) db: Database,
+    /// `None` only between closing a file whose write failed and opening
+    /// it again (see [`Redb::reopen`]).
+    db: std::sync::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
+    cache_bytes: usize,
     /// Each commit also saves redb's allocator state (and commits in two
     /// phases), so opening a file that was not closed cleanly needs no walk
     /// of the whole file (see `open_with`).
     quick_repair: bool,
+    /// Set when a write failed with an I/O error (ENOSPC, EIO): redb then
+    /// refuses every later write ("Previous I/O error occurred. Please
+    /// close and re-open the database"), so the next write reopens the file
+    /// first. What the failed commit held was not stored.
+    reopen: std::sync::atomic::AtomicBool,
 }
+
+/// The free space a probe wants before it says writes can resume: enough
+/// for a few batches, so the dispatcher does not start attempts on a disk
+/// that has room for only one more commit.
+const PROBE_FREE_BYTES: u64 = 1 << 20;
 
 /// Index entries a list may step over per record it may read: stepping
 /// over an index key costs a small fraction of reading and decoding a
 /// record.
 const INDEX_STEPS_PER_READ: usize = 10;
+
+/// Opens the file (creating it when missing), reporting a repair.
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let name = path.display().to_string();
+    // A file not closed cleanly (kill -9, power loss) is repaired while
+    // it opens; say so, and how long it took, since it delays serving.
+    let repairing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = repairing.clone();
+    let started = std::time::Instant::now();
+    let db = Database::builder()
+        .set_cache_size(cache_bytes)
+        .set_repair_callback(move |_| {
+            if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("the database was not closed cleanly (a crash or kill -9); repairing it before serving");
+            }
+        })
+        .create(path)
+        .map_err(|source| StoreError::Open {
+            path: name.clone(),
+            source,
+        })?;
+    let ms = started.elapsed().as_millis() as u64;
+    if repairing.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(path = %name, ms, "database repaired");
+    } else {
+        // With quick repair a file a crash left opens from the allocator
+        // state its last commit saved: nothing to report beyond the time.
+        tracing::info!(path = %name, ms, "database opened");
+    }
+    Ok(db)
+}
 
 impl Redb {
     /// Opens (or creates) the database file, choosing quick repair. With it, a restart after a crash
@@ -45,34 +90,8 @@ impl Redb {
                 message: format!("{}: {e}", dir.display()),
             })?;
         }
-        // A file not closed cleanly (kill -9, power loss) is repaired while
-        // it opens; say so, and how long it took, since it delays serving.
-        let repairing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = repairing.clone();
-        let started = std::time::Instant::now();
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .set_repair_callback(move |_| {
-                if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!("the database was not closed cleanly (a crash or kill -9); repairing it before serving");
-                }
-            })
-            .create(path)
-            .map_err(|source| StoreError::Open {
-                path: name.clone(),
-                source,
-            })?;
-        let ms = started.elapsed().as_millis() as u64;
-        if repairing.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(path = %name, ms, "database repaired");
-        } else {
-            // With quick repair a file a crash left opens from the
-            // allocator state its last commit saved: nothing to report
-            // beyond the time it took.
-            tracing::info!(path = %name, ms, quick_repair, "database opened");
-        }
-        let store = Redb { db, quick_repair };
-        let mut tx = store.db.begin_write().map_err(io("open"))?;
+        let db = open_database(path, cache_bytes)?;
+        let mut tx = db.begin_write().map_err(io("open"))?;
         tx.set_quick_repair(quick_repair);
         {
             // Create every table so reads never meet a missing one.
@@ -115,29 +134,116 @@ impl Redb {
             }
         }
         tx.commit().map_err(io("open"))?;
-        Ok(store)
+        Ok(Redb {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            cache_bytes,
+            quick_repair,
+            reopen: Default::default(),
+        })
     }
 
     pub(super) fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.db.begin_read().map_err(io("begin read"))
+        let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+        db.as_ref()
+            .ok_or_else(closed)?
+            .begin_read()
+            .map_err(io("begin read"))
+    }
+
+    /// A write transaction, on a reopened file if the last write failed.
+    /// Returned with the read guard that keeps the file from being
+    /// reopened under it.
+    fn write(
+        &self,
+    ) -> Result<
+        (
+            std::sync::RwLockReadGuard<'_, Option<Database>>,
+            WriteTransaction,
+        ),
+        StoreError,
+    > {
+        if self.reopen.load(std::sync::atomic::Ordering::Acquire) {
+            self.reopen()?;
+        }
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let mut tx = guard
+            .as_ref()
+            .ok_or_else(closed)?
+            .begin_write()
+            .map_err(io("begin write"))?;
+        tx.set_quick_repair(self.quick_repair);
+        Ok((guard, tx))
+    }
+
+    /// Marks the file for reopening when `r` is an I/O failure.
+    fn watch<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Io { .. }) = &r {
+            self.reopen
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        r
+    }
+
+    /// Closes the file and opens it again, which is what redb needs after
+    /// a failed write. The old handle closes once the last read transaction
+    /// on it ends; until then the open fails and the next write tries again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if !self.reopen.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(()); // another writer did it meanwhile
+        }
+        drop(db.take());
+        let opened = open_database(&self.path, self.cache_bytes).map_err(|e| StoreError::Io {
+            op: "reopen the database after a failed write",
+            message: e.to_string(),
+        })?;
+        *db = Some(opened);
+        self.reopen
+            .store(false, std::sync::atomic::Ordering::Release);
+        tracing::info!(path = %self.path.display(), "database reopened after a failed write");
+        Ok(())
     }
 }
 
-impl Backend for Redb {
-    fn kind(&self) -> &'static str {
-        "redb"
+#[cfg(test)]
+impl Redb {
+    /// A raw write transaction, for tests that plant what a migration or
+    /// a corruption would leave.
+    pub(super) fn raw_write(&self) -> WriteTransaction {
+        self.write().expect("begin write").1
     }
+}
 
-    #[cfg(test)]
-    fn check_invariants(&self) {
-        invariants::assert_indexes(self);
+fn closed() -> StoreError {
+    StoreError::Io {
+        op: "use the database",
+        message: "it is closed after a failed write and could not be opened again yet".into(),
     }
+}
 
-    /// Applies a batch in one transaction with one durable commit. Either
-    /// every op's effect is stored, or (on a storage error) none is.
-    fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        let mut tx = self.db.begin_write().map_err(io("begin write"))?;
-        tx.set_quick_repair(self.quick_repair);
+/// The free space on the filesystem holding `path`, for the probe.
+fn free_bytes(path: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| StoreError::Io {
+        op: "measure free disk space",
+        message: format!("{} holds a NUL byte", dir.display()),
+    })?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(StoreError::Io {
+            op: "measure free disk space",
+            message: format!("{}: {}", dir.display(), std::io::Error::last_os_error()),
+        });
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+impl Redb {
+    fn apply_inner(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        let (_guard, tx) = self.write()?;
         let now = now_ms();
         let mut out = Vec::with_capacity(ops.len());
         {
@@ -156,6 +262,43 @@ impl Backend for Redb {
         }
         tx.commit().map_err(io("commit"))?;
         Ok(out)
+    }
+}
+
+impl Backend for Redb {
+    fn kind(&self) -> &'static str {
+        "redb"
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        invariants::assert_indexes(self);
+    }
+
+    /// Applies a batch in one transaction with one durable commit. Either
+    /// every op's effect is stored, or (on a storage error) none is.
+    fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        let r = self.apply_inner(ops);
+        self.watch(r)
+    }
+
+    /// Room on the disk for a few batches, then an empty commit (which
+    /// reopens the file first if the last write failed).
+    fn probe(&self) -> Result<(), StoreError> {
+        let free = free_bytes(&self.path)?;
+        if free < PROBE_FREE_BYTES {
+            return Err(StoreError::Io {
+                op: "probe",
+                message: format!(
+                    "no space left on device: {} has {free} bytes free; writes resume once {PROBE_FREE_BYTES} are",
+                    self.path.parent().unwrap_or(Path::new(".")).display()
+                ),
+            });
+        }
+        let r = self
+            .write()
+            .and_then(|(_guard, tx)| tx.commit().map_err(io("commit")));
+        self.watch(r)
     }
 
     fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {

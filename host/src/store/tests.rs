@@ -413,7 +413,7 @@ fn a_version_1_file_is_migrated_when_opened() {
         // the state index, version 1.
         drop(store);
         let raw = db.redb();
-        let tx = raw.db.begin_write().unwrap();
+        let tx = raw.raw_write();
         {
             tx.delete_table(EVENTS).unwrap();
             tx.delete_table(EVENT_IDS).unwrap();
@@ -503,7 +503,7 @@ fn a_file_from_a_newer_rulehook_is_refused_with_its_version() {
         let store = db.open();
         drop(store);
         let raw = db.redb();
-        let tx = raw.db.begin_write().unwrap();
+        let tx = raw.raw_write();
         tx.open_table(META)
             .unwrap()
             .insert("schema_version", SCHEMA_VERSION + 1)
