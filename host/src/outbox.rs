@@ -69,9 +69,29 @@ impl Outbox {
         let thread_stats = stats.clone();
         let (changes, _) = broadcast::channel(CHANGES_BACKLOG);
         let thread_changes = changes.clone();
+        // The embedded store has one writer anyway; a database server
+        // commits several transactions at once, and while one batch waits
+        // for its round trips and its (replicated) commit, the next fills.
+        let writers = store.writers().max(1);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
         let handle = std::thread::Builder::new()
             .name("rulehook-outbox".into())
-            .spawn(move || writer(store, rx, thread_stats, thread_changes))
+            .spawn(move || {
+                let others: Vec<JoinHandle<()>> = (1..writers)
+                    .map(|i| {
+                        let (store, rx) = (store.clone(), rx.clone());
+                        let (stats, changes) = (thread_stats.clone(), thread_changes.clone());
+                        std::thread::Builder::new()
+                            .name(format!("rulehook-outbox-{i}"))
+                            .spawn(move || writer(store, rx, stats, changes))
+                            .expect("spawn an outbox writer thread")
+                    })
+                    .collect();
+                writer(store, rx, thread_stats, thread_changes);
+                for w in others {
+                    let _ = w.join();
+                }
+            })
             .expect("spawn the outbox writer thread");
         (Outbox { tx, stats, changes }, handle)
     }
@@ -111,33 +131,41 @@ impl Outbox {
     }
 }
 
+/// One writer: takes what is waiting (holding the receiver only while it
+/// gathers), applies it as one batch, answers, and goes on. With several
+/// writers, `Close` closes the channel: each drains what was sent before
+/// it and stops.
 fn writer(
     store: Arc<Store>,
-    mut rx: mpsc::Receiver<Request>,
+    rx: Arc<std::sync::Mutex<mpsc::Receiver<Request>>>,
     stats: Arc<OutboxStats>,
     changes: broadcast::Sender<Arc<[DeliveryId]>>,
 ) {
     let mut closing = false;
     while !closing {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
         let mut batch = Vec::new();
         let mut n = 0;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
-            match req {
-                Request::Write { ops, reply } => {
-                    n += ops.len();
-                    batch.push((ops, reply));
+        {
+            let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Write { ops, reply } => {
+                        n += ops.len();
+                        batch.push((ops, reply));
+                    }
+                    Request::Close => {
+                        rx.close();
+                        closing = true;
+                        break;
+                    }
                 }
-                Request::Close => {
-                    closing = true;
-                    break;
+                if n < MAX_BATCH_OPS {
+                    next = rx.try_recv().ok();
                 }
-            }
-            if n < MAX_BATCH_OPS {
-                next = rx.try_recv().ok();
             }
         }
         if batch.is_empty() {

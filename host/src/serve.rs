@@ -200,6 +200,7 @@ pub async fn run(
             );
             Arc::new(node)
         }),
+        releasing: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Cluster mode: a heartbeat renews this node's claims, and other

@@ -75,7 +75,13 @@ pub struct Shared {
     pub kick: Arc<Notify>,
     /// This node as a cluster member (postgres mode): its claims' lease.
     pub cluster: Option<Arc<crate::cluster::Node>>,
+    /// Claims waiting to be handed back together (see `release`).
+    pub releasing: Arc<Mutex<Vec<(DeliveryId, u64)>>>,
 }
+
+/// How long claims to hand back gather before one statement releases
+/// them all.
+const RELEASE_GATHER: Duration = Duration::from_millis(20);
 
 impl Shared {
     /// The rule version `work` is sent with: the one it is bound to, or for
@@ -109,11 +115,28 @@ impl Shared {
         if claims.is_empty() {
             return;
         }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.release(&claims) {
-                tracing::warn!(deliveries = claims.len(), error = %e, "could not release claims; they are taken over when their lease runs out");
-            }
+        // Gathered, then released in one statement: under a burst that
+        // overflows the queue, one round trip per delivery kept the pool
+        // busy and starved the claims and records the work needed.
+        let first = {
+            let mut pending = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+            let first = pending.is_empty();
+            pending.extend(claims);
+            first
+        };
+        if !first {
+            return; // the flush already on its way takes these too
+        }
+        let (store, pending) = (self.store.clone(), self.releasing.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(RELEASE_GATHER).await;
+            let claims = std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner()));
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.release(&claims) {
+                    tracing::warn!(deliveries = claims.len(), error = %e, "could not release claims; they are taken over when their lease runs out");
+                }
+            })
+            .await;
         });
     }
 

@@ -51,6 +51,13 @@ pub enum StoreError {
     /// and trying again later may work.
     #[error("the database is unreachable during {op}: {message}")]
     Unavailable { op: &'static str, message: String },
+    /// The transaction lost a race with another one (postgres: a
+    /// deadlock or serialization failure) and stored nothing; running it
+    /// again may work. Not a failure of the storage.
+    #[error(
+        "the database rolled back a transaction that conflicted with another during {op}: {message}"
+    )]
+    Conflict { op: &'static str, message: String },
     #[error("no delivery {0}")]
     NoDelivery(DeliveryId),
     #[error("stored record is corrupt: {0}")]
@@ -453,6 +460,12 @@ pub trait Backend: Send + Sync {
     /// takes a commit; postgres: a write on the primary, replicated as
     /// configured). Nothing of it is visible.
     fn probe(&self) -> Result<(), StoreError>;
+
+    /// How many batches may be applied at once (the outbox runs this many
+    /// writers). The embedded store takes one writer at a time.
+    fn writers(&self) -> usize {
+        1
+    }
 
     fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError>;
     fn body(&self, id: DeliveryId) -> Result<Option<Vec<u8>>, StoreError>;

@@ -110,6 +110,13 @@ fn pg(op: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
                 op,
                 message: e.to_string(),
             }
+        } else if e.code().is_some_and(|c| c.code().starts_with("40")) {
+            // Class 40, transaction rollback (a deadlock, a serialization
+            // failure): the transaction lost a race and did nothing.
+            StoreError::Conflict {
+                op,
+                message: e.to_string(),
+            }
         } else {
             // The server's message with its detail, not tokio-postgres' "db error".
             let message = match e.as_db_error() {
@@ -463,6 +470,7 @@ fn group(ops: Vec<Op>) -> Vec<Group> {
 }
 
 /// What a batch needs besides its ops.
+#[derive(Clone)]
 struct Ctx {
     node: String,
     lease_ms: u64,
@@ -470,6 +478,9 @@ struct Ctx {
     /// Some op made work due that any node may take: wake the others.
     wake: bool,
 }
+
+/// How many times a batch runs when it keeps losing races (deadlocks).
+const CONFLICT_TRIES: u32 = 3;
 
 async fn apply_batch(
     client: &mut deadpool_postgres::Client,
@@ -1129,6 +1140,12 @@ impl Backend for Postgres {
         })
     }
 
+    /// Up to 4 batches in flight, within the pool (other work needs
+    /// connections too: claims, reads, the heartbeat).
+    fn writers(&self) -> usize {
+        (self.opts.pool_size / 2).clamp(1, 4)
+    }
+
     fn apply(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
@@ -1139,7 +1156,23 @@ impl Backend for Postgres {
             now: now_ms(),
             wake: false,
         };
-        self.run(move |c| Box::pin(apply_batch(c, ops, ctx)))
+        self.run(move |c| {
+            Box::pin(async move {
+                // A batch that lost a race (a deadlock with another
+                // transaction on the same rows) was rolled back whole, so
+                // it is simply run again.
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match apply_batch(c, ops.clone(), ctx.clone()).await {
+                        Err(StoreError::Conflict { op, message }) if tries < CONFLICT_TRIES => {
+                            tracing::debug!(op, %message, tries, "batch lost a race; running it again");
+                        }
+                        r => return r,
+                    }
+                }
+            })
+        })
     }
 
     fn delivery(&self, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
