@@ -165,6 +165,103 @@ fn delivers_the_payload_with_every_header_signed() {
     server.stop();
 }
 
+/// A header value from `{env: NAME}` (an API key) reaches the receiver,
+/// while the attempt record shows `***` and neither the record, the rules
+/// listing nor the data directory holds the value. After a restart with
+/// the rule changed, a redelivery bound to the old version resolves its
+/// stored reference again and sends the rotated value.
+#[test]
+fn a_header_from_the_environment_is_sent_but_never_shown_or_stored() {
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let (token, rotated) = ("tok-3c9f1e7a-api-key", "tok-rotated-51d0b2");
+    let headers = "      headers: {X-Team: qa, X-Api-Key: {env: TEST_HEADER_TOKEN}}\n";
+    let (dir, config) = setup(
+        "header-secret",
+        &rule("api-key", &rx.url("/h"), headers),
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start_with_env(&dir, &config, &[("TEST_HEADER_TOKEN", token)]);
+    let reply = server.post_event(&defect_update("evt-header"));
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["deliveries"][0]
+        .as_str()
+        .expect("a delivery id")
+        .to_string();
+    let got = rx.wait_for(1, T);
+    assert_eq!(got[0].header("x-api-key"), Some(token));
+    assert_eq!(got[0].header("x-team"), Some("qa"));
+
+    let record = wait_for(T, "the delivery to succeed", || {
+        let d = server.delivery(&id);
+        (d["delivery"]["state"] == "succeeded").then_some(d)
+    });
+    let recorded: Vec<(String, String)> =
+        serde_json::from_value(record["attempts"][0]["request_headers"].clone()).unwrap();
+    assert!(
+        recorded.contains(&("X-Api-Key".into(), "***".into())),
+        "{recorded:?}"
+    );
+    assert!(
+        recorded.contains(&("X-Team".into(), "qa".into())),
+        "{recorded:?}"
+    );
+    assert!(!record.to_string().contains(token), "{record}");
+    let rules = server.admin("GET", "/v1/rules", None);
+    assert_eq!(rules.status, 200, "{}", rules.text());
+    assert_eq!(rules.json()["rules"][0]["name"], "api-key");
+    assert!(!rules.text().contains(token), "{}", rules.text());
+    assert!(server.stop().success());
+
+    // A new URL makes a new version; the delivery stays bound to the old
+    // one, which start-up reads back from the store and resolves anew.
+    dir.write(
+        "rules/rules.yaml",
+        &rule("api-key", &rx.url("/moved"), headers),
+    );
+    let server = Server::start_with_env(&dir, &config, &[("TEST_HEADER_TOKEN", rotated)]);
+    let r = server.admin("POST", &format!("/v1/deliveries/{id}/redeliver"), None);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let got = rx.wait_for(2, T);
+    assert_eq!(got[1].path, "/h", "sent with the version it is bound to");
+    assert_eq!(got[1].header("x-api-key"), Some(rotated));
+    let record = wait_for(T, "the redelivery to succeed", || {
+        let d = server.delivery(&id);
+        (d["delivery"]["state"] == "succeeded" && d["attempts"].as_array()?.len() == 2).then_some(d)
+    });
+    assert!(!record.to_string().contains(rotated), "{record}");
+    assert!(server.stop().success());
+    if !crate::support::server::postgres_mode() {
+        for file in files_under(&dir.path().join("data")) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            for value in [token, rotated] {
+                assert!(
+                    !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                    "{} holds a header secret",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+/// Every file under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    assert!(!out.is_empty(), "no files under {}", dir.display());
+    out
+}
+
 /// Sets variables the server processes started after this inherit. Tests
 /// use distinct names, so running in parallel does not make them clash.
 fn unsafe_env(vars: &[(&str, &str)]) {

@@ -922,7 +922,7 @@ pub fn preview_headers(rule: &Rule) -> Vec<(String, String)> {
         ));
     }
     for (k, v) in &w.headers {
-        h.push((k.clone(), v.clone()));
+        h.push((k.clone(), v.preview()));
     }
     for style in &w.signature {
         match style {

@@ -75,7 +75,14 @@ fn test_store(dir: &TempDir, config: &std::path::Path) -> Option<String> {
 
 impl Server {
     pub fn start(dir: &TempDir, config: &std::path::Path) -> Server {
-        Server::start_inner(dir, config, Stdio::inherit())
+        Server::start_inner(dir, config, Stdio::inherit(), &[])
+    }
+
+    /// Like `start`, with `env` set for the server process only (secrets
+    /// from `{env: NAME}`), so tests neither change this process's
+    /// environment nor see each other's variables.
+    pub fn start_with_env(dir: &TempDir, config: &std::path::Path, env: &[(&str, &str)]) -> Server {
+        Server::start_inner(dir, config, Stdio::inherit(), env)
     }
 
     /// Like `start`, with the server's log (stderr) written to `log`.
@@ -85,11 +92,17 @@ impl Server {
         log: &std::path::Path,
     ) -> Server {
         let file = std::fs::File::create(log).expect("create the log file");
-        Server::start_inner(dir, config, Stdio::from(file))
+        Server::start_inner(dir, config, Stdio::from(file), &[])
     }
 
-    fn start_inner(dir: &TempDir, config: &std::path::Path, stderr: Stdio) -> Server {
+    fn start_inner(
+        dir: &TempDir,
+        config: &std::path::Path,
+        stderr: Stdio,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rulehook"));
+        command.envs(env.iter().copied());
         let store = test_store(dir, config);
         if let Some(url) = &store {
             // A fixed node id per data directory: a restart is the same

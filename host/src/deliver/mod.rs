@@ -991,7 +991,8 @@ type Request = http::Request<Full<Bytes>>;
 /// A request to `webhook`, as every attempt and test connection sends it:
 /// content type, user agent, the delivery id, `extra` headers, basic
 /// authentication, the rule's own headers and the signatures over `body`.
-/// Also returns the headers as recorded, with the credentials redacted.
+/// Also returns the headers as recorded, with the credentials and secret
+/// header values redacted (`***`).
 fn build_request(
     webhook: &crate::rules::Webhook,
     delivery_id: &str,
@@ -1022,7 +1023,8 @@ fn build_request(
         ));
     }
     for (k, v) in &webhook.headers {
-        headers.push((k.clone(), v.clone(), None));
+        let shown = matches!(v, crate::rules::HeaderValue::Secret(_)).then(|| v.recorded());
+        headers.push((k.clone(), v.value().to_string(), shown));
     }
     for (k, v) in crate::sign::headers(webhook, delivery_id, now_secs, &body) {
         headers.push((k, v, None));
@@ -1285,6 +1287,40 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", 0), None);
+    }
+
+    #[test]
+    fn a_secret_header_is_sent_and_recorded_as_stars() {
+        let resolve = |r: &crate::rules::SecretRef| match r {
+            crate::rules::SecretRef::Env(n) => Ok(format!("value-of-{n}")),
+            _ => Err("not here".to_string()),
+        };
+        let (set, diags) = crate::rules::RuleSet::compile(
+            &[crate::rules::Source {
+                path: "r.yaml".into(),
+                text: "rules:\n  - name: r\n    events: [create]\n    webhook: {url: \"https://a.example/\", headers: {X-Team: qa, X-Api-Key: {env: KEY}}, credentials: {username: u, password: {env: PW}}}\n".into(),
+            }],
+            &resolve,
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let webhook = &set.get("r").unwrap().webhook;
+        let (request, recorded) = build_request(webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        let request = request.unwrap();
+        assert_eq!(request.headers()["x-api-key"], "value-of-KEY");
+        assert_eq!(request.headers()["x-team"], "qa");
+        let shown = |name: &str| {
+            recorded
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(shown("X-Api-Key"), Some("***"));
+        assert_eq!(shown("X-Team"), Some("qa"));
+        assert_eq!(shown("Authorization"), Some("Basic ***"));
+        assert!(
+            !format!("{recorded:?}").contains("value-of"),
+            "{recorded:?}"
+        );
     }
 
     #[test]

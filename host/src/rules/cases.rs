@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::explain::explain;
-use super::model::SecretRef;
+use super::model::{HeaderValue, SecretRef};
 use super::{Diagnostic, RuleSet, Source};
 use crate::event::Event;
 
@@ -90,6 +90,31 @@ fn check_case(path: &Path) -> Vec<String> {
     {
         problems.push(format!("loaded {} rules, want {n}", set.len()));
     }
+    for (rule, want) in case["headers"].as_object().into_iter().flatten() {
+        let Some(r) = set.get(rule) else {
+            problems.push(format!("headers: no rule `{rule}`"));
+            continue;
+        };
+        let got = headers_of(&r.webhook.headers);
+        if got != *want {
+            problems.push(format!(
+                "headers of `{rule}`\n  got:  {got}\n  want: {want}"
+            ));
+        }
+    }
+    // Whatever a case says: no secret header value is ever shown.
+    for r in set.rules() {
+        for (name, v) in &r.webhook.headers {
+            if let HeaderValue::Secret(s) = v
+                && (v.preview().contains(&s.value) || v.recorded().contains(&s.value))
+            {
+                problems.push(format!(
+                    "rule `{}`: header `{name}` shows its secret",
+                    r.name
+                ));
+            }
+        }
+    }
     for (i, check) in case["checks"].as_array().into_iter().flatten().enumerate() {
         let event = match Event::from_value(check["event"].clone()) {
             Ok(ev) => ev,
@@ -153,6 +178,24 @@ fn check_case(path: &Path) -> Vec<String> {
         }
     }
     problems
+}
+
+/// A rule's own headers as a case writes them: text as a string, a secret
+/// as what is sent, what `explain` shows and what attempt records keep.
+fn headers_of(headers: &[(String, HeaderValue)]) -> Value {
+    headers
+        .iter()
+        .map(|(name, v)| {
+            let v = match v {
+                HeaderValue::Text(t) => json!(t),
+                HeaderValue::Secret(_) => {
+                    json!({"sent": v.value(), "shown": v.preview(), "recorded": v.recorded()})
+                }
+            };
+            (name.clone(), v)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// With `UPDATE_EXPECT=1`, rewrites a case's `diagnostics:` block with what

@@ -256,6 +256,48 @@ pub enum SecretRef {
     Inline(String),
 }
 
+/// The value of one of a rule's own `headers`: text as written, or a
+/// secret (`{env: NAME}`, `{file: PATH}`) such as an API key, which is sent
+/// but never shown: records say `***`, `explain` names its source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderValue {
+    Text(String),
+    Secret(Secret),
+}
+
+impl HeaderValue {
+    /// What the request carries.
+    pub fn value(&self) -> &str {
+        match self {
+            HeaderValue::Text(t) => t,
+            HeaderValue::Secret(s) => &s.value,
+        }
+    }
+
+    /// What an attempt record keeps: the text, or `***` for a secret.
+    pub fn recorded(&self) -> &str {
+        match self {
+            HeaderValue::Text(t) => t,
+            HeaderValue::Secret(_) => "***",
+        }
+    }
+
+    /// What `explain` shows: the text, or where the secret comes from.
+    pub fn preview(&self) -> String {
+        match self {
+            HeaderValue::Text(t) => t.clone(),
+            HeaderValue::Secret(s) => format!("<secret from {}>", s.source),
+        }
+    }
+}
+
+/// Whether a header value would split the request (CR, LF) or end it (NUL).
+/// Checked when rules are parsed and again when a stored version's
+/// secrets are resolved, since a secret can change in between.
+pub fn breaks_header(value: &str) -> bool {
+    value.chars().any(|c| c == '\r' || c == '\n' || c == '\0')
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Credentials {
     pub username: String,
@@ -298,7 +340,8 @@ pub struct Webhook {
     /// Required for HTTP; optional for WebSocket delivery.
     pub url: Option<url::Url>,
     pub method: Method,
-    pub headers: Vec<(String, String)>,
+    /// The rule's own headers, in the order written.
+    pub headers: Vec<(String, HeaderValue)>,
     pub credentials: Option<Credentials>,
     /// Several during a rotation; each is used to sign.
     pub secrets: Vec<Secret>,

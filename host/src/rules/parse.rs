@@ -1126,7 +1126,10 @@ impl<'a> Decoder<'a> {
         Some(name)
     }
 
-    fn headers(&mut self, node: &Node) -> Option<Vec<(String, String)>> {
+    /// `headers`: name → text, or name → `{env: NAME}` / `{file: PATH}` for
+    /// a value that is a secret (an API key). Text stays text, with no
+    /// warning: most headers are not secrets.
+    fn headers(&mut self, node: &Node) -> Option<Vec<(String, HeaderValue)>> {
         let Some(map) = node.as_map() else {
             self.expected(node, "a mapping of header name to value", "webhook headers");
             return None;
@@ -1150,20 +1153,41 @@ impl<'a> Decoder<'a> {
                 ok = false;
                 continue;
             }
+            let context = format!("header `{name}`");
             let value = match &v.value {
-                yaml::Value::Scalar(Scalar::Null) | yaml::Value::Seq(_) | yaml::Value::Map(_) => {
-                    self.expected(v, "a text value", &format!("header `{name}`"));
+                yaml::Value::Map(_) => match self.secret(v, &context) {
+                    Some(secret) => HeaderValue::Secret(secret),
+                    None => {
+                        ok = false;
+                        continue;
+                    }
+                },
+                yaml::Value::Scalar(Scalar::Null) | yaml::Value::Seq(_) => {
+                    self.sink.error(
+                        v.span,
+                        format!("{context}: expected a text value, found {}", v.kind()),
+                        Some("write the value, or `{env: NAME}` / `{file: PATH}` for a secret such as an API key".into()),
+                    );
                     ok = false;
                     continue;
                 }
-                _ => v.scalar_text(),
+                _ => HeaderValue::Text(v.scalar_text()),
             };
-            if value.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
-                self.sink.error(
-                    v.span,
-                    format!("header `{name}` value contains a line break"),
-                    None,
-                );
+            if breaks_header(value.value()) {
+                // A secret's value is never quoted, only where it came from.
+                let (message, fix) = match &value {
+                    HeaderValue::Text(_) => {
+                        (format!("{context} value contains a line break"), None)
+                    }
+                    HeaderValue::Secret(s) => (
+                        format!("{context} value from {} contains a line break", s.source),
+                        Some(format!(
+                            "a header value is one line; remove the line break from {}",
+                            s.source
+                        )),
+                    ),
+                };
+                self.sink.error(v.span, message, fix);
                 ok = false;
                 continue;
             }

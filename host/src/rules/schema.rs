@@ -133,7 +133,9 @@ pub struct Webhook {
     pub url: Option<String>,
     /// POST (default), PUT or PATCH.
     pub method: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
+    /// Header name → value: text, or `{env: NAME}` / `{file: PATH}` for a
+    /// secret such as an API key (sent, but redacted in records).
+    pub headers: Option<BTreeMap<String, HeaderValue>>,
     pub credentials: Option<Credentials>,
     /// One secret, or several during a rotation.
     pub secret: Option<SecretOrMany>,
@@ -175,6 +177,16 @@ pub enum Secret {
     Env { env: String },
     File { file: String },
     Inline(String),
+}
+
+/// A header's text, or a secret: `{env: NAME}`, `{file: PATH}`.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum HeaderValue {
+    Text(String),
+    Env { env: String },
+    File { file: String },
 }
 
 /// Durations such as 500ms, 20s, 5m, 1h.

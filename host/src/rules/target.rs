@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::SecretResolver;
 use super::model::{
-    Credentials, Method, RetryPolicy, Secret, SecretRef, SignatureStyle, Transport, Webhook,
+    Credentials, HeaderValue, Method, RetryPolicy, Secret, SecretRef, SignatureStyle, Transport,
+    Webhook, breaks_header,
 };
 
 /// A rule version: 16 hex digits of the SHA-256 of its [`TargetSpec`].
@@ -44,7 +45,7 @@ pub struct TargetSpec {
     pub url: Option<String>,
     pub method: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(String, HeaderSpec)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialsSpec>,
     /// Secret references: `env:NAME`, `file:PATH` or `inline`.
@@ -59,6 +60,17 @@ pub struct TargetSpec {
     pub tls_verify: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<String>,
+}
+
+/// A header value as stored: text as a plain JSON string (so versions
+/// written before header values could be secrets read the same and keep
+/// their hash), a secret as `{"secret": "env:NAME"}`, a reference as in
+/// `secrets`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderSpec {
+    Text(String),
+    Secret { secret: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,7 +107,19 @@ impl TargetSpec {
             .into(),
             url: w.url.as_ref().map(|u| u.to_string()),
             method: w.method.as_str().into(),
-            headers: w.headers.clone(),
+            headers: w
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let spec = match value {
+                        HeaderValue::Text(t) => HeaderSpec::Text(t.clone()),
+                        HeaderValue::Secret(s) => HeaderSpec::Secret {
+                            secret: s.source.clone(),
+                        },
+                    };
+                    (name.clone(), spec)
+                })
+                .collect(),
             credentials: w.credentials.as_ref().map(|c| CredentialsSpec {
                 username: c.username.clone(),
                 password: c.password.source.clone(),
@@ -180,7 +204,27 @@ impl TargetSpec {
                 "PATCH" => Method::Patch,
                 _ => return Err(bad("method")),
             },
-            headers: self.headers.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, spec)| {
+                    let value = match spec {
+                        HeaderSpec::Text(t) => HeaderValue::Text(t.clone()),
+                        HeaderSpec::Secret { secret: source } => {
+                            let s = secret(source)?;
+                            // The secret may have changed since the rule was parsed.
+                            if breaks_header(&s.value) {
+                                return Err(format!(
+                                    "rule `{}`: header `{name}` value from {source} contains a line break",
+                                    self.rule
+                                ));
+                            }
+                            HeaderValue::Secret(s)
+                        }
+                    };
+                    Ok((name.clone(), value))
+                })
+                .collect::<Result<_, String>>()?,
             credentials: match &self.credentials {
                 Some(c) => Some(Credentials {
                     username: c.username.clone(),
@@ -258,7 +302,7 @@ mod tests {
         set
     }
 
-    const FULL: &str = "rules:\n  - name: full\n    events: [update]\n    webhook:\n      url: https://ci.example.com/hook\n      method: PUT\n      headers: {X-Team: qa}\n      credentials: {username: bot, password: {env: PW}}\n      secret: {file: secrets/qa}\n      signature: [hmac-sha256]\n      signature_header: X-Hub-Signature-256\n      timeouts: {connect: 5s, reply: 7s}\n      retry: {policy: exponential, intervals: [5s, 1m], jitter: 0.1}\n      tls: {verify: false}\n";
+    const FULL: &str = "rules:\n  - name: full\n    events: [update]\n    webhook:\n      url: https://ci.example.com/hook\n      method: PUT\n      headers: {X-Team: qa, X-Api-Key: {env: API_KEY}}\n      credentials: {username: bot, password: {env: PW}}\n      secret: {file: secrets/qa}\n      signature: [hmac-sha256]\n      signature_header: X-Hub-Signature-256\n      timeouts: {connect: 5s, reply: 7s}\n      retry: {policy: exponential, intervals: [5s, 1m], jitter: 0.1}\n      tls: {verify: false}\n";
 
     #[test]
     fn a_spec_round_trips_to_the_same_webhook_and_stores_no_secret_value() {
@@ -268,6 +312,12 @@ mod tests {
         let stored = String::from_utf8(spec.to_json()).unwrap();
         assert!(!stored.contains("value-of-PW"), "{stored}");
         assert!(stored.contains("env:PW"), "{stored}");
+        assert!(!stored.contains("value-of-API_KEY"), "{stored}");
+        assert!(
+            stored.contains(r#"["X-Api-Key",{"secret":"env:API_KEY"}]"#),
+            "{stored}"
+        );
+        assert!(stored.contains(r#"["X-Team","qa"]"#), "{stored}");
         let back = TargetSpec::from_json(stored.as_bytes()).unwrap();
         assert_eq!(back, spec);
         let resolve = |r: &SecretRef| match r {
@@ -303,6 +353,53 @@ mod tests {
         for (text, name, same) in cases {
             assert_eq!(version(&text, name) == v, same, "{text}");
         }
+    }
+
+    /// A version stored before header values could be secrets (each a
+    /// plain string) still decodes, and the same rule parsed now gives the
+    /// very same bytes, so its hash, and the deliveries bound to it, stay.
+    #[test]
+    fn a_version_stored_before_secret_headers_decodes_and_keeps_its_hash() {
+        let old = r#"{"rule":"r","transport":"http","url":"https://a.example/x","method":"POST","headers":[["X-Team","qa"]],"signature_header":"X-Rulehook-Signature","connect_timeout_ms":60000,"reply_timeout_ms":20000,"retry":{"policy":"fixed","interval_ms":60000,"retries":3},"tls_verify":true}"#;
+        let spec = TargetSpec::from_json(old.as_bytes()).unwrap();
+        assert_eq!(
+            spec.headers,
+            vec![("X-Team".to_string(), HeaderSpec::Text("qa".into()))]
+        );
+        let none = |_: &SecretRef| Err::<String, _>("no secrets here".to_string());
+        let webhook = spec.to_webhook(&none).unwrap();
+        assert_eq!(
+            webhook.headers,
+            vec![("X-Team".to_string(), HeaderValue::Text("qa".into()))]
+        );
+        let set = rules(
+            "rules:\n  - name: r\n    events: [create]\n    webhook: {url: \"https://a.example/x\", headers: {X-Team: qa}}\n",
+        );
+        let r = set.get("r").unwrap();
+        let now = TargetSpec::of(&r.name, &r.webhook);
+        assert_eq!(String::from_utf8(now.to_json()).unwrap(), old);
+        assert_eq!(now.version(), spec.version());
+    }
+
+    #[test]
+    fn a_secret_header_is_resolved_again_and_refused_with_a_line_break() {
+        let set = rules(
+            "rules:\n  - name: h\n    events: [create]\n    webhook: {url: \"https://a.example/\", headers: {X-Api-Key: {file: secrets/key}}}\n",
+        );
+        let r = set.get("h").unwrap();
+        let spec = TargetSpec::of(&r.name, &r.webhook);
+        // Rotated behind the same reference: the new value is sent.
+        let rotated = |_: &SecretRef| Ok::<_, String>("new-key".to_string());
+        let w = spec.to_webhook(&rotated).unwrap();
+        assert_eq!(w.headers[0].1.value(), "new-key");
+        assert_eq!(w.headers[0].1.recorded(), "***");
+        let broken = |_: &SecretRef| Ok::<_, String>("new\r\nX-Evil: 1".to_string());
+        let err = spec.to_webhook(&broken).unwrap_err();
+        assert!(err.contains("header `X-Api-Key`"), "{err}");
+        assert!(err.contains("file:secrets/key"), "{err}");
+        assert!(!err.contains("Evil"), "the value is never quoted: {err}");
+        let gone = |_: &SecretRef| Err::<String, _>("environment variable K is not set".into());
+        assert!(spec.to_webhook(&gone).is_err());
     }
 
     #[test]
