@@ -537,11 +537,18 @@ impl Dispatcher {
         if self.stopping {
             return;
         }
-        if let Some(queue) = self.waiting.get_mut(&endpoint)
-            && let Some(next) = queue.pop_front()
+        // The freed slot goes to the next waiting delivery that can start:
+        // one left out (its lease ran out, or the store cannot record it)
+        // must not leave the slot idle until another attempt completes.
+        while let Some(next) = self
+            .waiting
+            .get_mut(&endpoint)
+            .and_then(|queue| queue.pop_front())
         {
             self.waiting_total -= 1;
-            self.start(next, endpoint);
+            if self.start(next, endpoint.clone()) {
+                break;
+            }
         }
     }
 
@@ -583,7 +590,9 @@ impl Dispatcher {
         self.start(work, endpoint);
     }
 
-    fn start(&mut self, work: Work, endpoint: String) {
+    /// Starts the attempt, or leaves the delivery to the store (it stays
+    /// due there) when it must not start now; says which.
+    fn start(&mut self, work: Work, endpoint: String) -> bool {
         if self.shared.store.is_failing() {
             // Its record could not be written: the attempt would be sent
             // and then sent again, for as long as writes fail. It stays due
@@ -596,7 +605,7 @@ impl Dispatcher {
                 .remove(&work.id);
             self.shared.release([work]);
             self.backlog = true;
-            return;
+            return false;
         }
         if let (Some(node), Some(claim)) = (&self.shared.cluster, &work.claim)
             && !node.holds(claim, now_ms())
@@ -610,7 +619,7 @@ impl Dispatcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&work.id);
             self.backlog = true;
-            return;
+            return false;
         }
         self.in_flight += 1;
         self.recording += 1;
@@ -661,6 +670,7 @@ impl Dispatcher {
             let _ = done.send(Completion::Recorded { id, retry_at });
         });
         self.tasks.insert(id, task);
+        true
     }
 
     /// Unparks endpoints whose block expired, then starts due deliveries
