@@ -6,8 +6,8 @@
 //!   cold compile;
 //! - the same template plugin (add `source`, skip listed types) in Rust,
 //!   JavaScript (QuickJS) and Python: cold compile, load from the disk
-//!   cache, a fresh instance's first call and a warm call, on 0.6 KB and
-//!   800 KB payloads.
+//!   cache, a fresh instance's first call and warm calls, on 2 KB and
+//!   100 KB payloads (and warm calls on 800 KB).
 //!
 //! `cargo bench -p rulehook --bench plugins`. The template components are
 //! the ones the integration tests build (`cargo test -p rulehook --test
@@ -186,13 +186,18 @@ fn median(mut times: Vec<Duration>) -> Duration {
 
 /// Cold compile, cached load, fresh instance and warm calls per language.
 fn languages(ctx: &CallContext) {
-    let small = payload_of_size(600, 3).to_string();
-    let large = payload_of_size(800_000, 10).to_string();
+    // (payload, warm calls timed, whether a fresh instance is measured)
+    let sizes = [
+        (payload_of_size(2_000, 3).to_string(), 2_000, true),
+        (payload_of_size(100_000, 6).to_string(), 200, true),
+        (payload_of_size(800_000, 10).to_string(), 40, false),
+    ];
     println!();
     println!(
-        "template plugin per language ({} B and {} B payloads; fresh instance = first call after a load, minus a warm call):",
-        small.len(),
-        large.len()
+        "template plugin per language ({} B, {} B and {} B payloads; fresh instance = first call after a load, minus a warm call of the same payload):",
+        sizes[0].0.len(),
+        sizes[1].0.len(),
+        sizes[2].0.len()
     );
     // A deadline far above any call here: this measures what a call costs
     // (an 800 KB payload through CPython's json takes tens of ms, past the
@@ -200,6 +205,13 @@ fn languages(ctx: &CallContext) {
     let limits = Limits {
         timeout: Duration::from_secs(2),
         ..Limits::default()
+    };
+    let sent = |call: &rulehook::plugins::Call| {
+        assert!(
+            matches!(call.result, Ok(Outcome::Send(_))),
+            "{:?}",
+            call.result
+        )
     };
     for (lang, path) in template_components() {
         let bytes = std::fs::read(&path).expect("read the component");
@@ -216,48 +228,45 @@ fn languages(ctx: &CallContext) {
         drop(cold);
 
         // A new runtime per load, as after a restart; the call after each
-        // load runs on a fresh instance.
+        // load runs on a fresh instance: 10 loads per measured payload.
         let mut loads = Vec::new();
-        let mut firsts = Vec::new();
-        for _ in 0..10 {
-            let rt = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
-            let t = Instant::now();
-            let p = rt.load("tpl", &bytes).expect("loads from the cache");
-            loads.push(t.elapsed());
-            let call = p.transform(ctx, &small, "{}");
-            assert!(
-                matches!(call.result, Ok(Outcome::Send(_))),
-                "{:?}",
-                call.result
-            );
-            firsts.push(call.elapsed);
+        let mut firsts: Vec<Vec<Duration>> = vec![Vec::new(); sizes.len()];
+        for (k, (payload, _, fresh)) in sizes.iter().enumerate() {
+            if !fresh {
+                continue;
+            }
+            for _ in 0..10 {
+                let rt = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
+                let t = Instant::now();
+                let p = rt.load("tpl", &bytes).expect("loads from the cache");
+                loads.push(t.elapsed());
+                let call = p.transform(ctx, payload, "{}");
+                sent(&call);
+                firsts[k].push(call.elapsed);
+            }
         }
         let rt = Runtime::new(limits.clone(), Some(cache.clone())).expect("runtime");
         let p = rt.load("tpl", &bytes).expect("loads");
-        let warm = |payload: &str, n: usize| {
-            measure(n, n / 10 + 1, || {
-                let call = p.transform(ctx, payload, "{}");
-                assert!(
-                    matches!(call.result, Ok(Outcome::Send(_))),
-                    "{:?}",
-                    call.result
-                );
-            })
-        };
-        let (small_median, small_p99) = warm(&small, 2_000);
-        let (large_median, large_p99) = warm(&large, 40);
-        let first = median(firsts);
-        println!(
-            "  {lang}: {:.1} MB component; cold compile {:.0} ms, load from cache {:.1} ms; fresh instance {:.3} ms; warm call 0.6 KB median {:.1} µs (p99 {:.1} µs), 800 KB median {:.2} ms (p99 {:.2} ms)",
+        let mut line = format!(
+            "  {lang}: {:.1} MB component; cold compile {:.0} ms, load from cache {:.1} ms",
             bytes.len() as f64 / 1e6,
             ms(compile),
             ms(median(loads)),
-            ms(first.saturating_sub(small_median)),
-            small_median.as_secs_f64() * 1e6,
-            small_p99.as_secs_f64() * 1e6,
-            ms(large_median),
-            ms(large_p99),
         );
+        for (k, (payload, n, fresh)) in sizes.iter().enumerate() {
+            let (med, p99) = measure(*n, n / 10 + 1, || sent(&p.transform(ctx, payload, "{}")));
+            line += &format!(
+                "; {} KB: warm median {:.3} ms (p99 {:.3} ms)",
+                payload.len() / 1000,
+                ms(med),
+                ms(p99)
+            );
+            if *fresh {
+                let first = median(std::mem::take(&mut firsts[k]));
+                line += &format!(", fresh instance {:.3} ms", ms(first.saturating_sub(med)));
+            }
+        }
+        println!("{line}");
         let _ = std::fs::remove_dir_all(&cache);
     }
 }

@@ -299,6 +299,35 @@ pub struct Runtime {
     per_plugin: usize,
 }
 
+/// The threads compiling a component may use: half the cores, at least
+/// one. wasmtime compiles a component's functions in parallel on rayon's
+/// global pool, which by default has a thread per core, so compiling an
+/// 18 MB Python component at a reload took every core for seconds while
+/// ingest and deliveries needed them; components are compiled one after
+/// another (`PluginSet::load`), so this is also the most a reload compiles
+/// on at once.
+pub fn compile_threads(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
+/// Sizes rayon's global pool to [`compile_threads`], once per process,
+/// before the first compile (a pool something else built first is left as
+/// it is: nothing else in rulehook uses rayon).
+fn limit_compile_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = compile_threads(cores);
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("rulehook-compile-{i}"))
+            .build_global()
+        {
+            tracing::debug!(error = %e, "the compile thread pool was already set up");
+        }
+    });
+}
+
 impl Runtime {
     /// Creates the engine. `cache_dir` holds compiled components (none: no
     /// disk cache, as for `rulehook plugin run`).
@@ -312,6 +341,7 @@ impl Runtime {
         cache_dir: Option<PathBuf>,
         sizes: PoolSizes,
     ) -> Result<Arc<Runtime>, String> {
+        limit_compile_threads();
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -898,6 +928,17 @@ mod tests {
     fn wasm(name: &str) -> Vec<u8> {
         std::fs::read(Path::new(env!("RULEHOOK_WASM_DIR")).join(format!("{name}.wasm")))
             .expect("the build made the test plugins")
+    }
+
+    #[test]
+    fn compiling_takes_half_the_cores_at_most() {
+        for (cores, threads) in [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (64, 32)] {
+            assert_eq!(compile_threads(cores), threads, "{cores} cores");
+        }
+        // The pool wasmtime compiles on is that size once a runtime exists.
+        let _rt = Runtime::new(Limits::default(), None).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(rayon::current_num_threads(), compile_threads(cores));
     }
 
     #[test]
