@@ -704,14 +704,29 @@ async fn cluster() {
         pg_rate / redb.max(1.0) * 100.0
     );
     let rate = (pg_rate / 2.0).max(100.0);
+    let logged = (primary.log().len(), standby.log().len());
     let lat = latency(rate, 10).await;
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
     println!(
-        "cluster: postgres + sync standby latency at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms ({} events)",
+        "cluster: postgres + sync standby latency at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} events)",
         pct(0.5),
         pct(0.99),
+        pct(1.0),
         lat.len()
     );
+    // What the servers did meanwhile that stalls commits: checkpoints on
+    // the primary, restartpoints on the standby (PostgreSQL 15 logs both).
+    for (who, server, from) in [
+        ("primary", &primary, logged.0),
+        ("standby", &standby, logged.1),
+    ] {
+        let log = server.log();
+        for line in log.get(from..).unwrap_or_default().lines() {
+            if line.contains("checkpoint") || line.contains("restartpoint") {
+                println!("cluster: {who} during the latency run: {line}");
+            }
+        }
+    }
     // What N nodes sustain: each node spends `pg_cpu` µs per delivery, the
     // database `pg_db` µs (primary and standby together); a database host
     // with C cores saturates at C / pg_db deliveries per µs.

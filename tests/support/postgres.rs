@@ -305,6 +305,12 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The server's log so far (`pg_ctl -l`), for a bench that reports
+    /// what the server did meanwhile (checkpoints, restartpoints).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("log")).unwrap_or_default()
+    }
+
     /// A new empty database; its connection string.
     pub fn create_db(&self, name: &str) -> String {
         self.sql(&format!("CREATE DATABASE {name}"));
