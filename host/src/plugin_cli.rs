@@ -473,6 +473,67 @@ fn print_outcome(out: &Value, format: Format) {
 mod tests {
     use super::*;
 
+    /// The TypeScript template's `rulehook.d.ts` is written by hand (jco
+    /// 1.35's `guest-types` fails to read a WIT directory with the same
+    /// "os error 44" as its `componentize`), so this keeps it from drifting:
+    /// every record field (camelCase), enum case and variant case of
+    /// `plugin.wit` must appear in it the way componentize-qjs maps them.
+    #[test]
+    fn the_typescript_types_cover_every_name_in_the_wit() {
+        let wit = include_str!("../../plugin-sdk/wit/plugin.wit");
+        let dts = include_str!("../templates/plugin-ts/src/rulehook.d.ts.tmpl");
+        let camel = |name: &str| {
+            let mut out = String::new();
+            let mut upper = false;
+            for c in name.chars() {
+                if c == '-' {
+                    upper = true;
+                } else if upper {
+                    out.extend(c.to_uppercase());
+                    upper = false;
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        };
+        let mut expected = Vec::new();
+        let mut block: Option<&str> = None;
+        for line in wit.lines().map(str::trim) {
+            if line.starts_with("//") {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("enum ") {
+                // `enum level { trace, debug, … }` on one line.
+                let cases = rest
+                    .split_once('{')
+                    .map_or("", |(_, c)| c.trim_end_matches('}'));
+                expected.extend(cases.split(',').map(|c| format!("'{}'", c.trim())));
+            } else if line.starts_with("record ") {
+                block = Some("record");
+            } else if line.starts_with("variant ") {
+                block = Some("variant");
+            } else if line.starts_with('}') {
+                block = None;
+            } else if let (Some(kind), Some((name, _))) = (block, line.split_once([':', '('])) {
+                let name = name.trim();
+                expected.push(match kind {
+                    "record" => format!("{}: ", camel(name)),
+                    _ => format!("tag: '{name}'"),
+                });
+            }
+        }
+        assert!(
+            expected.len() >= 10,
+            "read too little of the WIT: {expected:?}"
+        );
+        let missing: Vec<&String> = expected
+            .iter()
+            .filter(|e| !dts.contains(e.as_str()))
+            .collect();
+        assert!(missing.is_empty(), "rulehook.d.ts lacks {missing:?}");
+    }
+
     #[test]
     fn templates_pin_the_toolchain_versions_the_tests_build_with() {
         // An empty pin would write `"componentize-qjs": ""` into every new
