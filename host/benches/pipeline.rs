@@ -15,7 +15,11 @@
 //!   with a synchronous standby; p99 ingest → first attempt at half load;
 //!   CPU per delivery of the server and of the database servers.
 //!
-//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog|cluster] [--backlog N]`
+//! - `cost`: what a delivery costs the server (CPU, and the pwrite,
+//!   fdatasync and socket write syscalls, counted with `perf`) at 100, 500
+//!   and 2,000 events/s and at saturation, one event per request and NDJSON.
+//!
+//! `cargo bench -p rulehook --bench pipeline [-- throughput|latency|drain|backlog|cluster|cost] [--backlog N]`
 
 #[path = "../../tests/support/postgres.rs"]
 mod pg;
@@ -600,10 +604,17 @@ async fn backlog(n: usize, quick_repair: bool) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let want = |m: &str| {
-        !args
-            .iter()
-            .any(|a| ["throughput", "latency", "backlog", "drain", "cluster"].contains(&a.as_str()))
-            || args.iter().any(|a| a == m)
+        !args.iter().any(|a| {
+            [
+                "throughput",
+                "latency",
+                "backlog",
+                "drain",
+                "cluster",
+                "cost",
+            ]
+            .contains(&a.as_str())
+        }) || args.iter().any(|a| a == m)
     };
     let backlog_n: usize = args
         .iter()
@@ -643,7 +654,180 @@ fn main() {
         if args.iter().any(|a| a == "cluster") {
             cluster().await;
         }
+        if args.iter().any(|a| a == "cost") {
+            cost().await;
+        }
     });
+}
+
+/// The syscalls `cost` counts, with perf's syscall tracepoints (counted in
+/// the kernel: no ptrace, which would slow every call it counts).
+const COUNTED_SYSCALLS: [&str; 6] = [
+    "pwrite64",
+    "fdatasync",
+    "fsync",
+    "write",
+    "writev",
+    "sendto",
+];
+
+/// `perf stat` on `pid`, counting [`COUNTED_SYSCALLS`] until stopped.
+struct SyscallCount(Child);
+
+impl SyscallCount {
+    fn start(pid: u32) -> Option<SyscallCount> {
+        let events: Vec<String> = COUNTED_SYSCALLS
+            .iter()
+            .map(|s| format!("syscalls:sys_enter_{s}"))
+            .collect();
+        Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                &events.join(","),
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()
+            .map(SyscallCount)
+    }
+
+    /// Stops counting; the count per syscall name.
+    fn stop(mut self) -> HashMap<String, u64> {
+        // perf prints its counts when interrupted.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let mut text = String::new();
+        if let Some(mut err) = self.0.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        }
+        let _ = self.0.wait();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let name = f.get(2)?.strip_prefix("syscalls:sys_enter_")?;
+                Some((name.to_string(), f.first()?.trim().parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// What a delivery costs the server at a fixed rate (`None`: as fast as
+/// 64 connections, or 8 with NDJSON, can post): CPU from /proc and the
+/// syscalls that write (the store's pwrite/fdatasync, the sockets'
+/// write/sendto), per delivery, over a 10 s run and its tail.
+async fn cost_run(rate: Option<f64>, batch: usize) -> (f64, f64, f64, HashMap<String, u64>) {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Relaxed);
+    let sink = Sink::new(false);
+    let rx = receiver(sink.clone()).await;
+    let dir = setup("cost", &format!("http://{rx}/hook"), rx.port());
+    let (server, _) = start_server(&dir);
+    let addr = server.addr;
+    let pid = server.child.id();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let body = move |i: u64| -> String {
+        (0..batch)
+            .map(|k| event(&format!("cost{run}-{i}-{k}")) + "\n")
+            .collect()
+    };
+    let secs = 10.0;
+    let cpu_before = cpu_secs(pid);
+    let counter = SyscallCount::start(pid);
+    let start = Instant::now();
+    match rate {
+        Some(rate) => {
+            // Paced: a request every 1/(rate/batch) s, each on its own task
+            // so a slow answer does not slow the pace.
+            let requests = (rate * secs / batch as f64) as u64;
+            let every = Duration::from_secs_f64(batch as f64 / rate);
+            let mut tick = tokio::time::interval(every);
+            let mut tasks = Vec::new();
+            for i in 0..requests {
+                tick.tick().await;
+                let (client, accepted, body) = (client.clone(), accepted.clone(), body(i));
+                tasks.push(tokio::spawn(async move {
+                    if post(&client, addr, body, batch > 1).await == 202 {
+                        accepted.fetch_add(batch as u64, Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        None => {
+            let conns = if batch > 1 { 8 } else { 64 };
+            let stop = start + Duration::from_secs_f64(secs);
+            let next = Arc::new(AtomicU64::new(0));
+            let tasks: Vec<_> = (0..conns)
+                .map(|_| {
+                    let (client, accepted, next) = (client.clone(), accepted.clone(), next.clone());
+                    tokio::spawn(async move {
+                        while Instant::now() < stop {
+                            let i = next.fetch_add(1, Relaxed);
+                            if post(&client, addr, body(i), batch > 1).await == 202 {
+                                accepted.fetch_add(batch as u64, Relaxed);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+    let total = accepted.load(Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.count.load(Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let calls = counter.map(SyscallCount::stop).unwrap_or_default();
+    let delivered = sink.count.load(Relaxed).max(1);
+    let cpu_us = (cpu_secs(pid) - cpu_before) / delivered as f64 * 1e6;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    (delivered as f64 / elapsed, cpu_us, delivered as f64, calls)
+}
+
+/// The cost table: CPU and syscalls per delivery at 100, 500 and 2,000
+/// events/s and at saturation, one event per request and NDJSON ×50.
+async fn cost() {
+    println!(
+        "cost: per delivery, server process; rate = events/s offered (saturation: closed loop); syscalls counted with perf tracepoints"
+    );
+    println!(
+        "cost: | posting | offered | delivered/s | CPU µs | {} |",
+        COUNTED_SYSCALLS.join(" | ")
+    );
+    for batch in [1, 50] {
+        for rate in [Some(100.0), Some(500.0), Some(2_000.0), None] {
+            let (got, cpu, n, calls) = cost_run(rate, batch).await;
+            let per: Vec<String> = COUNTED_SYSCALLS
+                .iter()
+                .map(|s| format!("{:.2}", *calls.get(*s).unwrap_or(&0) as f64 / n))
+                .collect();
+            println!(
+                "cost: | {} | {} | {got:.0} | {cpu:.1} | {} |",
+                if batch == 1 {
+                    "one per request"
+                } else {
+                    "NDJSON ×50"
+                },
+                rate.map_or("saturation".to_string(), |r| format!("{r:.0}/s")),
+                per.join(" | ")
+            );
+        }
+    }
 }
 
 /// The postmaster's pid of a test server.
