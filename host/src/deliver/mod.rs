@@ -573,14 +573,7 @@ impl Dispatcher {
             .unwrap_or(&self.shared.config.max_in_flight_per_endpoint);
         if self.per_endpoint.get(&endpoint).copied().unwrap_or(0) >= limit {
             if self.waiting_total >= MAX_WAITING {
-                // Still due in the store; a later scan finds it.
-                self.shared
-                    .active
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&work.id);
-                self.shared.release([work]);
-                self.backlog = true;
+                self.leave_to_store(work);
                 return;
             }
             self.waiting_total += 1;
@@ -588,6 +581,20 @@ impl Dispatcher {
             return;
         }
         self.start(work, endpoint);
+    }
+
+    /// Drops `work` from memory: it is still due in the store, where a
+    /// later scan (this node's or, in cluster mode, any node's) finds it.
+    /// Its claim is handed back; the epoch in the release makes that a
+    /// no-op if another node has claimed it since.
+    fn leave_to_store(&mut self, work: Work) {
+        self.shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&work.id);
+        self.shared.release([work]);
+        self.backlog = true;
     }
 
     /// Starts the attempt, or leaves the delivery to the store (it stays
@@ -598,13 +605,7 @@ impl Dispatcher {
             // and then sent again, for as long as writes fail. It stays due
             // in the store; the scan probes the store and finds it again
             // once writes work.
-            self.shared
-                .active
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&work.id);
-            self.shared.release([work]);
-            self.backlog = true;
+            self.leave_to_store(work);
             return false;
         }
         if let (Some(node), Some(claim)) = (&self.shared.cluster, &work.claim)
@@ -613,12 +614,7 @@ impl Dispatcher {
             // Held in memory past its lease (this node was paused, or cut
             // off from the database): another node may be sending it now.
             tracing::info!(delivery = %work.id, node = %node.id, "lease ran out before the attempt started; leaving the delivery to the next claim");
-            self.shared
-                .active
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&work.id);
-            self.backlog = true;
+            self.leave_to_store(work);
             return false;
         }
         self.in_flight += 1;
