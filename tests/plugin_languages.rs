@@ -591,6 +591,18 @@ fn the_server_delivers_what_plugin_run_shows_and_records_plugin_exceptions() {
     drop(server);
 }
 
+/// The JavaScript template `name` built with StarlingMonkey
+/// (`componentize-js`) and `flags`. It reads the WIT through a sandbox that
+/// sees only the working directory, so the path must be relative.
+fn starlingmonkey(dir: &TempDir, name: &str, flags: &[&str]) -> PathBuf {
+    let root = project(dir, name, Lang::Js, &[]);
+    let out = format!("{name}.wasm");
+    let mut args = vec!["src/index.js", "--wit", "wit", "--world-name", "transform"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--out", &out]);
+    build_with(&root, name, Lang::Js, Some(("componentize-js", &args)))
+}
+
 /// A StarlingMonkey component (`componentize-js`) of the JavaScript
 /// template's source: as built by default it imports `wasi:http` and is
 /// refused at once, naming the interface and the flags; built with them it
@@ -598,26 +610,7 @@ fn the_server_delivers_what_plugin_run_shows_and_records_plugin_exceptions() {
 #[test]
 fn starlingmonkey_is_refused_with_the_flag_by_default_and_runs_with_it() {
     let dir = TempDir::new("sm");
-    let root = project(&dir, "sm-default", Lang::Js, &[]);
-    // It reads the WIT through a sandbox that sees only the working
-    // directory, so the path must be relative.
-    let default = build_with(
-        &root,
-        "sm-default",
-        Lang::Js,
-        Some((
-            "componentize-js",
-            &[
-                "src/index.js",
-                "--wit",
-                "wit",
-                "--world-name",
-                "transform",
-                "--out",
-                "sm-default.wasm",
-            ],
-        )),
-    );
+    let default = starlingmonkey(&dir, "sm-default", &[]);
     let refused = rulehook(&[
         "plugin",
         "run",
@@ -636,27 +629,7 @@ fn starlingmonkey_is_refused_with_the_flag_by_default_and_runs_with_it() {
         "{text}"
     );
 
-    let root = project(&dir, "sm", Lang::Js, &[]);
-    let flagged = build_with(
-        &root,
-        "sm",
-        Lang::Js,
-        Some((
-            "componentize-js",
-            &[
-                "src/index.js",
-                "--wit",
-                "wit",
-                "--world-name",
-                "transform",
-                "--disable",
-                "http",
-                "fetch-event",
-                "--out",
-                "sm.wasm",
-            ],
-        )),
-    );
+    let flagged = starlingmonkey(&dir, "sm", &["--disable", "http", "fetch-event"]);
     // StarlingMonkey's first calls start its engine; a debug build on a
     // loaded machine needs more than the default 50 ms, as a rule's entry
     // for it would set.

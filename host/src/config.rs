@@ -10,7 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::rules::parse::parse_duration;
+use crate::rules::parse::{parse_duration, parse_size};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -303,22 +303,6 @@ fn duration(source: &str, key: &str, text: &str) -> Result<Duration, ConfigError
             format!("`{key}`: `{text}` is not a duration; write e.g. 500ms, 20s, 5m, 1h, 7d"),
         )
     })
-}
-
-/// `64KiB`, `1MiB`, `512`: a size in bytes.
-pub fn parse_size(text: &str) -> Option<usize> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: usize = n.parse().ok()?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "KB" => 1 << 10,
-        "MiB" | "M" | "MB" => 1 << 20,
-        "GiB" | "G" | "GB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
 }
 
 fn size(source: &str, key: &str, text: &str) -> Result<usize, ConfigError> {
@@ -991,24 +975,20 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();
-        // Rule files' `memory:` reads sizes with the same grammar.
-        for text in [
-            "64MiB",
-            "512KiB",
-            "1GiB",
-            "3",
-            "4 B",
-            "7MB",
-            "x",
-            "",
-            "1TiB",
-            "99999999999999999999G",
+        // One grammar for the config's sizes and a rule entry's `memory:`.
+        for (text, bytes) in [
+            ("64MiB", Some(64 << 20)),
+            ("512KiB", Some(512 << 10)),
+            ("1GiB", Some(1 << 30)),
+            ("3", Some(3)),
+            ("4 B", Some(4)),
+            ("7MB", Some(7 << 20)),
+            ("x", None),
+            ("", None),
+            ("1TiB", None),
+            ("99999999999999999999G", None),
         ] {
-            assert_eq!(
-                parse_size(text),
-                crate::rules::parse::parse_size(text),
-                "{text}"
-            );
+            assert_eq!(parse_size(text), bytes, "{text}");
         }
     }
 }

@@ -1448,9 +1448,9 @@ fn jsonpath_problem(error: &str) -> String {
     format!("{}{what}", at.unwrap_or_default())
 }
 
-/// `64MiB`, `512KiB`, `1GiB`, or a bare number of bytes: the grammar of
-/// the server config's sizes (`config::parse_size`; a test keeps the two
-/// equal), kept here so the rules module does not import the config.
+/// `64MiB`, `512KiB`, `1GiB`, or a bare number of bytes: the one grammar
+/// of sizes, for a rule entry's `memory:` and the server config alike
+/// (here, since the config may use the rules module but not the reverse).
 pub fn parse_size(text: &str) -> Option<usize> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
