@@ -59,6 +59,7 @@ fn fill(store: &Store, records: usize) {
                     unbuilt: false,
                     space: None,
                     rule_version: Some("0123456789abcdef".into()),
+                    lane: None,
                 })
                 .collect();
             for (i, d) in deliveries.iter().enumerate() {
@@ -88,7 +89,7 @@ fn fill(store: &Store, records: usize) {
             })
             .collect();
         let done = store.apply(ops).expect("finish");
-        assert!(done.iter().all(|d| *d == Done::Finished));
+        assert!(done.iter().all(|d| matches!(d, Done::Finished { .. })));
         if made.is_multiple_of(100_000) {
             eprintln!("  {made} records ({:.0?})", started.elapsed());
         }

@@ -108,6 +108,7 @@ fn main() {
                     space: None,
                     // As ingest stores it: 16 hex digits per delivery.
                     rule_version: Some("0123456789abcdef".into()),
+                    lane: None,
                 }],
             }));
         }

@@ -22,9 +22,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxError};
 use crate::plugins::{CallContext, ChainOutcome};
 use crate::reload::Snapshot;
-use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
-use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, Op, State};
+use crate::rules::{OnFailure, Transport};
+use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, NewLane, Op, State};
 
 /// A delivery to hand to the dispatcher after the commit.
 struct Fresh {
@@ -33,6 +33,8 @@ struct Fresh {
     version: Option<RuleVersion>,
     body: Bytes,
     space: Option<String>,
+    /// The lane it halts on failure (`ordering: {on_failure: halt}`).
+    halts: Option<String>,
 }
 
 /// The deliveries of one event to hand to the dispatcher after the commit.
@@ -128,6 +130,7 @@ impl Ingest {
                 deliveries,
                 duplicate,
                 claim,
+                waiting,
             } = done
             else {
                 continue;
@@ -139,7 +142,9 @@ impl Ingest {
                 self.metrics
                     .deliveries_created
                     .fetch_add(handover.len() as u64, Relaxed);
-                for fresh in handover {
+                // Those behind their lane's head are sent when it is final
+                // (the store makes them due then).
+                for fresh in handover.into_iter().filter(|f| !waiting.contains(&f.id)) {
                     self.queue.enqueue(Work {
                         id: fresh.id,
                         rule: fresh.rule,
@@ -149,6 +154,7 @@ impl Ingest {
                         body: Some(fresh.body),
                         space: fresh.space,
                         claim,
+                        halts: fresh.halts,
                     });
                 }
             }
@@ -175,6 +181,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
         event.id = Some(id.clone());
         let mut deliveries = Vec::new();
         let mut handover = Vec::new();
+        let view = crate::rules::eval::EventView::new(&event);
         for rule in snapshot.matching(&event) {
             let payload = crate::payload::build(&rule.name, &event, &id);
             let did = DeliveryId::new();
@@ -208,6 +215,13 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
             // Bound to the version that matched: a reload after the commit
             // cannot change where it goes (see `targets`).
             let version = snapshot.targets.get(&rule.name).map(|t| t.version.clone());
+            let lane = rule.lane(&view).map(|key| NewLane {
+                key,
+                halt: rule
+                    .ordering
+                    .as_ref()
+                    .is_some_and(|o| o.on_failure == OnFailure::Halt),
+            });
             if state == State::Pending {
                 handover.push(Fresh {
                     id: did,
@@ -215,6 +229,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                     version: version.clone(),
                     body: body.clone(),
                     space: space.clone(),
+                    halts: lane.as_ref().filter(|l| l.halt).map(|l| l.key.clone()),
                 });
             }
             deliveries.push(NewDelivery {
@@ -226,6 +241,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                 unbuilt,
                 space,
                 rule_version: version.map(|v| v.0),
+                lane,
             });
         }
         ops.push(Op::Accept(NewEvent {

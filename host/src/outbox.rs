@@ -190,8 +190,16 @@ fn writer(
                 stats.ops.fetch_add(n as u64, Ordering::Relaxed);
                 if watched {
                     for done in &results {
-                        if let Done::Unparked(ids) = done {
-                            changed.extend(ids.iter().copied());
+                        match done {
+                            Done::Unparked(ids) => changed.extend(ids.iter().copied()),
+                            Done::Finished {
+                                promoted: Some(next),
+                            } => changed.push(*next),
+                            Done::LaneSkipped { head, promoted } => {
+                                changed.push(*head);
+                                changed.extend(*promoted);
+                            }
+                            _ => {}
                         }
                     }
                     if !changed.is_empty() {
@@ -224,6 +232,7 @@ fn changed_by(ops: &[Op]) -> Vec<DeliveryId> {
             Op::Finish { id, .. } | Op::Redeliver { id, .. } => ids.push(*id),
             Op::PutEndpoint(_)
             | Op::Unpark { .. }
+            | Op::SkipLane { .. }
             | Op::Compact { .. }
             | Op::PutRuleVersions { .. }
             | Op::DropRuleVersions(_) => {}

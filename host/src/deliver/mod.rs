@@ -53,6 +53,9 @@ pub struct Work {
     pub space: Option<String>,
     /// This node's hold on it (cluster mode; see `store::Claim`).
     pub claim: Option<Claim>,
+    /// The ordered lane it halts when it fails for good (a rule with
+    /// `ordering: {on_failure: halt}`): it parks on the lane instead.
+    pub halts: Option<String>,
 }
 
 /// What the dispatcher and its attempts share.
@@ -624,7 +627,11 @@ impl Dispatcher {
         let done = self.done_tx.clone();
         let id = work.id;
         let task = tokio::spawn(async move {
-            let outcome = attempt(&shared, work).await;
+            let halts = work.halts.clone();
+            let mut outcome = attempt(&shared, work).await;
+            if let Some(lane) = &halts {
+                hold_lane(&mut outcome.ops, lane);
+            }
             let _ = done.send(Completion::Freed {
                 endpoint,
                 slow_down: outcome.slow_down,
@@ -649,7 +656,17 @@ impl Dispatcher {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     None
                 }
-                Ok(_) => outcome.retry_at,
+                Ok(done) => {
+                    // The next delivery of an ordered lane is due now:
+                    // scan for it rather than wait for the next scan.
+                    if done
+                        .iter()
+                        .any(|d| matches!(d, crate::store::Done::Finished { promoted: Some(_) }))
+                    {
+                        shared.kick.notify_one();
+                    }
+                    outcome.retry_at
+                }
                 Err(e) => {
                     tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
                     None
@@ -766,6 +783,7 @@ impl Dispatcher {
                 body: due.body.map(Bytes::from),
                 space: d.space,
                 claim: due.claim,
+                halts: d.lane.filter(|l| l.halt).map(|l| l.key),
             });
         }
         if self.backlog {
@@ -972,6 +990,21 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         retry_at,
         ops,
         waits_for_space: None,
+    }
+}
+
+/// A halting lane's head that failed for good parks on its lane instead
+/// (see `store::on_lane_failure`), and its attempt record says so.
+fn hold_lane(ops: &mut [Op], lane: &str) {
+    for op in ops {
+        if let Op::Finish { next, attempt, .. } = op
+            && matches!(next, Next::Failed(_))
+        {
+            *next = crate::store::on_lane_failure(next.clone(), Some(lane));
+            if let Some(a) = attempt {
+                a.outcome = outcome_text(next);
+            }
+        }
     }
 }
 

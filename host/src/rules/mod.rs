@@ -176,7 +176,31 @@ pub enum Miss<'r> {
     Condition(&'r Condition),
 }
 
+/// The longest ordering key kept as it is; a longer one is kept as its
+/// SHA-256 (`sha256:` + hex), so a sender's huge field value cannot grow
+/// the store's lane index.
+pub const MAX_ORDER_KEY: usize = 200;
+
 impl Rule {
+    /// The ordered lane this rule's delivery for the event joins (`rule/key`,
+    /// see [`lane_id`]), or `None` for a rule without `ordering`. An event
+    /// without the key's field joins the key `null`: every such event of the
+    /// rule goes in one lane, rather than unordered. Pure.
+    pub fn lane(&self, view: &EventView<'_>) -> Option<String> {
+        let ordering = self.ordering.as_ref()?;
+        let ev = view.event;
+        let key = match &ordering.key {
+            OrderKey::Entity => {
+                let id = ev.entity.get("id").map(key_text).unwrap_or_default();
+                format!("{}:{id}", ev.entity_type)
+            }
+            OrderKey::Field(field) => field
+                .read(view, false)
+                .map_or_else(|| "null".to_string(), |v| key_text(&v)),
+        };
+        Some(lane_id(&self.name, &key))
+    }
+
     /// Whether this rule fires for the event, checking the cheap filters
     /// first. Pure.
     pub fn decide<'r>(&'r self, view: &EventView<'_>) -> Result<(), Miss<'r>> {
@@ -214,6 +238,26 @@ impl Rule {
             None => Ok(()),
         }
     }
+}
+
+/// A key's text: a string as it is, anything else as compact JSON.
+fn key_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A lane's id: the rule name, `/`, the key (rule names have no `/`, so
+/// the first one splits it), the key hashed past [`MAX_ORDER_KEY`] bytes.
+pub fn lane_id(rule: &str, key: &str) -> String {
+    use sha2::Digest as _;
+    if key.len() <= MAX_ORDER_KEY {
+        return format!("{rule}/{key}");
+    }
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{rule}/sha256:{hex}")
 }
 
 /// Candidate lists by event type, then entity type, then one scope key.

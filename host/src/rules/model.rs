@@ -46,6 +46,55 @@ pub struct Rule {
     pub labels: Vec<(String, String)>,
     pub plugins: Vec<PluginRef>,
     pub webhook: Webhook,
+    /// `ordering:`: the rule's deliveries with one key are sent one at a
+    /// time, in acceptance order.
+    pub ordering: Option<Ordering>,
+}
+
+/// A rule's ordering promise: deliveries whose events have the same key
+/// go one at a time, each after the one accepted before it is final.
+#[derive(Clone, Debug)]
+pub struct Ordering {
+    pub key: OrderKey,
+    pub on_failure: OnFailure,
+}
+
+/// What groups a rule's deliveries into one ordered lane.
+#[derive(Clone, Debug)]
+pub enum OrderKey {
+    /// The entity: its type and id (`defect:2013`).
+    Entity,
+    /// A field of the entity or a JSONPath over the event, as in `when`.
+    Field(Field),
+}
+
+/// What a lane does when its head delivery fails for good (retries spent,
+/// or a permanent error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Keep the failure on record and send the next one.
+    Skip,
+    /// Hold the lane until an admin resumes (sends the head again) or
+    /// skips it.
+    Halt,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Skip => "skip",
+            OnFailure::Halt => "halt",
+        }
+    }
+}
+
+impl fmt::Display for OrderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OrderKey::Entity => f.write_str("entity"),
+            OrderKey::Field(field) => field.fmt(f),
+        }
+    }
 }
 
 /// One step of a rule's plugin chain, run later by the plugin runtime.

@@ -78,6 +78,7 @@ pub const RULE_KEYS: &[&str] = &[
     "labels",
     "plugins",
     "webhook",
+    "ordering",
 ];
 pub const WEBHOOK_KEYS: &[&str] = &[
     "url",
@@ -97,6 +98,7 @@ const CREDENTIAL_KEYS: &[&str] = &["username", "password"];
 const TIMEOUT_KEYS: &[&str] = &["connect", "reply"];
 const RETRY_KEYS: &[&str] = &["policy", "interval", "retries", "intervals", "jitter"];
 const TLS_KEYS: &[&str] = &["verify"];
+const ORDERING_KEYS: &[&str] = &["key", "on_failure"];
 const PLUGIN_KEYS: &[&str] = &["name", "config", "timeout", "memory"];
 const SECRET_KEYS: &[&str] = &["env", "file"];
 const GROUP_KEYS: &[&str] = &["all", "any", "not"];
@@ -390,6 +392,10 @@ impl<'a> Decoder<'a> {
                 None
             }
         };
+        let ordering = match e.get("ordering") {
+            Some(n) if !n.is_null() => self.ordering(n).map(Some),
+            _ => Some(None),
+        };
         let clean = !self.sink.diagnostics[before..].iter().any(|d| d.is_error());
         if !clean {
             return None;
@@ -407,6 +413,40 @@ impl<'a> Decoder<'a> {
             labels,
             plugins: plugins?,
             webhook: webhook?,
+            ordering: ordering?,
+        })
+    }
+
+    /// `ordering: {key: entity | FIELD | $.JSONPATH, on_failure: skip | halt}`.
+    fn ordering(&mut self, node: &Node) -> Option<Ordering> {
+        let e = self.entries(node, "ordering", ORDERING_KEYS)?;
+        let key = match e.get("key") {
+            None => Some(OrderKey::Entity),
+            Some(n) if n.as_str() == Some("entity") => Some(OrderKey::Entity),
+            Some(n) => self.field(n, "ordering key").map(OrderKey::Field),
+        };
+        let on_failure = match e.get("on_failure") {
+            None => Some(OnFailure::Skip),
+            Some(n) => match self.string(n, "ordering on_failure")?.as_str() {
+                "skip" => Some(OnFailure::Skip),
+                "halt" => Some(OnFailure::Halt),
+                other => {
+                    let fix = nearest(other, &["skip", "halt"])
+                        .map_or("use skip or halt".to_string(), |n| {
+                            format!("did you mean `{n}`?")
+                        });
+                    self.sink.error(
+                        n.span,
+                        format!("ordering on_failure `{other}` is unknown"),
+                        Some(fix),
+                    );
+                    None
+                }
+            },
+        };
+        Some(Ordering {
+            key: key?,
+            on_failure: on_failure?,
         })
     }
 

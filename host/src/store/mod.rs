@@ -106,6 +106,18 @@ pub struct NewDelivery {
     pub space: Option<String>,
     /// The rule version it is bound to (stored with `PutRuleVersions`).
     pub rule_version: Option<String>,
+    /// The ordered lane it joins (a rule with `ordering`): the store makes
+    /// it the lane's head (pending) or puts it behind the head (waiting).
+    pub lane: Option<NewLane>,
+}
+
+/// The lane a new delivery joins.
+#[derive(Clone, Debug)]
+pub struct NewLane {
+    /// `rule/key` (see `rules::lane_id`).
+    pub key: String,
+    /// `on_failure: halt`.
+    pub halt: bool,
 }
 
 /// A redelivery's body: the stored one, or the outcome of running an
@@ -158,7 +170,15 @@ pub enum Op {
         endpoint: String,
         limit: usize,
     },
+    /// Give up a halted lane's head (it becomes `failed`, its record kept)
+    /// and send the next delivery of the lane. Resuming a halted lane is
+    /// `Unpark` of its park key (`lane_park_key`).
+    SkipLane {
+        lane: String,
+    },
     /// Send again now, keeping the id (and so the receivers' dedupe key).
+    /// A delivery of an ordered lane joins the lane's end: it is sent when
+    /// the deliveries ahead of it are final.
     Redeliver {
         id: DeliveryId,
         /// For an unbuilt delivery, what running its chain again gave.
@@ -197,12 +217,24 @@ pub enum Done {
     /// `duplicate`: the event id was accepted before; these are its deliveries.
     /// `claim`: the accepting node holds the new pending deliveries under
     /// it (cluster mode), so it may send them at once.
+    /// `waiting`: the new deliveries that went behind their lane's head
+    /// (not to be sent now).
     Accepted {
         deliveries: Vec<DeliveryId>,
         duplicate: bool,
         claim: Option<Claim>,
+        waiting: Vec<DeliveryId>,
     },
-    Finished,
+    /// `promoted`: the delivery became final and the next one of its lane
+    /// is pending now (due at once, held by no node).
+    Finished {
+        promoted: Option<DeliveryId>,
+    },
+    /// The lane's head that was given up, and the next one, now pending.
+    LaneSkipped {
+        head: DeliveryId,
+        promoted: Option<DeliveryId>,
+    },
     EndpointSaved,
     Unparked(Vec<DeliveryId>),
     Redelivered(Delivery),
@@ -256,6 +288,48 @@ pub struct DueScan {
     pub more: bool,
     /// When the earliest delivery not yet due (after `now`) is due.
     pub next_due: Option<u64>,
+}
+
+/// Filters for listing lanes (`GET /v1/lanes`).
+#[derive(Clone, Debug, Default)]
+pub struct LaneFilter {
+    pub rule: Option<String>,
+    /// A lane state (`LaneInfo::state`): `flowing`, `retrying`, `parked`, `halted`.
+    pub state: Option<String>,
+}
+
+impl LaneFilter {
+    pub fn keeps(&self, lane: &LaneInfo) -> bool {
+        self.rule.as_ref().is_none_or(|r| *r == lane.rule)
+            && self.state.as_ref().is_none_or(|s| s == lane.state)
+    }
+}
+
+/// Lanes in numbers, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Lanes with a head (a delivery pending or held).
+    pub lanes: u64,
+    /// Lanes whose head is halted (waiting for an admin).
+    pub halted: u64,
+    /// Deliveries waiting behind a head.
+    pub waiting: u64,
+    /// When the oldest waiting delivery was made (ms since the epoch).
+    pub oldest_waiting_at: Option<u64>,
+}
+
+/// A halted ordered delivery's next: `Failed` becomes parking on its lane,
+/// so the lane holds until an admin resumes or skips it. Everything else
+/// is as it was.
+/// `halts` is the lane of a delivery whose rule says `on_failure: halt`.
+pub fn on_lane_failure(next: Next, halts: Option<&str>) -> Next {
+    match (next, halts) {
+        (Next::Failed(why), Some(lane)) => Next::Park {
+            endpoint: lane_park_key(lane),
+            reason: format!("{why}; its lane is halted: resume it to send it again, or skip it"),
+        },
+        (next, _) => next,
+    }
 }
 
 /// Filters for listing deliveries. Every filter given must hold.
@@ -406,6 +480,7 @@ pub struct Page {
 pub struct StateCounts {
     pub pending: u64,
     pub parked: u64,
+    pub waiting: u64,
     pub succeeded: u64,
     pub failed: u64,
     pub skipped: u64,
@@ -517,6 +592,22 @@ pub trait Backend: Send + Sync {
     fn heartbeat(&self, me: &NodeInfo) -> Result<Vec<NodeInfo>, StoreError> {
         Ok(vec![me.clone()])
     }
+
+    /// Up to `limit` lanes after `after` (a lane id), in lane id order,
+    /// that pass `filter`, looking at no more than `budget` lanes.
+    fn lanes(
+        &self,
+        filter: &LaneFilter,
+        after: Option<&str>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<Vec<LaneInfo>, StoreError>;
+
+    /// One lane, if it has a head.
+    fn lane(&self, lane: &str) -> Result<Option<LaneInfo>, StoreError>;
+
+    /// Lanes in numbers (for `/metrics`).
+    fn lane_stats(&self) -> Result<LaneStats, StoreError>;
 
     /// Pending and parked deliveries: the backlog.
     fn backlog(&self) -> Result<(u64, u64), StoreError>;
@@ -771,6 +862,47 @@ impl Step {
             reason,
         }
     }
+}
+
+/// Why a waiting delivery cannot be redelivered.
+fn waits_in_lane(d: &Delivery) -> String {
+    let lane = d.lane.as_ref().map_or("", |l| l.key.as_str());
+    format!(
+        "delivery {} waits in lane {lane} and is sent when those ahead of it are final; to move the lane on, resume or skip its head",
+        d.id
+    )
+}
+
+/// Whether `head` (the head of `lane`) may be skipped: only a halted one,
+/// so a skip never races an attempt in flight.
+fn skippable(head: &Delivery, lane: &str) -> Result<(), String> {
+    let halted = head.state == State::Parked
+        && head.parked_on.as_deref() == Some(lane_park_key(lane).as_str());
+    if halted {
+        return Ok(());
+    }
+    Err(format!(
+        "lane {lane} is not halted: its head {} is {} ({}); only a halted lane can be skipped",
+        head.id,
+        head.state.as_str(),
+        LaneInfo::state_of(head)
+    ))
+}
+
+/// A halted head given up by an admin: failed, its reason kept.
+fn skipped_head(mut d: Delivery, now: u64) -> Delivery {
+    d.state = State::Failed;
+    d.parked_on = None;
+    d.next_attempt_at = None;
+    d.updated_at = now;
+    let why = d.reason.take().unwrap_or_default();
+    let why = why
+        .split("; its lane is halted")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    d.reason = Some(format!("skipped by an admin after: {why}"));
+    d
 }
 
 /// A delivery after `Redeliver`, and the body to store when running its

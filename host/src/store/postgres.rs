@@ -83,7 +83,11 @@ const FORGET_NODE_MS: i64 = 10 * 60 * 1000;
 
 /// Columns of a delivery as `row_delivery` reads them.
 const COLS: &str = "d.id, d.event_id, d.rule, d.state, d.attempts, d.next_attempt_at, d.created_at, \
-     d.updated_at, d.parked_on, d.reason, d.last_status, d.unbuilt, d.space, d.rule_version";
+     d.updated_at, d.parked_on, d.reason, d.last_status, d.unbuilt, d.space, d.rule_version, \
+     d.lane, d.lane_seq, d.lane_halt";
+
+/// How many columns `COLS` has: what a query selects after them starts here.
+const NCOLS: usize = 17;
 
 fn uuid(id: u128) -> Uuid {
     Uuid::from_u128(id)
@@ -160,6 +164,30 @@ fn row_delivery(row: &tokio_postgres::Row) -> Result<Delivery, StoreError> {
         unbuilt: row.get(11),
         space: row.get(12),
         rule_version: row.get(13),
+        lane: row.get::<_, Option<String>>(14).map(|key| Lane {
+            key,
+            seq: row.get::<_, Option<i64>>(15).unwrap_or(0) as u64,
+            halt: row.get(16),
+        }),
+    })
+}
+
+/// A lane from `COLS` of its head, then its key, how many wait and the
+/// first waiting one's id.
+fn row_lane(r: &tokio_postgres::Row) -> Result<LaneInfo, StoreError> {
+    let head = row_delivery(r)?;
+    let lane: String = r.get(NCOLS);
+    let waiting: i64 = r.get(NCOLS + 1);
+    let first: Option<Uuid> = r.get(NCOLS + 2);
+    let (rule, key) = lane.split_once('/').unwrap_or((lane.as_str(), ""));
+    Ok(LaneInfo {
+        rule: rule.to_string(),
+        key: key.to_string(),
+        state: LaneInfo::state_of(&head),
+        lane: lane.clone(),
+        head,
+        waiting: waiting as u64,
+        oldest_waiting_at: first.map(|u| DeliveryId(u.as_u128()).created_ms()),
     })
 }
 
@@ -557,16 +585,72 @@ async fn accept(
         at: ctx.now,
     };
     let lease_until = (ctx.now + ctx.lease_ms) as i64;
+    // Ordered deliveries of the events stored now join their lanes, in
+    // the batch's order, under the lanes' row locks: a lane without a
+    // head gets this one as its head, else it waits behind.
+    let stored = || {
+        primary
+            .iter()
+            .filter(|(_, ev)| inserted.contains(&ev.id))
+            .flat_map(|(_, ev)| ev.deliveries.iter())
+    };
+    let mut keys: Vec<&str> = stored()
+        .filter(|d| d.state == State::Pending)
+        .filter_map(|d| d.lane.as_ref().map(|l| l.key.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut lanes = lock_lanes(tx, &keys).await?;
+    // delivery → (its seq, the head it waits behind if it waits)
+    let mut placed: HashMap<DeliveryId, (i64, Option<Uuid>)> = HashMap::new();
+    for d in stored().filter(|d| d.state == State::Pending) {
+        let Some(lane) = &d.lane else { continue };
+        let Some((head, next_seq)) = lanes.get_mut(lane.key.as_str()) else {
+            continue;
+        };
+        let behind = *head;
+        if head.is_none() {
+            *head = Some(uuid(d.id.0));
+        }
+        placed.insert(d.id, (*next_seq, behind));
+        *next_seq += 1;
+    }
+    save_lanes(tx, &lanes).await?;
+    let reasons: HashMap<DeliveryId, String> = placed
+        .iter()
+        .filter_map(|(id, (_, behind))| {
+            behind.map(|h| {
+                (
+                    *id,
+                    format!("waits behind {} in its lane", DeliveryId(h.as_u128())),
+                )
+            })
+        })
+        .collect();
     let mut c = AcceptCols::default();
     for (_, ev) in primary.iter().filter(|(_, ev)| inserted.contains(&ev.id)) {
         for d in &ev.deliveries {
-            let pending = d.state == State::Pending;
+            let place = placed.get(&d.id);
+            let waits = place.is_some_and(|(_, behind)| behind.is_some());
+            let pending = d.state == State::Pending && !waits;
             c.id.push(uuid(d.id.0));
             c.event.push(ev.id.as_str());
             c.rule.push(d.rule.as_str());
-            c.state.push(d.state.as_str());
+            c.state.push(if waits {
+                State::Waiting.as_str()
+            } else {
+                d.state.as_str()
+            });
             c.next_at.push(pending.then_some(now));
-            c.reason.push(d.reason.as_deref());
+            c.reason.push(match reasons.get(&d.id) {
+                Some(r) => Some(r.as_str()),
+                None => d.reason.as_deref(),
+            });
+            c.lane
+                .push(place.and(d.lane.as_ref()).map(|l| l.key.as_str()));
+            c.lane_seq.push(place.map(|(seq, _)| *seq));
+            c.lane_halt
+                .push(place.is_some() && d.lane.as_ref().is_some_and(|l| l.halt));
             c.unbuilt.push(d.unbuilt);
             c.space.push(d.space.as_deref());
             c.version.push(d.rule_version.as_deref());
@@ -581,18 +665,35 @@ async fn accept(
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO deliveries (id, event_id, rule, state, next_attempt_at, created_at, \
-                 updated_at, reason, unbuilt, space, rule_version, body, owner, lease_until, epoch) \
+                 updated_at, reason, unbuilt, space, rule_version, body, owner, lease_until, epoch, \
+                 lane, lane_seq, lane_halt) \
                  SELECT id, ev, rule, st, nxt, $13, $13, reason, unbuilt, space, ver, body, owner, \
-                 lease, epoch FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
+                 lease, epoch, lane, seq, halt FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
                  $5::bigint[], $6::text[], $7::bool[], $8::text[], $9::text[], $10::bytea[], \
-                 $11::text[], $12::bigint[], $14::bigint[]) \
-                 AS u(id, ev, rule, st, nxt, reason, unbuilt, space, ver, body, owner, lease, epoch)",
+                 $11::text[], $12::bigint[], $14::bigint[], $15::text[], $16::bigint[], $17::bool[]) \
+                 AS u(id, ev, rule, st, nxt, reason, unbuilt, space, ver, body, owner, lease, epoch, \
+                 lane, seq, halt)",
             )
             .await
             .map_err(pg("accept"))?;
-        let params: [&(dyn ToSql + Sync); 14] = [
-            &c.id, &c.event, &c.rule, &c.state, &c.next_at, &c.reason, &c.unbuilt, &c.space,
-            &c.version, &c.body, &c.owner, &c.lease, &now, &c.epoch,
+        let params: [&(dyn ToSql + Sync); 17] = [
+            &c.id,
+            &c.event,
+            &c.rule,
+            &c.state,
+            &c.next_at,
+            &c.reason,
+            &c.unbuilt,
+            &c.space,
+            &c.version,
+            &c.body,
+            &c.owner,
+            &c.lease,
+            &now,
+            &c.epoch,
+            &c.lane,
+            &c.lane_seq,
+            &c.lane_halt,
         ];
         tx.execute(&stmt, &params).await.map_err(pg("accept"))?;
     }
@@ -620,17 +721,28 @@ async fn accept(
     }
     for (i, ev) in &primary {
         out[*i] = Some(if inserted.contains(&ev.id) {
-            let has_pending = ev.deliveries.iter().any(|d| d.state == State::Pending);
+            let waits = |d: &NewDelivery| reasons.contains_key(&d.id);
+            let has_pending = ev
+                .deliveries
+                .iter()
+                .any(|d| d.state == State::Pending && !waits(d));
             Done::Accepted {
                 deliveries: ev.deliveries.iter().map(|d| d.id).collect(),
                 duplicate: false,
                 claim: has_pending.then_some(claim),
+                waiting: ev
+                    .deliveries
+                    .iter()
+                    .filter(|d| waits(d))
+                    .map(|d| d.id)
+                    .collect(),
             }
         } else {
             Done::Accepted {
                 deliveries: stored.remove(&ev.id).unwrap_or_default(),
                 duplicate: true,
                 claim: None,
+                waiting: Vec::new(),
             }
         });
     }
@@ -643,6 +755,7 @@ async fn accept(
             deliveries,
             duplicate: true,
             claim: None,
+            waiting: Vec::new(),
         });
     }
     Ok(())
@@ -664,6 +777,126 @@ struct AcceptCols<'a> {
     owner: Vec<Option<&'a str>>,
     lease: Vec<Option<i64>>,
     epoch: Vec<i64>,
+    lane: Vec<Option<&'a str>>,
+    lane_seq: Vec<Option<i64>>,
+    lane_halt: Vec<bool>,
+}
+
+/// Lanes by key: (head, next sequence number).
+type LaneRows = HashMap<String, (Option<Uuid>, i64)>;
+
+/// Locks the rows of `keys` (sorted, so two batches lock in one order and
+/// cannot deadlock on them), making the missing ones. The lock is what
+/// makes a lane's joins and advances one at a time across nodes; it is
+/// taken in a statement of its own so that what the transaction reads
+/// next sees every write of the transactions it waited for.
+async fn lock_lanes(tx: &Tx<'_>, keys: &[&str]) -> Result<LaneRows, StoreError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let make = tx
+        .prepare_cached(
+            "INSERT INTO lanes (key) SELECT k FROM unnest($1::text[]) AS u(k) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(pg("join lane"))?;
+    tx.execute(&make, &[&keys]).await.map_err(pg("join lane"))?;
+    let lock = tx
+        .prepare_cached(
+            "SELECT key, head, next_seq FROM lanes WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+        )
+        .await
+        .map_err(pg("join lane"))?;
+    let rows: LaneRows = tx
+        .query(&lock, &[&keys])
+        .await
+        .map_err(pg("join lane"))?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    if rows.len() < keys.len() {
+        // An empty lane's row was removed (by compaction) between the two
+        // statements: run the batch again.
+        return Err(StoreError::Conflict {
+            op: "join lane",
+            message: "a lane's row went while joining it".into(),
+        });
+    }
+    Ok(rows)
+}
+
+async fn save_lanes(tx: &Tx<'_>, lanes: &LaneRows) -> Result<(), StoreError> {
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = lanes.keys().map(String::as_str).collect();
+    let heads: Vec<Option<Uuid>> = keys.iter().map(|k| lanes[*k].0).collect();
+    let next: Vec<i64> = keys.iter().map(|k| lanes[*k].1).collect();
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE lanes SET head = u.h, next_seq = u.n \
+             FROM unnest($1::text[], $2::uuid[], $3::bigint[]) AS u(k, h, n) WHERE lanes.key = u.k",
+        )
+        .await
+        .map_err(pg("join lane"))?;
+    tx.execute(&stmt, &[&keys, &heads, &next])
+        .await
+        .map_err(pg("join lane"))?;
+    Ok(())
+}
+
+/// The lanes whose heads (`done`: lane → the head that became final) are
+/// final now move on: each one's next waiting delivery becomes pending,
+/// due now and held by no node, and the lane's head; a lane with none
+/// waiting is left empty. Returns head → the delivery promoted after it.
+async fn advance_lanes(
+    tx: &Tx<'_>,
+    done: &[(String, DeliveryId)],
+    ctx: &mut Ctx,
+) -> Result<HashMap<DeliveryId, DeliveryId>, StoreError> {
+    if done.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut keys: Vec<&str> = done.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let rows = lock_lanes(tx, &keys).await?;
+    // Only a lane whose head is the one that finished moves on.
+    let moving: Vec<(&str, DeliveryId)> = done
+        .iter()
+        .filter(|(k, id)| rows.get(k).and_then(|r| r.0) == Some(uuid(id.0)))
+        .map(|(k, id)| (k.as_str(), *id))
+        .collect();
+    if moving.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let lanes: Vec<&str> = moving.iter().map(|(k, _)| *k).collect();
+    let stmt = tx
+        .prepare_cached(
+            "WITH nxt AS (SELECT DISTINCT ON (d.lane) d.lane, d.id FROM deliveries d \
+               WHERE d.lane = ANY($1) AND d.state = 'waiting' ORDER BY d.lane, d.lane_seq), \
+             prom AS (UPDATE deliveries d SET state = 'pending', next_attempt_at = $2, \
+               updated_at = $2, reason = NULL FROM nxt WHERE d.id = nxt.id RETURNING d.id, d.lane), \
+             heads AS (UPDATE lanes SET head = prom.id FROM prom WHERE lanes.key = prom.lane), \
+             emptied AS (UPDATE lanes SET head = NULL WHERE lanes.key = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM nxt WHERE nxt.lane = lanes.key)) \
+             SELECT lane, id FROM prom",
+        )
+        .await
+        .map_err(pg("advance lane"))?;
+    let now = ctx.now as i64;
+    let promoted: HashMap<String, Uuid> = tx
+        .query(&stmt, &[&lanes, &now])
+        .await
+        .map_err(pg("advance lane"))?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    ctx.wake |= !promoted.is_empty();
+    Ok(moving
+        .into_iter()
+        .filter_map(|(k, id)| promoted.get(k).map(|p| (id, DeliveryId(p.as_u128()))))
+        .collect())
 }
 
 /// Records attempts and moves deliveries on, one statement for the group.
@@ -721,11 +954,12 @@ async fn finish(
                attempts = CASE WHEN u.num IS NULL THEN d.attempts ELSE GREATEST(d.attempts, u.num) END, \
                last_status = CASE WHEN u.num IS NULL THEN d.last_status ELSE u.status END, \
                owner = NULL, lease_until = NULL \
-               FROM u WHERE d.id = u.id AND (u.epoch IS NULL OR d.epoch = u.epoch) RETURNING d.id), \
+               FROM u WHERE d.id = u.id AND (u.epoch IS NULL OR d.epoch = u.epoch) \
+               AND d.state <> 'waiting' RETURNING d.id, d.lane, d.state), \
              ins AS (INSERT INTO attempts (delivery, number, record) \
                SELECT u.id, u.num, u.rec::json FROM u JOIN upd ON upd.id = u.id WHERE u.num IS NOT NULL \
                ON CONFLICT (delivery, number) DO UPDATE SET record = EXCLUDED.record) \
-             SELECT id FROM upd",
+             SELECT id, lane, state FROM upd",
         )
         .await
         .map_err(pg("record attempts"))?;
@@ -733,13 +967,21 @@ async fn finish(
     let params: [&(dyn ToSql + Sync); 10] = [
         &ids, &epochs, &states, &next_at, &parked, &reasons, &numbers, &statuses, &records, &now,
     ];
-    let done: HashSet<Uuid> = tx
+    let rows = tx
         .query(&stmt, &params)
         .await
-        .map_err(pg("record attempts"))?
-        .into_iter()
-        .map(|r| r.get(0))
+        .map_err(pg("record attempts"))?;
+    let done: HashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    // Heads of lanes that became final: their lanes move on.
+    let finals: Vec<(String, DeliveryId)> = rows
+        .iter()
+        .filter(|r| State::parse(r.get(2)).is_some_and(State::is_final))
+        .filter_map(|r| {
+            let lane: Option<String> = r.get(1);
+            lane.map(|l| (l, DeliveryId(r.get::<_, Uuid>(0).as_u128())))
+        })
         .collect();
+    let promoted = advance_lanes(tx, &finals, ctx).await?;
     for Finishing {
         index: i,
         id,
@@ -748,7 +990,9 @@ async fn finish(
     } in v
     {
         out[i] = Some(if done.contains(&uuid(id.0)) {
-            Done::Finished
+            Done::Finished {
+                promoted: promoted.get(&id).copied(),
+            }
         } else {
             match epoch {
                 Some(e) => Done::Rejected(format!(
@@ -808,8 +1052,8 @@ async fn save(tx: &Tx<'_>, d: &Delivery) -> Result<(), StoreError> {
     let stmt = tx
         .prepare_cached(
             "UPDATE deliveries SET state = $2, next_attempt_at = $3, parked_on = $4, reason = $5, \
-             updated_at = $6, unbuilt = $7, rule_version = $8, owner = NULL, lease_until = NULL \
-             WHERE id = $1",
+             updated_at = $6, unbuilt = $7, rule_version = $8, lane_seq = $9, owner = NULL, \
+             lease_until = NULL WHERE id = $1",
         )
         .await
         .map_err(pg("save delivery"))?;
@@ -825,6 +1069,7 @@ async fn save(tx: &Tx<'_>, d: &Delivery) -> Result<(), StoreError> {
             &(d.updated_at as i64),
             &d.unbuilt,
             &d.rule_version,
+            &d.lane.as_ref().map(|l| l.seq as i64),
         ],
     )
     .await
@@ -864,7 +1109,35 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
             let Some(old) = load_for_update(tx, id).await? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
-            let (d, new_body) = redelivered(old, body, rebind, ctx.now);
+            if old.state == State::Waiting {
+                return Ok(Done::Rejected(waits_in_lane(&old)));
+            }
+            let was_final = old.state.is_final();
+            let (mut d, new_body) = redelivered(old, body, rebind, ctx.now);
+            // A final delivery of a lane sent again goes to the lane's end,
+            // so it never runs beside the lane's head.
+            if let Some(lane) = d.lane.as_mut()
+                && was_final
+                && d.state == State::Pending
+            {
+                let mut rows = lock_lanes(tx, &[lane.key.as_str()]).await?;
+                if let Some((head, next_seq)) = rows.get_mut(&lane.key) {
+                    lane.seq = *next_seq as u64;
+                    *next_seq += 1;
+                    match *head {
+                        Some(h) if h != uuid(id.0) => {
+                            d.state = State::Waiting;
+                            d.next_attempt_at = None;
+                            d.reason = Some(format!(
+                                "waits behind {} in its lane",
+                                DeliveryId(h.as_u128())
+                            ));
+                        }
+                        _ => *head = Some(uuid(id.0)),
+                    }
+                }
+                save_lanes(tx, &rows).await?;
+            }
             if let Some(bytes) = new_body {
                 let stmt = tx
                     .prepare_cached("UPDATE deliveries SET body = $2 WHERE id = $1")
@@ -877,6 +1150,30 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
             save(tx, &d).await?;
             ctx.wake |= d.state == State::Pending;
             Ok(Done::Redelivered(d))
+        }
+        Op::SkipLane { lane } => {
+            let rows = lock_lanes(tx, &[lane.as_str()]).await?;
+            let Some(head) = rows.get(&lane).and_then(|r| r.0) else {
+                return Ok(Done::Rejected(format!(
+                    "no lane {lane}: it has no delivery pending or held"
+                )));
+            };
+            let head = DeliveryId(head.as_u128());
+            let Some(old) = load_for_update(tx, head).await? else {
+                return Err(StoreError::Corrupt(format!(
+                    "lane {lane} names a missing head {head}"
+                )));
+            };
+            if let Err(why) = skippable(&old, &lane) {
+                return Ok(Done::Rejected(why));
+            }
+            let d = skipped_head(old, ctx.now);
+            save(tx, &d).await?;
+            let promoted = advance_lanes(tx, &[(lane, head)], ctx).await?;
+            Ok(Done::LaneSkipped {
+                head,
+                promoted: promoted.get(&head).copied(),
+            })
         }
         Op::PutRuleVersions { add, running, at } => {
             let (names, specs): (Vec<&str>, Vec<&[u8]>) =
@@ -951,7 +1248,7 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
                     "WITH cand AS (SELECT key, id FROM events \
                        WHERE (key > $1 OR ($4 AND key = $1)) AND key < $2 ORDER BY key LIMIT $3), \
                      keep AS (SELECT DISTINCT d.event_id FROM deliveries d JOIN cand c ON d.event_id = c.id \
-                       WHERE d.state IN ('pending', 'parked')), \
+                       WHERE d.state IN ('pending', 'parked', 'waiting')), \
                      gone AS (DELETE FROM events e USING cand c WHERE e.key = c.key \
                        AND NOT EXISTS (SELECT 1 FROM keep k WHERE k.event_id = c.id) RETURNING e.id), \
                      dd AS (DELETE FROM deliveries d USING gone g WHERE d.event_id = g.id RETURNING d.id), \
@@ -960,6 +1257,10 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
                             (SELECT key FROM cand ORDER BY key DESC LIMIT 1)",
                     &[&start, &end, &(limit as i64), &inclusive],
                 )
+                .await
+                .map_err(pg("compact"))?;
+            // Empty lanes' rows (a lane that is joined again gets a new one).
+            tx.execute("DELETE FROM lanes WHERE head IS NULL", &[])
                 .await
                 .map_err(pg("compact"))?;
             let removed: i64 = row.get(0);
@@ -1019,21 +1320,51 @@ async fn import(client: &mut deadpool_postgres::Client, part: Export) -> Result<
         .map(|(d, _, _)| d.rule_version.as_deref())
         .collect();
     let body: Vec<&[u8]> = ds.iter().map(|(_, b, _)| b.as_slice()).collect();
-    let params: [&(dyn ToSql + Sync); 15] = [
+    let lane: Vec<Option<&str>> = ds
+        .iter()
+        .map(|(d, _, _)| d.lane.as_ref().map(|l| l.key.as_str()))
+        .collect();
+    let lane_seq = col(&|d| d.lane.as_ref().map(|l| l.seq as i64));
+    let lane_halt: Vec<bool> = ds
+        .iter()
+        .map(|(d, _, _)| d.lane.as_ref().is_some_and(|l| l.halt))
+        .collect();
+    let params: [&(dyn ToSql + Sync); 18] = [
         &id, &event, &rule, &state, &attempts, &next_at, &created, &updated, &parked, &reason,
-        &status, &unbuilt, &space, &version, &body,
+        &status, &unbuilt, &space, &version, &body, &lane, &lane_seq, &lane_halt,
     ];
     let added = tx
         .execute(
             "INSERT INTO deliveries (id, event_id, rule, state, attempts, next_attempt_at, \
-             created_at, updated_at, parked_on, reason, last_status, unbuilt, space, rule_version, body) \
+             created_at, updated_at, parked_on, reason, last_status, unbuilt, space, rule_version, \
+             body, lane, lane_seq, lane_halt) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], \
              $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::int[], \
-             $12::bool[], $13::text[], $14::text[], $15::bytea[]) ON CONFLICT DO NOTHING",
+             $12::bool[], $13::text[], $14::text[], $15::bytea[], $16::text[], $17::bigint[], \
+             $18::bool[]) ON CONFLICT DO NOTHING",
             &params,
         )
         .await
         .map_err(pg("import"))?;
+    // The lanes of what came: each one's head (its pending or parked
+    // delivery) and next sequence number, from every delivery of the lane
+    // stored so far, so a lane split across slices comes out whole.
+    let mut lanes: Vec<&str> = lane.iter().flatten().copied().collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    if !lanes.is_empty() {
+        tx.execute(
+            "INSERT INTO lanes (key, head, next_seq) \
+             SELECT lane, (array_agg(id) FILTER (WHERE state IN ('pending', 'parked')))[1], \
+                    max(lane_seq) + 1 \
+             FROM deliveries WHERE lane = ANY($1) GROUP BY lane \
+             ON CONFLICT (key) DO UPDATE SET head = COALESCE(EXCLUDED.head, lanes.head), \
+               next_seq = GREATEST(lanes.next_seq, EXCLUDED.next_seq)",
+            &[&lanes],
+        )
+        .await
+        .map_err(pg("import"))?;
+    }
     let mut a_id = Vec::new();
     let mut a_num = Vec::new();
     let mut a_rec = Vec::new();
@@ -1110,6 +1441,27 @@ impl Backend for Postgres {
             (
                 "a delivery of an event that is gone",
                 "SELECT count(*) FROM deliveries d WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id)",
+            ),
+            (
+                "a waiting delivery without a lane",
+                "SELECT count(*) FROM deliveries WHERE state = 'waiting' AND (lane IS NULL OR lane_seq IS NULL)",
+            ),
+            (
+                "a lane's head that is not pending or parked, or of another lane",
+                "SELECT count(*) FROM lanes l JOIN deliveries d ON d.id = l.head \
+                 WHERE d.state NOT IN ('pending', 'parked') OR d.lane IS DISTINCT FROM l.key",
+            ),
+            (
+                "a pending or parked delivery of a lane that is not its lane's head",
+                "SELECT count(*) FROM deliveries d WHERE d.lane IS NOT NULL \
+                 AND d.state IN ('pending', 'parked') \
+                 AND NOT EXISTS (SELECT 1 FROM lanes l WHERE l.key = d.lane AND l.head = d.id)",
+            ),
+            (
+                "a waiting delivery in a lane without a head, or ahead of its head",
+                "SELECT count(*) FROM deliveries w WHERE w.state = 'waiting' AND NOT EXISTS \
+                 (SELECT 1 FROM lanes l JOIN deliveries h ON h.id = l.head \
+                  WHERE l.key = w.lane AND h.lane_seq < w.lane_seq AND w.lane_seq < l.next_seq)",
             ),
             (
                 "more attempts counted than recorded",
@@ -1291,9 +1643,9 @@ impl Backend for Postgres {
                     for r in &rows {
                         scan.found.push(Due {
                             delivery: row_delivery(r)?,
-                            body: r.get(15),
+                            body: r.get(NCOLS + 1),
                             claim: Some(Claim {
-                                epoch: r.get::<_, i64>(14) as u64,
+                                epoch: r.get::<_, i64>(NCOLS) as u64,
                                 at: now as u64,
                             }),
                         });
@@ -1456,6 +1808,81 @@ impl Backend for Postgres {
         })
     }
 
+    fn lanes(
+        &self,
+        filter: &LaneFilter,
+        after: Option<&str>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<Vec<LaneInfo>, StoreError> {
+        let limit = limit.min(budget.max(1)).min(i64::MAX as usize) as i64;
+        let sql = format!(
+            "SELECT {COLS}, l.key, \
+               (SELECT count(*) FROM deliveries w WHERE w.lane = l.key AND w.state = 'waiting'), \
+               (SELECT w.id FROM deliveries w WHERE w.lane = l.key AND w.state = 'waiting' \
+                ORDER BY w.lane_seq LIMIT 1) \
+             FROM lanes l JOIN deliveries d ON d.id = l.head \
+             WHERE ($1::text IS NULL OR l.key > $1) \
+               AND ($2::text IS NULL OR starts_with(l.key, $2 || '/')) \
+             ORDER BY l.key LIMIT $3"
+        );
+        let filter = filter.clone();
+        self.read(
+            "lanes",
+            sql,
+            vec![
+                boxed(after.map(str::to_string)),
+                boxed(filter.rule.clone()),
+                boxed(limit),
+            ],
+            move |rows| {
+                let mut out = Vec::new();
+                for r in &rows {
+                    let info = row_lane(r)?;
+                    if filter.keeps(&info) {
+                        out.push(info);
+                    }
+                }
+                Ok(out)
+            },
+        )
+    }
+
+    fn lane(&self, lane: &str) -> Result<Option<LaneInfo>, StoreError> {
+        let sql = format!(
+            "SELECT {COLS}, l.key, \
+               (SELECT count(*) FROM deliveries w WHERE w.lane = l.key AND w.state = 'waiting'), \
+               (SELECT w.id FROM deliveries w WHERE w.lane = l.key AND w.state = 'waiting' \
+                ORDER BY w.lane_seq LIMIT 1) \
+             FROM lanes l JOIN deliveries d ON d.id = l.head WHERE l.key = $1"
+        );
+        self.read("lane", sql, vec![boxed(lane.to_string())], |rows| {
+            rows.first().map(row_lane).transpose()
+        })
+    }
+
+    fn lane_stats(&self) -> Result<LaneStats, StoreError> {
+        self.read(
+            "lane stats",
+            "SELECT (SELECT count(*) FROM lanes WHERE head IS NOT NULL), \
+                    (SELECT count(*) FROM deliveries WHERE state = 'parked' AND starts_with(parked_on, $1)), \
+                    (SELECT count(*) FROM deliveries WHERE state = 'waiting'), \
+                    (SELECT id FROM deliveries WHERE state = 'waiting' ORDER BY id LIMIT 1)"
+                .into(),
+            vec![boxed(LANE_PARK_PREFIX.to_string())],
+            |rows| {
+                let r = &rows[0];
+                let oldest: Option<Uuid> = r.get(3);
+                Ok(LaneStats {
+                    lanes: r.get::<_, i64>(0) as u64,
+                    halted: r.get::<_, i64>(1) as u64,
+                    waiting: r.get::<_, i64>(2) as u64,
+                    oldest_waiting_at: oldest.map(|u| DeliveryId(u.as_u128()).created_ms()),
+                })
+            },
+        )
+    }
+
     fn backlog(&self) -> Result<(u64, u64), StoreError> {
         self.read(
             "count",
@@ -1574,7 +2001,7 @@ impl Backend for Postgres {
             let mut last = None;
             for r in rows.iter().take(cap) {
                 let d = row_delivery(r)?;
-                let a = attempt_of(r.get(14))?;
+                let a = attempt_of(r.get(NCOLS))?;
                 page.scanned += 1;
                 last = Some(d.id);
                 if post.as_ref().is_none_or(|ep| ep.matches(&d, a.as_ref())) {
@@ -1600,12 +2027,13 @@ impl Backend for Postgres {
                     (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'parked' LIMIT $1) x), \
                     (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'succeeded' LIMIT $1) x), \
                     (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'failed' LIMIT $1) x), \
-                    (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'skipped' LIMIT $1) x)"
+                    (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'skipped' LIMIT $1) x), \
+                    (SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE state = 'waiting' LIMIT $1) x)"
                 .into(),
             vec![boxed(cap)],
             move |rows| {
                 let r = &rows[0];
-                let n: Vec<i64> = (0..5).map(|i| r.get(i)).collect();
+                let n: Vec<i64> = (0..6).map(|i| r.get(i)).collect();
                 let exact = n.iter().all(|&v| v < cap);
                 Ok((
                     StateCounts {
@@ -1614,6 +2042,7 @@ impl Backend for Postgres {
                         succeeded: n[2] as u64,
                         failed: n[3] as u64,
                         skipped: n[4] as u64,
+                        waiting: n[5] as u64,
                     },
                     exact,
                 ))
@@ -1639,7 +2068,7 @@ impl Backend for Postgres {
             ],
             |rows| {
                 rows.iter()
-                    .map(|r| Ok((row_delivery(r)?, attempt_of(r.get(14))?)))
+                    .map(|r| Ok((row_delivery(r)?, attempt_of(r.get(NCOLS))?)))
                     .collect()
             },
         )
@@ -1700,7 +2129,7 @@ impl Backend for Postgres {
             "read rule versions",
             "SELECT v.version FROM rule_versions v WHERE v.retired_at < $1 AND NOT EXISTS \
              (SELECT 1 FROM deliveries d WHERE d.rule_version = v.version \
-              AND d.state IN ('pending', 'parked')) ORDER BY v.version"
+              AND d.state IN ('pending', 'parked', 'waiting')) ORDER BY v.version"
                 .into(),
             vec![boxed(before_ms as i64)],
             |rows| Ok(rows.iter().map(|r| r.get(0)).collect()),

@@ -57,8 +57,12 @@ impl<'de> Deserialize<'de> for DeliveryId {
 pub enum State {
     /// Waiting for its next attempt (in `DUE`).
     Pending,
-    /// Waiting for its endpoint to be unblocked or re-enabled (in `PARKED`).
+    /// Waiting for its endpoint to be unblocked or re-enabled, or for an
+    /// admin to resume its halted lane (in `PARKED`).
     Parked,
+    /// Behind the head of its ordered lane: it becomes pending when every
+    /// delivery accepted before it in the lane is final (in `LANE_WAIT`).
+    Waiting,
     /// A 2xx answer was received.
     Succeeded,
     /// Every attempt failed; redeliver to try again.
@@ -72,6 +76,7 @@ impl State {
         match self {
             State::Pending => "pending",
             State::Parked => "parked",
+            State::Waiting => "waiting",
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Skipped => "skipped",
@@ -82,6 +87,7 @@ impl State {
         Some(match text {
             "pending" => State::Pending,
             "parked" => State::Parked,
+            "waiting" => State::Waiting,
             "succeeded" => State::Succeeded,
             "failed" => State::Failed,
             "skipped" => State::Skipped,
@@ -133,6 +139,81 @@ pub struct Delivery {
     /// the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule_version: Option<String>,
+    /// Its place in an ordered lane, for a rule with `ordering`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Lane>,
+}
+
+/// A delivery's place in an ordered lane: the deliveries of one rule whose
+/// events share a key go one at a time, by `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lane {
+    /// `rule/key` (see `rules::lane_id`).
+    pub key: String,
+    /// Acceptance order within the lane, from 0: the order of the commits
+    /// that accepted them (and within one commit, the batch's order).
+    pub seq: u64,
+    /// The rule said `on_failure: halt`: when this delivery fails for good
+    /// it parks on the lane (`lane:` + key) instead, holding the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub halt: bool,
+}
+
+/// The endpoint key a halted lane's head is parked on: unparking it is
+/// resuming the lane.
+pub fn lane_park_key(lane: &str) -> String {
+    format!("{LANE_PARK_PREFIX}{lane}")
+}
+
+/// What every halted lane's park key starts with.
+pub const LANE_PARK_PREFIX: &str = "lane:";
+
+/// What the embedded store keeps per lane (see `schema::LANES`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneRecord {
+    /// The delivery sent (or held) now: pending or parked.
+    pub head: DeliveryId,
+    /// The sequence number the next delivery to join gets.
+    pub next_seq: u64,
+}
+
+/// An ordered lane as admins see it (`GET /v1/lanes`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LaneInfo {
+    /// `rule/key`.
+    pub lane: String,
+    pub rule: String,
+    pub key: String,
+    /// `flowing` (head pending, no failure yet), `retrying` (the head's
+    /// last attempt failed), `parked` (its endpoint is blocked or gone, or
+    /// no WebSocket client), `halted` (the head failed: resume or skip).
+    pub state: &'static str,
+    /// The delivery now sent or held.
+    pub head: Delivery,
+    /// How many wait behind it.
+    pub waiting: u64,
+    /// When the oldest waiting one was made (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_waiting_at: Option<u64>,
+}
+
+impl LaneInfo {
+    /// The lane's state, from its head.
+    pub fn state_of(head: &Delivery) -> &'static str {
+        match head.state {
+            State::Parked
+                if head
+                    .parked_on
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with(LANE_PARK_PREFIX)) =>
+            {
+                "halted"
+            }
+            State::Parked => "parked",
+            State::Pending if head.attempts > 0 => "retrying",
+            _ => "flowing",
+        }
+    }
 }
 
 /// One attempt to send a delivery, as sent and as answered.

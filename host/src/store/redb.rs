@@ -107,6 +107,8 @@ impl Redb {
             tx.open_table(ENDPOINTS).map_err(io("open"))?;
             tx.open_table(RULE_VERSIONS).map_err(io("open"))?;
             tx.open_table(RULE_VERSIONS_RETIRED).map_err(io("open"))?;
+            tx.open_table(LANES).map_err(io("open"))?;
+            tx.open_table(LANE_WAIT).map_err(io("open"))?;
             let mut meta = tx.open_table(META).map_err(io("open"))?;
             let found = meta
                 .get("schema_version")
@@ -401,6 +403,99 @@ impl Backend for Redb {
         Ok(scan)
     }
 
+    fn lanes(
+        &self,
+        filter: &LaneFilter,
+        after: Option<&str>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<Vec<LaneInfo>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let tx = self.read()?;
+        let lanes = tx.open_table(LANES).map_err(io("lanes"))?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("lanes"))?;
+        let wait = tx.open_table(LANE_WAIT).map_err(io("lanes"))?;
+        // A rule's lanes are one range: `rule/` … `rule0` ('0' follows '/').
+        let (start, end) = match (&filter.rule, after) {
+            (_, Some(a)) => (Excluded(a.to_string()), Unbounded),
+            (Some(rule), None) => (std::ops::Bound::Included(format!("{rule}/")), Unbounded),
+            (None, None) => (Unbounded, Unbounded),
+        };
+        let mut out = Vec::new();
+        let range = lanes
+            .range::<&str>((
+                start.as_ref().map(String::as_str),
+                end.as_ref().map(|e: &String| e.as_str()),
+            ))
+            .map_err(io("lanes"))?;
+        for (looked, item) in range.enumerate() {
+            if out.len() >= limit || looked >= budget {
+                break;
+            }
+            let (k, v) = item.map_err(io("lanes"))?;
+            let lane = k.value();
+            if let Some(rule) = &filter.rule
+                && !lane.starts_with(&format!("{rule}/"))
+            {
+                break;
+            }
+            let rec: LaneRecord = from_json(v.value(), "lane")?;
+            if let Some(info) = lane_info(&deliveries, &wait, lane, &rec)?
+                && filter.keeps(&info)
+            {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
+    fn lane(&self, lane: &str) -> Result<Option<LaneInfo>, StoreError> {
+        let tx = self.read()?;
+        let lanes = tx.open_table(LANES).map_err(io("lane"))?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("lane"))?;
+        let wait = tx.open_table(LANE_WAIT).map_err(io("lane"))?;
+        let Some(v) = lanes.get(lane).map_err(io("lane"))? else {
+            return Ok(None);
+        };
+        let rec: LaneRecord = from_json(v.value(), "lane")?;
+        lane_info(&deliveries, &wait, lane, &rec)
+    }
+
+    /// Counted from the tables' lengths and the halted heads' park
+    /// entries; the oldest waiting delivery is the smallest id among each
+    /// lane's first waiting one (ids are time-ordered).
+    fn lane_stats(&self) -> Result<LaneStats, StoreError> {
+        let tx = self.read()?;
+        let lanes = tx.open_table(LANES).map_err(io("lane stats"))?;
+        let wait = tx.open_table(LANE_WAIT).map_err(io("lane stats"))?;
+        let parked = tx.open_table(PARKED).map_err(io("lane stats"))?;
+        let halted = parked
+            .range((LANE_PARK_PREFIX, 0u128)..)
+            .map_err(io("lane stats"))?
+            .map_while(|e| {
+                e.ok()
+                    .filter(|(k, _)| k.value().0.starts_with(LANE_PARK_PREFIX))
+            })
+            .count() as u64;
+        let mut oldest: Option<u128> = None;
+        let mut previous: Option<String> = None;
+        for item in wait.iter().map_err(io("lane stats"))? {
+            let (k, v) = item.map_err(io("lane stats"))?;
+            let lane = k.value().0;
+            if previous.as_deref() == Some(lane) {
+                continue; // only each lane's first entry can be its oldest
+            }
+            previous = Some(lane.to_string());
+            oldest = Some(oldest.map_or(v.value(), |o| o.min(v.value())));
+        }
+        Ok(LaneStats {
+            lanes: lanes.len().map_err(io("lane stats"))?,
+            halted,
+            waiting: wait.len().map_err(io("lane stats"))?,
+            oldest_waiting_at: oldest.map(|id| DeliveryId(id).created_ms()),
+        })
+    }
+
     /// Pending and parked deliveries: the backlog.
     fn backlog(&self) -> Result<(u64, u64), StoreError> {
         let tx = self.read()?;
@@ -577,11 +672,15 @@ impl Backend for Redb {
                     }
                 }
             }
-            (None, None, Some(state @ (State::Pending | State::Parked))) => {
+            (None, None, Some(state @ (State::Pending | State::Parked | State::Waiting))) => {
                 let ids = if state == State::Pending {
                     let due = tx.open_table(DUE).map_err(io("list"))?;
                     let keys = due.iter().map_err(io("list"))?;
                     newest_between(keys.map(|k| k.map(|(k, _)| k.value().1)), lower, upper, k)?
+                } else if state == State::Waiting {
+                    let wait = tx.open_table(LANE_WAIT).map_err(io("list"))?;
+                    let entries = wait.iter().map_err(io("list"))?;
+                    newest_between(entries.map(|e| e.map(|(_, v)| v.value())), lower, upper, k)?
                 } else {
                     let parked = tx.open_table(PARKED).map_err(io("list"))?;
                     let keys = parked.iter().map_err(io("list"))?;
@@ -652,9 +751,15 @@ impl Backend for Redb {
         };
         let failed = count(State::Failed)?;
         let skipped = count(State::Skipped)?;
+        let waiting = tx
+            .open_table(LANE_WAIT)
+            .map_err(io("count"))?
+            .len()
+            .map_err(io("count"))?;
         let counts = StateCounts {
             pending,
             parked,
+            waiting,
             succeeded: finals.saturating_sub(failed + skipped),
             failed,
             skipped,
@@ -776,6 +881,41 @@ impl Backend for Redb {
     fn unused_rule_versions(&self, before_ms: u64) -> Result<Vec<String>, StoreError> {
         self.retired_unused_rule_versions(before_ms)
     }
+}
+
+/// A lane as admins see it, from its record, its head and its waiting ones.
+fn lane_info(
+    deliveries: &impl ReadableTable<DeliveryKey, &'static [u8]>,
+    wait: &impl ReadableTable<(&'static str, u64), DeliveryKey>,
+    lane: &str,
+    rec: &LaneRecord,
+) -> Result<Option<LaneInfo>, StoreError> {
+    let Some(v) = deliveries.get(rec.head.0).map_err(io("lane"))? else {
+        return Ok(None);
+    };
+    let head: Delivery = from_json(v.value(), "delivery")?;
+    let mut waiting = 0u64;
+    let mut oldest = None;
+    for item in wait
+        .range((lane, 0u64)..=(lane, u64::MAX))
+        .map_err(io("lane"))?
+    {
+        let (_, id) = item.map_err(io("lane"))?;
+        if waiting == 0 {
+            oldest = Some(DeliveryId(id.value()).created_ms());
+        }
+        waiting += 1;
+    }
+    let (rule, key) = lane.split_once('/').unwrap_or((lane, ""));
+    Ok(Some(LaneInfo {
+        lane: lane.to_string(),
+        rule: rule.to_string(),
+        key: key.to_string(),
+        state: LaneInfo::state_of(&head),
+        head,
+        waiting,
+        oldest_waiting_at: oldest,
+    }))
 }
 
 fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -903,6 +1043,10 @@ fn migrate(tx: &WriteTransaction, from: u64) -> Result<(), StoreError> {
                 .map_err(io("migrate"))?;
         }
     }
+    // 2 → 3: ordered lanes (`LANES`, `LANE_WAIT`, the `waiting` state and
+    // a delivery's `lane`). Nothing to move: the open created the two
+    // tables, no stored delivery has a lane, and the version bump keeps an
+    // older rulehook, which cannot read `waiting`, from opening the file.
     Ok(())
 }
 
@@ -919,6 +1063,8 @@ struct Tables<'t> {
     by_rule: ::redb::Table<'t, (&'static str, DeliveryKey), ()>,
     by_state: ::redb::Table<'t, (&'static str, DeliveryKey), ()>,
     endpoints: ::redb::Table<'t, &'static str, &'static [u8]>,
+    lanes: ::redb::Table<'t, &'static str, &'static [u8]>,
+    lane_wait: ::redb::Table<'t, (&'static str, u64), DeliveryKey>,
 }
 
 impl<'t> Tables<'t> {
@@ -934,6 +1080,8 @@ impl<'t> Tables<'t> {
             by_rule: tx.open_table(BY_RULE).map_err(io("open tables"))?,
             by_state: tx.open_table(BY_STATE).map_err(io("open tables"))?,
             endpoints: tx.open_table(ENDPOINTS).map_err(io("open tables"))?,
+            lanes: tx.open_table(LANES).map_err(io("open tables"))?,
+            lane_wait: tx.open_table(LANE_WAIT).map_err(io("open tables"))?,
         })
     }
 }
@@ -945,8 +1093,8 @@ fn load_delivery(t: &mut Tables<'_>, id: DeliveryId) -> Result<Option<Delivery>,
 }
 
 /// Writes `new`, keeping the state, due and parked indexes in step with it:
-/// a pending delivery is in `DUE`, a parked one in `PARKED`, a final one
-/// in `BY_STATE`.
+/// a pending delivery is in `DUE`, a parked one in `PARKED`, a waiting one
+/// in `LANE_WAIT`, a final one in `BY_STATE`.
 fn save_delivery(
     t: &mut Tables<'_>,
     old: Option<&Delivery>,
@@ -970,6 +1118,16 @@ fn save_delivery(
                 .remove((ep.as_str(), id))
                 .map_err(io("save delivery"))?;
         }
+        if let (State::Waiting, Some(lane)) = (old.state, &old.lane) {
+            t.lane_wait
+                .remove((lane.key.as_str(), lane.seq))
+                .map_err(io("save delivery"))?;
+        }
+    }
+    if let (State::Waiting, Some(lane)) = (new.state, &new.lane) {
+        t.lane_wait
+            .insert((lane.key.as_str(), lane.seq), id)
+            .map_err(io("save delivery"))?;
     }
     if new.state.is_final() && old.is_none_or(|o| o.state != new.state) {
         by_state
@@ -1001,6 +1159,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     deliveries: existing.deliveries,
                     duplicate: true,
                     claim: None,
+                    waiting: Vec::new(),
                 });
             }
             let ids: Vec<DeliveryId> = ev.deliveries.iter().map(|d| d.id).collect();
@@ -1010,6 +1169,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                 deliveries: ids.clone(),
             };
             let key = new_event_key();
+            let mut waiting = Vec::new();
             t.events
                 .insert(key, to_json(&record).as_slice())
                 .map_err(io("accept"))?;
@@ -1032,6 +1192,17 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                     unbuilt: nd.unbuilt,
                     space: nd.space,
                     rule_version: nd.rule_version,
+                    lane: None,
+                };
+                let d = match nd.lane {
+                    Some(lane) if d.state == State::Pending => {
+                        let d = join_lane(t, d, lane.key, lane.halt, now)?;
+                        if d.state == State::Waiting {
+                            waiting.push(d.id);
+                        }
+                        d
+                    }
+                    _ => d,
                 };
                 t.bodies
                     .insert(d.id.0, nd.body.as_ref())
@@ -1045,6 +1216,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                 deliveries: ids,
                 duplicate: false,
                 claim: None,
+                waiting,
             })
         }
         // One node: there is no other claim to lose to.
@@ -1054,6 +1226,9 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
+            if old.state == State::Waiting {
+                return Ok(Done::Rejected(waits_in_lane(&old)));
+            }
             let mut d = old.clone();
             d.updated_at = now;
             if let Some(a) = &attempt {
@@ -1069,7 +1244,12 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             d.parked_on = step.parked_on;
             d.reason = step.reason;
             save_delivery(t, Some(&old), &d)?;
-            Ok(Done::Finished)
+            let promoted = if d.state.is_final() && !old.state.is_final() {
+                advance_lane(t, &d, now)?
+            } else {
+                None
+            };
+            Ok(Done::Finished { promoted })
         }
         Op::PutEndpoint(ep) => {
             t.endpoints
@@ -1111,14 +1291,49 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             let Some(old) = load_delivery(t, id)? else {
                 return Ok(Done::Rejected(format!("no delivery {id}")));
             };
-            let (d, new_body) = redelivered(old.clone(), body, rebind, now);
+            if old.state == State::Waiting {
+                return Ok(Done::Rejected(waits_in_lane(&old)));
+            }
+            let (mut d, new_body) = redelivered(old.clone(), body, rebind, now);
             if let Some(bytes) = new_body {
                 t.bodies
                     .insert(id.0, bytes.as_slice())
                     .map_err(io("redeliver"))?;
             }
+            // A final delivery of a lane sent again goes to the lane's end,
+            // so it never runs beside the lane's head.
+            if let Some(lane) = d.lane.clone()
+                && old.state.is_final()
+                && d.state == State::Pending
+            {
+                d.lane = None;
+                d = join_lane(t, d, lane.key, lane.halt, now)?;
+            }
             save_delivery(t, Some(&old), &d)?;
             Ok(Done::Redelivered(d))
+        }
+        Op::SkipLane { lane } => {
+            let Some(rec) = load_lane(t, &lane)? else {
+                return Ok(Done::Rejected(format!(
+                    "no lane {lane}: it has no delivery pending or held"
+                )));
+            };
+            let Some(old) = load_delivery(t, rec.head)? else {
+                return Err(StoreError::Corrupt(format!(
+                    "lane {lane} names a missing head {}",
+                    rec.head
+                )));
+            };
+            if let Err(why) = skippable(&old, &lane) {
+                return Ok(Done::Rejected(why));
+            }
+            let d = skipped_head(old.clone(), now);
+            save_delivery(t, Some(&old), &d)?;
+            let promoted = advance_lane(t, &d, now)?;
+            Ok(Done::LaneSkipped {
+                head: d.id,
+                promoted,
+            })
         }
         Op::Compact {
             before_ms,
@@ -1126,6 +1341,108 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
             limit,
         } => compact(t, before_ms, after, limit),
     }
+}
+
+fn load_lane(t: &mut Tables<'_>, lane: &str) -> Result<Option<LaneRecord>, StoreError> {
+    let found = t.lanes.get(lane).map_err(io("read lane"))?;
+    found.map(|v| from_json(v.value(), "lane")).transpose()
+}
+
+/// `d` (pending, not yet saved) joins lane `key`: it becomes the head of a
+/// lane without one, or waits behind the head. Returns it as it is to be
+/// saved.
+fn join_lane(
+    t: &mut Tables<'_>,
+    mut d: Delivery,
+    key: String,
+    halt: bool,
+    now: u64,
+) -> Result<Delivery, StoreError> {
+    let (mut rec, waits) = match load_lane(t, &key)? {
+        Some(rec) => {
+            let waits = rec.head != d.id;
+            (rec, waits)
+        }
+        None => (
+            LaneRecord {
+                head: d.id,
+                next_seq: 0,
+            },
+            false,
+        ),
+    };
+    d.lane = Some(Lane {
+        key,
+        seq: rec.next_seq,
+        halt,
+    });
+    rec.next_seq += 1;
+    if waits {
+        d.state = State::Waiting;
+        d.next_attempt_at = None;
+        d.reason = Some(format!("waits behind {} in its lane", rec.head));
+    } else {
+        d.next_attempt_at = Some(d.next_attempt_at.unwrap_or(now));
+    }
+    let lane = d.lane.as_ref().map(|l| l.key.as_str()).unwrap_or_default();
+    t.lanes
+        .insert(lane, to_json(&rec).as_slice())
+        .map_err(io("save lane"))?;
+    Ok(d)
+}
+
+/// `done`, a lane's head, became final: the lane's next waiting delivery
+/// becomes pending (due now) and the head, or the lane goes when none waits.
+fn advance_lane(
+    t: &mut Tables<'_>,
+    done: &Delivery,
+    now: u64,
+) -> Result<Option<DeliveryId>, StoreError> {
+    let Some(lane) = &done.lane else {
+        return Ok(None);
+    };
+    let key = lane.key.as_str();
+    match load_lane(t, key)? {
+        Some(rec) if rec.head == done.id => {}
+        // Not the head (a redelivered copy that was final already): the
+        // lane is someone else's turn.
+        _ => return Ok(None),
+    }
+    let next = {
+        let mut range = t
+            .lane_wait
+            .range((key, 0u64)..=(key, u64::MAX))
+            .map_err(io("advance lane"))?;
+        range
+            .next()
+            .transpose()
+            .map_err(io("advance lane"))?
+            .map(|(_, v)| DeliveryId(v.value()))
+    };
+    let Some(next) = next else {
+        t.lanes.remove(key).map_err(io("advance lane"))?;
+        return Ok(None);
+    };
+    let Some(old) = load_delivery(t, next)? else {
+        return Err(StoreError::Corrupt(format!(
+            "lane {key} waits for a missing delivery {next}"
+        )));
+    };
+    let mut d = old.clone();
+    d.state = State::Pending;
+    d.next_attempt_at = Some(now);
+    d.reason = None;
+    d.updated_at = now;
+    save_delivery(t, Some(&old), &d)?;
+    let mut rec = load_lane(t, key)?.unwrap_or(LaneRecord {
+        head: next,
+        next_seq: 0,
+    });
+    rec.head = next;
+    t.lanes
+        .insert(key, to_json(&rec).as_slice())
+        .map_err(io("advance lane"))?;
+    Ok(Some(next))
 }
 
 /// Deletes events accepted before `before_ms` whose deliveries are all in
@@ -1234,6 +1551,78 @@ mod invariants {
             .collect();
         let parked = name_id_keys(&tx, PARKED);
         let by_state = name_id_keys(&tx, BY_STATE);
+        let wait: Vec<((String, u64), u128)> = tx
+            .open_table(LANE_WAIT)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                ((k.value().0.to_string(), k.value().1), v.value())
+            })
+            .collect();
+        let lanes: HashMap<String, LaneRecord> = tx
+            .open_table(LANES)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                (
+                    k.value().to_string(),
+                    serde_json::from_slice(v.value()).unwrap(),
+                )
+            })
+            .collect();
+        for ((lane, seq), id) in &wait {
+            let d = &all[id];
+            let l = d.lane.as_ref().expect("a waiting delivery has a lane");
+            assert_eq!(
+                (d.state, l.key.as_str(), l.seq),
+                (State::Waiting, lane.as_str(), *seq),
+                "lane wait entry {id:x}"
+            );
+            let rec = lanes
+                .get(lane)
+                .unwrap_or_else(|| panic!("lane {lane} has waiting deliveries but no head"));
+            assert!(
+                *seq < rec.next_seq,
+                "lane {lane}: seq {seq} not below next_seq {}",
+                rec.next_seq
+            );
+        }
+        // Each lane has exactly one head, pending or parked, and every
+        // pending or parked delivery of a lane is its lane's head.
+        for (lane, rec) in &lanes {
+            let head = &all[&rec.head.0];
+            assert!(
+                matches!(head.state, State::Pending | State::Parked),
+                "lane {lane}'s head {:x} is {:?}",
+                rec.head.0,
+                head.state
+            );
+            assert_eq!(
+                head.lane.as_ref().map(|l| l.key.as_str()),
+                Some(lane.as_str())
+            );
+            if let Some(((_, first), _)) = wait.iter().find(|((l, _), _)| l == lane) {
+                assert!(
+                    head.lane.as_ref().unwrap().seq < *first,
+                    "lane {lane}: a waiting one is ahead of the head"
+                );
+            }
+        }
+        for (id, d) in &all {
+            if let (Some(l), State::Pending | State::Parked) = (&d.lane, d.state) {
+                assert_eq!(
+                    lanes.get(&l.key).map(|r| r.head.0),
+                    Some(*id),
+                    "delivery {id:x} of lane {} is {:?} but not its head",
+                    l.key,
+                    d.state
+                );
+            }
+        }
         for (at, id) in &due {
             let d = &all[id];
             assert_eq!(
@@ -1257,6 +1646,7 @@ mod invariants {
             let count = match d.state {
                 State::Pending => due.iter().filter(|(_, i)| i == id).count(),
                 State::Parked => parked.iter().filter(|(_, i)| i == id).count(),
+                State::Waiting => wait.iter().filter(|(_, i)| i == id).count(),
                 _ => by_state.iter().filter(|(_, i)| i == id).count(),
             };
             assert_eq!(

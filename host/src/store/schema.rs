@@ -58,12 +58,21 @@ pub const RULE_VERSIONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new
 /// compacted by then.
 pub const RULE_VERSIONS_RETIRED: TableDefinition<'_, &str, u64> =
     TableDefinition::new("rule_versions_retired");
+/// ordered lane (`rule/key`) → lane record (JSON `LaneRecord`): its head
+/// (the one delivery of the lane that is pending or parked) and the next
+/// sequence number. A lane is here exactly while it has a head.
+pub const LANES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("lanes");
+/// (lane, sequence number) → delivery id: the deliveries waiting behind a
+/// lane's head, in acceptance order. A delivery is here exactly while it is
+/// `waiting`.
+pub const LANE_WAIT: TableDefinition<'_, (&str, u64), DeliveryKey> =
+    TableDefinition::new("lane_wait");
 /// Small settings such as the schema version.
 pub const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
 /// Bumped when the layout changes; a newer file is refused, an older one
 /// is migrated when it is opened (see `migrate` in `mod.rs`).
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// The PostgreSQL schema, one entry per version: a database at version
 /// `n` has run the first `n` entries (`rulehook_schema` holds `n`). Add a
@@ -135,5 +144,20 @@ CREATE TABLE nodes (
     started_at bigint NOT NULL,
     heartbeat_at bigint NOT NULL,
     spaces text[] NOT NULL DEFAULT '{}'
+);
+", "
+-- 2: ordered lanes. A delivery of a rule with `ordering` has its lane
+-- (`rule/key`), its place in it and the rule's on_failure; the lane's row
+-- names its head (NULL while the lane is empty) and is locked by every
+-- write that joins, advances or skips the lane, which is what serializes
+-- them across nodes and writers.
+ALTER TABLE deliveries ADD COLUMN lane text, ADD COLUMN lane_seq bigint,
+    ADD COLUMN lane_halt boolean NOT NULL DEFAULT false;
+CREATE INDEX deliveries_waiting ON deliveries (lane, lane_seq) WHERE state = 'waiting';
+CREATE INDEX deliveries_waiting_age ON deliveries (id) WHERE state = 'waiting';
+CREATE TABLE lanes (
+    key text PRIMARY KEY,
+    head uuid,
+    next_seq bigint NOT NULL DEFAULT 0
 );
 "];

@@ -109,9 +109,69 @@ fn new_event(id: &str, rules: &[&str]) -> NewEvent {
                 unbuilt: false,
                 space: None,
                 rule_version: Some(format!("version-of-{r}")),
+                lane: None,
             })
             .collect(),
     }
+}
+
+/// An event whose one delivery (rule `r`) joins lane `lane`.
+fn ordered_event(id: &str, lane: &str, halt: bool) -> NewEvent {
+    let mut ev = new_event(id, &["r"]);
+    ev.deliveries[0].lane = Some(NewLane {
+        key: lane.into(),
+        halt,
+    });
+    ev
+}
+
+/// Accepts the events in one batch: each one's delivery, and whether it waits.
+fn accept_ordered(store: &Store, events: Vec<NewEvent>) -> Vec<(DeliveryId, bool)> {
+    let done = store
+        .apply(events.into_iter().map(Op::Accept).collect())
+        .unwrap();
+    done.into_iter()
+        .map(|d| match d {
+            Done::Accepted {
+                deliveries,
+                waiting,
+                ..
+            } => (deliveries[0], waiting.contains(&deliveries[0])),
+            other => panic!("accept gave {other:?}"),
+        })
+        .collect()
+}
+
+/// Records an attempt and returns what the store says.
+fn finish_with(store: &Store, id: DeliveryId, number: u32, next: Next) -> Done {
+    store
+        .apply(vec![Op::Finish {
+            id,
+            attempt: Some(attempt(number, 500)),
+            next,
+            epoch: None,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+/// The ids the due index gives, by id: what may be sent within the next
+/// ten minutes. Scanning that far ahead also passes the accepting node's
+/// claims (postgres), and what it claims it hands back at once, so the
+/// next look finds the same.
+fn due_ids(store: &Store) -> Vec<DeliveryId> {
+    let found = store
+        .due(None, now_ms() + 600_000, 100, &|_| false, 0)
+        .unwrap()
+        .found;
+    let claims: Vec<(DeliveryId, u64)> = found
+        .iter()
+        .filter_map(|d| d.claim.map(|c| (d.delivery.id, c.epoch)))
+        .collect();
+    store.release(&claims).unwrap();
+    let mut ids: Vec<DeliveryId> = found.into_iter().map(|d| d.delivery.id).collect();
+    ids.sort();
+    ids
 }
 
 fn accept(store: &Store, ev: NewEvent) -> Vec<DeliveryId> {
@@ -148,7 +208,7 @@ fn finish(store: &Store, id: DeliveryId, number: u32, status: u16, next: Next) {
             epoch: None,
         }])
         .unwrap();
-    assert_eq!(done, vec![Done::Finished]);
+    assert_eq!(done, vec![Done::Finished { promoted: None }]);
 }
 
 /// One compaction step: (events removed, where to resume).
@@ -375,6 +435,7 @@ fn the_same_event_id_again_gives_the_same_deliveries_and_stores_nothing(db: &dyn
             deliveries: first.clone(),
             duplicate: true,
             claim: None,
+            waiting: Vec::new(),
         }]
     );
     assert_eq!(listed(&store, None, None, None), first);
@@ -489,6 +550,7 @@ fn a_version_1_file_is_migrated_when_opened() {
             deliveries: ids.clone(),
             duplicate: true,
             claim: None,
+            waiting: Vec::new(),
         }]
     );
     finish(&store, ids[1], 1, 200, Next::Succeeded);
@@ -915,7 +977,8 @@ fn counts_by_state_match_the_indexes(db: &dyn Db) {
             parked: 1,
             succeeded: 1,
             failed: 1,
-            skipped: 0
+            skipped: 0,
+            waiting: 0,
         }
     );
     let (capped, exact) = store.counts(1).unwrap();
@@ -1005,7 +1068,10 @@ fn postgres_a_late_result_from_a_node_that_lost_its_lease_is_refused() {
     assert!(a.attempts(ids[0]).unwrap().is_empty());
     assert_eq!(a.delivery(ids[0]).unwrap().unwrap().state, State::Pending);
     // B's result stands.
-    assert_eq!(finish_under(&b, ids[0], 1, b_claim.epoch), Done::Finished);
+    assert_eq!(
+        finish_under(&b, ids[0], 1, b_claim.epoch),
+        Done::Finished { promoted: None }
+    );
     let d = a.delivery(ids[0]).unwrap().unwrap();
     assert_eq!((d.state, d.attempts), (State::Succeeded, 1));
     a.check_invariants();
@@ -1028,7 +1094,10 @@ fn postgres_a_restarted_node_hands_back_its_earlier_claims_at_once() {
     assert!(matches!(late, Done::Rejected(_)), "{late:?}");
     let b_claim = taken[0].claim.expect("claimed");
     assert!(b_claim.epoch > claim.epoch);
-    assert_eq!(finish_under(&b, ids[0], 1, b_claim.epoch), Done::Finished);
+    assert_eq!(
+        finish_under(&b, ids[0], 1, b_claim.epoch),
+        Done::Finished { promoted: None }
+    );
     a_again.check_invariants();
 }
 
@@ -1129,6 +1198,254 @@ fn postgres_an_unreachable_database_is_reported_as_unavailable() {
 }
 
 /// Each lifecycle test, once per backend: `NAME::redb` and `NAME::postgres`.
+fn an_ordered_lane_sends_one_at_a_time_in_acceptance_order(db: &dyn Db) {
+    let store = db.open();
+    // Two in one batch, one in the next; another lane beside it.
+    let first = accept_ordered(
+        &store,
+        vec![
+            ordered_event("a1", "r/defect:1", false),
+            ordered_event("a2", "r/defect:1", false),
+        ],
+    );
+    let later = accept_ordered(
+        &store,
+        vec![
+            ordered_event("a3", "r/defect:1", false),
+            ordered_event("b1", "r/defect:2", false),
+        ],
+    );
+    store.check_invariants();
+    let (a1, a2, a3, b1) = (first[0].0, first[1].0, later[0].0, later[1].0);
+    assert_eq!(
+        [first[0].1, first[1].1, later[0].1, later[1].1],
+        [false, true, true, false],
+        "the first of each lane is its head, the rest wait"
+    );
+    assert_eq!(due_ids(&store), vec![a1, b1], "only the heads are due");
+    let d2 = store.delivery(a2).unwrap().unwrap();
+    assert_eq!(d2.state, State::Waiting);
+    assert_eq!(d2.lane.as_ref().map(|l| l.seq), Some(1));
+    let lane = store.lane("r/defect:1").unwrap().unwrap();
+    assert_eq!(
+        (
+            lane.head.id,
+            lane.waiting,
+            lane.state,
+            lane.rule.as_str(),
+            lane.key.as_str()
+        ),
+        (a1, 2, "flowing", "r", "defect:1")
+    );
+    // A retry keeps the head: the others still wait.
+    let retry = Next::Retry {
+        at: now_ms() + 3_600_000,
+    };
+    assert_eq!(
+        finish_with(&store, a1, 1, retry),
+        Done::Finished { promoted: None }
+    );
+    store.check_invariants();
+    assert_eq!(store.lane("r/defect:1").unwrap().unwrap().state, "retrying");
+    assert_eq!(due_ids(&store), vec![b1]);
+    // Success: the next in acceptance order is due now.
+    assert_eq!(
+        finish_with(&store, a1, 2, Next::Succeeded),
+        Done::Finished { promoted: Some(a2) }
+    );
+    store.check_invariants();
+    assert_eq!(due_ids(&store), vec![a2, b1]);
+    // A head that fails for good in a lane that skips: the next goes.
+    assert_eq!(
+        finish_with(&store, a2, 1, Next::Failed("gave up".into())),
+        Done::Finished { promoted: Some(a3) }
+    );
+    store.check_invariants();
+    assert_eq!(store.delivery(a2).unwrap().unwrap().state, State::Failed);
+    // The last one done, the lane is gone.
+    assert_eq!(
+        finish_with(&store, a3, 1, Next::Succeeded),
+        Done::Finished { promoted: None }
+    );
+    store.check_invariants();
+    assert!(store.lane("r/defect:1").unwrap().is_none());
+    let lanes = store.lanes(&LaneFilter::default(), None, 10, 100).unwrap();
+    assert_eq!(
+        lanes.iter().map(|l| l.lane.as_str()).collect::<Vec<_>>(),
+        vec!["r/defect:2"]
+    );
+    // A new event of the emptied lane is its head at once.
+    let again = accept_ordered(&store, vec![ordered_event("a4", "r/defect:1", false)]);
+    assert!(!again[0].1);
+    store.check_invariants();
+}
+
+fn a_halted_lane_waits_until_resumed_or_skipped(db: &dyn Db) {
+    let store = db.open();
+    let made = accept_ordered(
+        &store,
+        vec![
+            ordered_event("h1", "r/k", true),
+            ordered_event("h2", "r/k", true),
+            ordered_event("h3", "r/k", true),
+        ],
+    );
+    let (h1, h2, h3) = (made[0].0, made[1].0, made[2].0);
+    // Skipping a lane that is not halted is refused, naming why.
+    match store
+        .apply(vec![Op::SkipLane { lane: "r/k".into() }])
+        .unwrap()
+        .remove(0)
+    {
+        Done::Rejected(why) => assert!(why.contains("not halted"), "{why}"),
+        other => panic!("skip of a flowing lane gave {other:?}"),
+    }
+    // Its head fails for good: the dispatcher parks it on the lane.
+    let halted = on_lane_failure(Next::Failed("HTTP 500".into()), Some("r/k"));
+    assert_eq!(
+        finish_with(&store, h1, 1, halted.clone()),
+        Done::Finished { promoted: None }
+    );
+    store.check_invariants();
+    let lane = store.lane("r/k").unwrap().unwrap();
+    assert_eq!((lane.state, lane.waiting, lane.head.id), ("halted", 2, h1));
+    assert!(due_ids(&store).is_empty(), "a halted lane sends nothing");
+    assert_eq!(store.lane_stats().unwrap().halted, 1);
+    let halted_lanes = LaneFilter {
+        state: Some("halted".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.lanes(&halted_lanes, None, 10, 100).unwrap().len(), 1);
+    // Resume: the head is sent again, still ahead of the others.
+    let resumed = store
+        .apply(vec![Op::Unpark {
+            endpoint: lane_park_key("r/k"),
+            limit: 1,
+        }])
+        .unwrap();
+    assert_eq!(resumed, vec![Done::Unparked(vec![h1])]);
+    store.check_invariants();
+    assert_eq!(due_ids(&store), vec![h1]);
+    // It fails again; this time the admin skips it.
+    finish_with(&store, h1, 2, halted);
+    let skipped = store
+        .apply(vec![Op::SkipLane { lane: "r/k".into() }])
+        .unwrap();
+    assert_eq!(
+        skipped,
+        vec![Done::LaneSkipped {
+            head: h1,
+            promoted: Some(h2)
+        }]
+    );
+    store.check_invariants();
+    let h1d = store.delivery(h1).unwrap().unwrap();
+    assert_eq!(h1d.state, State::Failed);
+    assert!(
+        h1d.reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("skipped by an admin"),
+        "{h1d:?}"
+    );
+    assert_eq!(due_ids(&store), vec![h2]);
+    assert_eq!(store.delivery(h3).unwrap().unwrap().state, State::Waiting);
+    assert_eq!(store.lane_stats().unwrap().halted, 0);
+}
+
+fn a_redelivered_delivery_of_a_lane_joins_its_end(db: &dyn Db) {
+    let store = db.open();
+    let made = accept_ordered(
+        &store,
+        vec![
+            ordered_event("x1", "r/k", false),
+            ordered_event("x2", "r/k", false),
+        ],
+    );
+    let (x1, x2) = (made[0].0, made[1].0);
+    // A waiting one cannot jump the queue.
+    let refused = store
+        .apply(vec![Op::Redeliver {
+            id: x2,
+            body: Rebuilt::Same,
+            rebind: None,
+        }])
+        .unwrap();
+    assert!(
+        matches!(&refused[0], Done::Rejected(why) if why.contains("waits in lane")),
+        "{refused:?}"
+    );
+    finish_with(&store, x1, 1, Next::Succeeded);
+    // x2 is the head now; x1 sent again waits behind it.
+    let again = store
+        .apply(vec![Op::Redeliver {
+            id: x1,
+            body: Rebuilt::Same,
+            rebind: None,
+        }])
+        .unwrap();
+    match &again[0] {
+        Done::Redelivered(d) => assert_eq!(d.state, State::Waiting, "{d:?}"),
+        other => panic!("redeliver gave {other:?}"),
+    }
+    store.check_invariants();
+    assert_eq!(due_ids(&store), vec![x2]);
+    assert_eq!(
+        finish_with(&store, x2, 1, Next::Succeeded),
+        Done::Finished { promoted: Some(x1) }
+    );
+    store.check_invariants();
+    // Compaction keeps an event whose delivery waits.
+    let waiting = accept_ordered(&store, vec![ordered_event("x3", "r/k", false)]);
+    assert!(waiting[0].1);
+    assert_eq!(
+        compact(&store, now_ms() + 1000, None, 100).0,
+        1,
+        "only x2's event is old and done"
+    );
+    assert!(store.event("x3").unwrap().is_some());
+    store.check_invariants();
+}
+
+fn concurrent_accepts_into_one_lane_make_one_head(db: &dyn Db) {
+    let store = std::sync::Arc::new(db.open());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    let ev = ordered_event(&format!("c{t}-{i}"), "r/hot", false);
+                    store.apply(vec![Op::Accept(ev)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    store.check_invariants();
+    let lane = store.lane("r/hot").unwrap().unwrap();
+    assert_eq!(lane.waiting, 39);
+    // Sending them all, one at a time, goes through every one once, in
+    // the order of their sequence numbers.
+    let mut seen = Vec::new();
+    let mut head = Some(lane.head.id);
+    while let Some(id) = head {
+        let d = store.delivery(id).unwrap().unwrap();
+        seen.push(d.lane.unwrap().seq);
+        assert_eq!(due_ids(&store), vec![id]);
+        head = match finish_with(&store, id, 1, Next::Succeeded) {
+            Done::Finished { promoted } => promoted,
+            other => panic!("finish gave {other:?}"),
+        };
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!((seen.len(), sorted), (40, seen.clone()));
+    store.check_invariants();
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -1156,4 +1473,8 @@ on_both_backends!(
     retired_rule_versions_go_once_old_and_unused,
     pages_follow_a_cursor_within_a_scan_budget_for_every_source,
     counts_by_state_match_the_indexes,
+    an_ordered_lane_sends_one_at_a_time_in_acceptance_order,
+    a_halted_lane_waits_until_resumed_or_skipped,
+    a_redelivered_delivery_of_a_lane_joins_its_end,
+    concurrent_accepts_into_one_lane_make_one_head,
 );

@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use redb::{ReadableTable, WriteTransaction};
 
 use super::Redb;
-use crate::store::schema::{DELIVERIES, DUE, PARKED, RULE_VERSIONS, RULE_VERSIONS_RETIRED};
+use crate::store::schema::{
+    DELIVERIES, DUE, LANE_WAIT, PARKED, RULE_VERSIONS, RULE_VERSIONS_RETIRED,
+};
 use crate::store::{Delivery, Done, Op, StoreError, from_json, io};
 
 /// Applies the two rule-version ops in the batch's transaction.
@@ -128,6 +130,10 @@ impl Redb {
         let parked = tx.open_table(PARKED).map_err(io("read backlog"))?;
         for item in parked.iter().map_err(io("read backlog"))? {
             keep(item.map_err(io("read backlog"))?.0.value().1)?;
+        }
+        let waiting = tx.open_table(LANE_WAIT).map_err(io("read backlog"))?;
+        for item in waiting.iter().map_err(io("read backlog"))? {
+            keep(item.map_err(io("read backlog"))?.1.value())?;
         }
         let mut out: Vec<String> = old.into_iter().collect();
         out.sort();
