@@ -856,6 +856,14 @@ fn print_verdict(entry: &Value) {
     if entry["matched"] == Value::Bool(true) {
         println!("MATCH    {name} ({at})");
         println!("  plugins: {}", entry["plugins"]);
+        if let Some(o) = entry.get("ordering") {
+            println!(
+                "  ordered: lane {} (key {}, on_failure {}): sent once the lane's earlier deliveries are final",
+                o["lane"].as_str().unwrap_or_default(),
+                o["key"].as_str().unwrap_or_default(),
+                o["on_failure"].as_str().unwrap_or_default()
+            );
+        }
         if let Some(channel) = entry["channel"].as_str() {
             println!("  sent as: {channel}");
         } else {

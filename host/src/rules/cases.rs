@@ -164,6 +164,30 @@ fn check_case(path: &Path) -> Vec<String> {
                 ));
             }
         }
+        // The lane each rule's delivery joins (`null`: not ordered), which
+        // explain must report the same for a match.
+        for (rule, want) in check["lanes"].as_object().into_iter().flatten() {
+            let Some(r) = set.get(rule) else {
+                problems.push(format!("checks[{i}]: no rule `{rule}` for lanes"));
+                continue;
+            };
+            let got = json!(r.lane(&super::eval::EventView::new(&event)));
+            if got != *want {
+                problems.push(format!(
+                    "checks[{i}]: lane of `{rule}`\n  got:  {got}\n  want: {want}"
+                ));
+            }
+            let explained = verdicts
+                .iter()
+                .find(|v| v.rule == *rule && v.matched)
+                .and_then(|v| v.ordering.as_ref())
+                .map(|o| o.lane.clone());
+            if matched.contains(&rule.as_str()) && json!(explained) != *want {
+                problems.push(format!(
+                    "checks[{i}]: explain puts `{rule}` in lane {explained:?}, want {want}"
+                ));
+            }
+        }
         for (rule, want) in check["payloads"].as_object().into_iter().flatten() {
             let Some(r) = set.get(rule) else {
                 problems.push(format!("checks[{i}]: no rule `{rule}` for payload"));

@@ -20,6 +20,19 @@ pub struct Verdict {
     /// For a non-match: what failed first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+    /// For a match of a rule with `ordering`: the lane its delivery joins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<OrderingVerdict>,
+}
+
+/// Where an ordered rule's delivery for the event goes in line.
+#[derive(Debug, Serialize)]
+pub struct OrderingVerdict {
+    /// `rule/key`: the deliveries of this lane are sent one at a time.
+    pub lane: String,
+    /// The key as written (`entity`, a field, a JSONPath).
+    pub key: String,
+    pub on_failure: &'static str,
 }
 
 /// The first check that failed, with what the rule wanted and what it saw.
@@ -46,11 +59,20 @@ pub fn explain(set: &RuleSet, event: &Event) -> Vec<Verdict> {
                 .decide(&view)
                 .err()
                 .map(|miss| describe(rule, &miss, &view));
+            let ordering = match (&reason, &rule.ordering) {
+                (None, Some(o)) => rule.lane(&view).map(|lane| OrderingVerdict {
+                    lane,
+                    key: o.key.to_string(),
+                    on_failure: o.on_failure.as_str(),
+                }),
+                _ => None,
+            };
             Verdict {
                 rule: rule.name.clone(),
                 at: rule.origin.to_string(),
                 matched: reason.is_none(),
                 reason,
+                ordering,
             }
         })
         .collect()

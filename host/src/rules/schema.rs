@@ -44,6 +44,30 @@ pub struct Rule {
     /// Plugins run in order on the payload.
     pub plugins: Option<Vec<PluginRef>>,
     pub webhook: Webhook,
+    /// Send the deliveries of one key (by default the entity) one at a time,
+    /// in acceptance order.
+    pub ordering: Option<Ordering>,
+}
+
+/// A rule's ordering promise.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Ordering {
+    /// `entity` (type and id, the default), a field of the entity
+    /// (`phase.id`) or a JSONPath over the event (`$.scope.workspace_id`).
+    pub key: Option<String>,
+    /// When a delivery fails for good: `skip` (default; record it and send
+    /// the next) or `halt` (hold the key until an admin resumes or skips).
+    pub on_failure: Option<OnFailure>,
+}
+
+#[derive(JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum OnFailure {
+    Skip,
+    Halt,
 }
 
 #[derive(JsonSchema)]
@@ -232,7 +256,7 @@ pub fn json_schema() -> Value {
 mod tests {
     use super::json_schema;
     use crate::rules::model::OPERATORS;
-    use crate::rules::parse::{FILE_KEYS, RULE_KEYS, WEBHOOK_KEYS};
+    use crate::rules::parse::{FILE_KEYS, ORDERING_KEYS, RULE_KEYS, WEBHOOK_KEYS};
 
     fn keys(schema: &serde_json::Value, pointer: &str) -> Vec<String> {
         let mut k: Vec<String> = schema
@@ -258,6 +282,7 @@ mod tests {
         assert_eq!(keys(&s, "/properties"), sorted(FILE_KEYS));
         assert_eq!(keys(&s, "/$defs/Rule/properties"), sorted(RULE_KEYS));
         assert_eq!(keys(&s, "/$defs/Webhook/properties"), sorted(WEBHOOK_KEYS));
+        assert_eq!(keys(&s, "/$defs/Ordering/properties"), sorted(ORDERING_KEYS));
         let mut leaf = sorted(OPERATORS);
         leaf.extend(["field".to_string(), "original".to_string()]);
         leaf.sort();
