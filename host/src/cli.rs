@@ -107,6 +107,14 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Ordered lanes of rules with `ordering`: list them, resume or skip a
+    /// halted one (through the running server).
+    Lanes {
+        #[command(subcommand)]
+        command: LanesCommand,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// The nodes sharing this server's store (through the running server).
     Cluster {
         #[command(subcommand)]
@@ -239,6 +247,34 @@ pub enum EndpointsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum LanesCommand {
+    /// Lanes with a delivery pending or held: the head, how many wait
+    /// behind it and why it is held.
+    List {
+        #[arg(long)]
+        rule: Option<String>,
+        /// flowing, retrying, parked or halted.
+        #[arg(long)]
+        state: Option<String>,
+        /// Go on after this lane (the previous page's `next_after`).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Send a halted lane's head again (it stays ahead of the rest).
+    Resume {
+        /// The lane, as `rule/key` (see `lanes list`).
+        lane: String,
+    },
+    /// Give up a halted lane's head (it stays failed) and send the next.
+    Skip {
+        /// The lane, as `rule/key` (see `lanes list`).
+        lane: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum StoreCommand {
     /// Copy events, deliveries (pending, parked and final, with bodies and
     /// attempts), endpoint states and rule versions from an embedded store
@@ -342,6 +378,7 @@ pub fn main() -> ExitCode {
         Command::Endpoints { command, server } => {
             admin(server, move |c| Box::pin(endpoints(c, command)))
         }
+        Command::Lanes { command, server } => admin(server, move |c| Box::pin(lanes(c, command))),
         Command::Store {
             command: StoreCommand::Copy { from, to },
         } => {
@@ -578,6 +615,41 @@ async fn endpoints(
     ok_or(status, value)
 }
 
+async fn lanes(
+    c: crate::admin_client::AdminClient,
+    cmd: LanesCommand,
+) -> anyhow::Result<(ExitCode, Value)> {
+    let (status, value) = match cmd {
+        LanesCommand::List {
+            rule,
+            state,
+            after,
+            limit,
+        } => {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in [("rule", rule), ("state", state), ("after", after)] {
+                if let Some(v) = v {
+                    q.append_pair(k, &v);
+                }
+            }
+            if let Some(n) = limit {
+                q.append_pair("limit", &n.to_string());
+            }
+            c.call("GET", &format!("/v1/lanes?{}", q.finish()), None)
+                .await?
+        }
+        LanesCommand::Resume { lane } => {
+            c.call("POST", "/v1/lanes/resume", Some(json!({ "lane": lane })))
+                .await?
+        }
+        LanesCommand::Skip { lane } => {
+            c.call("POST", "/v1/lanes/skip", Some(json!({ "lane": lane })))
+                .await?
+        }
+    };
+    ok_or(status, value)
+}
+
 /// Human output for admin answers: one line per delivery or endpoint, or
 /// the whole record for `show`.
 fn print_admin(value: &Value) {
@@ -600,6 +672,27 @@ fn print_admin(value: &Value) {
         println!("{} deliveries", list.len());
         if let Some(next) = value["next_before"].as_str() {
             println!("older: --before {next}");
+        }
+    } else if let Some(list) = value["lanes"].as_array() {
+        for l in list {
+            let head = &l["head"];
+            println!(
+                "{}  {:<8}  head {} ({}, attempts {})  waiting {}{}",
+                l["lane"].as_str().unwrap_or_default(),
+                l["state"].as_str().unwrap_or_default(),
+                head["id"].as_str().unwrap_or_default(),
+                head["state"].as_str().unwrap_or_default(),
+                head["attempts"],
+                l["waiting"],
+                head["reason"]
+                    .as_str()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("{} lanes", list.len());
+        if let Some(next) = value["next_after"].as_str() {
+            println!("more: --after '{next}'");
         }
     } else if let Some(list) = value["endpoints"].as_array() {
         for e in list {

@@ -298,9 +298,17 @@ impl Api {
 
     pub(super) async fn metrics(&self) -> Resp {
         let store = self.shared.store.clone();
-        let (due, parked) = tokio::task::spawn_blocking(move || store.backlog().unwrap_or((0, 0)))
-            .await
-            .unwrap_or((0, 0));
+        let ((due, parked), lanes) = tokio::task::spawn_blocking(move || {
+            (
+                store.backlog().unwrap_or((0, 0)),
+                store.lane_stats().unwrap_or_default(),
+            )
+        })
+        .await
+        .unwrap_or_default();
+        let oldest_waiting_s = lanes
+            .oldest_waiting_at
+            .map_or(0, |at| crate::store::now_ms().saturating_sub(at) / 1000);
         let active = self
             .shared
             .active
@@ -317,6 +325,26 @@ impl Api {
                 "rulehook_parked_deliveries",
                 "Deliveries waiting for a blocked or disabled endpoint, or for a WebSocket client.",
                 parked,
+            ),
+            (
+                "rulehook_lanes_held",
+                "Ordered lanes whose head failed and that wait for an admin (halted: resume or skip them).",
+                lanes.halted,
+            ),
+            (
+                "rulehook_lanes_active",
+                "Ordered lanes with a delivery pending or held.",
+                lanes.lanes,
+            ),
+            (
+                "rulehook_lane_waiting_deliveries",
+                "Deliveries waiting behind the head of their ordered lane.",
+                lanes.waiting,
+            ),
+            (
+                "rulehook_lane_oldest_waiting_seconds",
+                "Age of the oldest delivery waiting behind the head of its ordered lane (0 when none waits).",
+                oldest_waiting_s,
             ),
             (
                 "rulehook_websocket_clients",

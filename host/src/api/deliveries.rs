@@ -526,6 +526,9 @@ impl Api {
                     self.queue.kick();
                     json_response(StatusCode::ACCEPTED, &with_times(json!({ "delivery": d })))
                 }
+                Some(Done::Rejected(why)) if why.contains(crate::store::WAITS_IN_LANE) => {
+                    error(StatusCode::CONFLICT, "waiting_in_lane", why, None)
+                }
                 Some(Done::Rejected(why)) => error(StatusCode::NOT_FOUND, "not_found", why, None),
                 _ => error(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -20,6 +20,7 @@ pub mod conns;
 mod console;
 mod deliveries;
 mod events;
+mod lanes;
 pub mod sign_ins;
 
 use std::convert::Infallible;
@@ -367,6 +368,7 @@ impl Api {
                 ["v1", "events"]
                     | ["v1", "deliveries", "redeliver"]
                     | ["v1", "endpoints", "unblock"]
+                    | ["v1", "lanes", "resume" | "skip"]
             );
         if !reads_body
             && let Some(slot) = req
@@ -396,6 +398,9 @@ impl Api {
             (Method::GET, ["v1", "endpoints"]) => self.endpoints().await,
             (Method::GET, ["v1", "cluster"]) => self.cluster().await,
             (Method::POST, ["v1", "endpoints", "unblock"]) => self.unblock(req).await,
+            (Method::GET, ["v1", "lanes"]) => self.list_lanes(&query).await,
+            (Method::POST, ["v1", "lanes", "resume"]) => self.resume_lane(req).await,
+            (Method::POST, ["v1", "lanes", "skip"]) => self.skip_lane(req).await,
             (Method::GET, ["metrics"]) => self.metrics().await,
             _ => error(
                 StatusCode::NOT_FOUND,

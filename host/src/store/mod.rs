@@ -864,11 +864,15 @@ impl Step {
     }
 }
 
+/// What a refusal to redeliver a waiting delivery says (the API answers
+/// 409 for it).
+pub const WAITS_IN_LANE: &str = "waits in lane";
+
 /// Why a waiting delivery cannot be redelivered.
 fn waits_in_lane(d: &Delivery) -> String {
     let lane = d.lane.as_ref().map_or("", |l| l.key.as_str());
     format!(
-        "delivery {} waits in lane {lane} and is sent when those ahead of it are final; to move the lane on, resume or skip its head",
+        "delivery {} {WAITS_IN_LANE} {lane} and is sent when those ahead of it are final; to move the lane on, resume or skip its head",
         d.id
     )
 }
