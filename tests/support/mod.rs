@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod ordered;
 pub mod postgres;
 pub mod receiver;
 pub mod server;

@@ -43,7 +43,10 @@ impl Api {
                     return error(
                         StatusCode::BAD_REQUEST,
                         "bad_query",
-                        format!("lane state `{v}` is unknown; use one of {}", STATES.join(", ")),
+                        format!(
+                            "lane state `{v}` is unknown; use one of {}",
+                            STATES.join(", ")
+                        ),
                         Some("state"),
                     );
                 }
@@ -63,7 +66,9 @@ impl Api {
                     return error(
                         StatusCode::BAD_REQUEST,
                         "bad_query",
-                        format!("`{other}` is unknown; filter lanes by rule and state, page with after and limit"),
+                        format!(
+                            "`{other}` is unknown; filter lanes by rule and state, page with after and limit"
+                        ),
                         Some(other),
                     );
                 }
@@ -192,7 +197,9 @@ impl Api {
             Ok(Ok(None)) => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no lane {lane}: it has no delivery pending or held; list lanes with GET /v1/lanes"),
+                format!(
+                    "no lane {lane}: it has no delivery pending or held; list lanes with GET /v1/lanes"
+                ),
                 Some("lane"),
             ),
             Ok(Err(e)) => storage(e),

@@ -282,7 +282,10 @@ mod tests {
         assert_eq!(keys(&s, "/properties"), sorted(FILE_KEYS));
         assert_eq!(keys(&s, "/$defs/Rule/properties"), sorted(RULE_KEYS));
         assert_eq!(keys(&s, "/$defs/Webhook/properties"), sorted(WEBHOOK_KEYS));
-        assert_eq!(keys(&s, "/$defs/Ordering/properties"), sorted(ORDERING_KEYS));
+        assert_eq!(
+            keys(&s, "/$defs/Ordering/properties"),
+            sorted(ORDERING_KEYS)
+        );
         let mut leaf = sorted(OPERATORS);
         leaf.extend(["field".to_string(), "original".to_string()]);
         leaf.sort();
