@@ -358,3 +358,48 @@ fn order_holds_across_a_kill_9_and_a_restart() {
     assert_in_order(&rx, &keys, 10);
     every_lane_goes(&server);
 }
+
+#[test]
+fn three_nodes_on_postgres_keep_each_key_in_order_while_one_is_killed() {
+    let pg = crate::support::postgres::PgServer::start("ordering-cluster");
+    let url = pg.create_db("rulehook");
+    let rx = OrderedReceiver::start(20, Duration::from_millis(3), 0x5eed_0004);
+    let retry = "{policy: fixed, interval: 50ms, retries: 50}";
+    let files: Vec<_> = ["o1", "o2", "o3"]
+        .iter()
+        .map(|name| {
+            setup(
+                &format!("ordering-{name}"),
+                &ordered_rules(&rx, "skip", retry, false),
+                &format!(
+                    "http_ports: [{}]\nstore: \"{url}\"\ncluster: {{node_id: {name}, lease: 2s}}\nshutdown_grace: 1s\n",
+                    rx.addr.port()
+                ),
+            )
+        })
+        .collect();
+    let mut servers: Vec<Server> = files.iter().map(|(d, c)| Server::start(d, c)).collect();
+    let nodes = nodes_at(&servers.iter().map(|s| s.addr).collect::<Vec<_>>());
+    let keys = keys(60);
+    let total = keys.len() * 10;
+    // Each key's updates go to the nodes in turn, so one key's lane is
+    // joined through all three.
+    let posting = post_all(nodes.clone(), &keys, 10, 6);
+    wait_for(Duration::from_secs(60), "a third delivered", || {
+        (rx.successes("/ordered") >= total / 3).then_some(())
+    });
+    // kill -9 one node: its claimed heads pass to the others when its
+    // lease runs out, and no other delivery of those keys goes before.
+    let victim = servers.remove(1);
+    let gone = victim.addr;
+    victim.kill();
+    nodes.write().unwrap().retain(|a| *a != gone);
+    posting.join().expect("posting");
+    wait_for(
+        Duration::from_secs(120),
+        "every delivery with a node down",
+        || (rx.successes("/ordered") == total).then_some(()),
+    );
+    assert_in_order(&rx, &keys, 10);
+    every_lane_goes(&servers[0]);
+}

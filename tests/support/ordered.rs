@@ -105,9 +105,9 @@ impl OrderedReceiver {
                             tokio::time::sleep(delay).await;
                             let status = if down.load(Ordering::SeqCst) {
                                 503
-                            } else if failing.lock().expect("lock").contains(&key) {
-                                500
-                            } else if next_random(&rng) % 100 < fail_percent {
+                            } else if failing.lock().expect("lock").contains(&key)
+                                || next_random(&rng) % 100 < fail_percent
+                            {
                                 500
                             } else {
                                 200
