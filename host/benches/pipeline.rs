@@ -200,13 +200,22 @@ fn start_server(dir: &std::path::Path) -> (Server, Duration) {
 /// Config lines for the store the next servers use (empty: embedded redb).
 static STORE: Mutex<String> = Mutex::new(String::new());
 
+/// The next servers' rule has `ordering: {key: entity}` (the `ordering`
+/// run), and events name this many distinct entities (0: each event its
+/// own entity).
+static ORDERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ENTITY_KEYS: AtomicU64 = AtomicU64::new(0);
+
 fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("rulehook-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("rules")).unwrap();
     std::fs::write(
         dir.join("rules/bench.yaml"),
-        format!("rules:\n  - name: all-stories\n    events: [create]\n    webhook:\n      url: {url}\n      secret: bench-secret\n      retry: {{policy: fixed, interval: 60s, retries: 3}}\n"),
+        format!(
+            "rules:\n  - name: all-stories\n    events: [create]\n{}    webhook:\n      url: {url}\n      secret: bench-secret\n      retry: {{policy: fixed, interval: 60s, retries: 3}}\n",
+            if ORDERED.load(Relaxed) { "    ordering: {key: entity}\n" } else { "" }
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -218,8 +227,16 @@ fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
 }
 
 fn event(id: &str) -> String {
+    // With `ENTITY_KEYS` set, events name that many entities in turn.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let keys = ENTITY_KEYS.load(Relaxed);
+    let entity = if keys == 0 {
+        id.to_string()
+    } else {
+        format!("s{}", NEXT.fetch_add(1, Relaxed) % keys)
+    };
     format!(
-        "{{\"id\":\"{id}\",\"event_type\":\"create\",\"entity_type\":\"story\",\"scope\":{{\"workspace_id\":1002}},\"entity\":{{\"id\":\"{id}\",\"name\":\"A story\",\"description\":\"{}\"}}}}",
+        "{{\"id\":\"{id}\",\"event_type\":\"create\",\"entity_type\":\"story\",\"scope\":{{\"workspace_id\":1002}},\"entity\":{{\"id\":\"{entity}\",\"name\":\"A story\",\"description\":\"{}\"}}}}",
         "d".repeat(600)
     )
 }
@@ -612,6 +629,7 @@ fn main() {
                 "drain",
                 "cluster",
                 "cost",
+                "ordering",
             ]
             .contains(&a.as_str())
         }) || args.iter().any(|a| a == m)
@@ -657,7 +675,44 @@ fn main() {
         if args.iter().any(|a| a == "cost") {
             cost().await;
         }
+        if args.iter().any(|a| a == "ordering") {
+            ordering().await;
+        }
     });
+}
+
+/// Throughput with `ordering: {key: entity}` on 10,000 distinct entities
+/// against the same rule without it, in one run: off and on alternate
+/// twice per ingest shape, so drift in the machine hits both alike.
+async fn ordering() {
+    ENTITY_KEYS.store(10_000, Relaxed);
+    for (name, conns, batch) in [
+        ("single events, 64 connections", 64, 1),
+        ("NDJSON batches of 50, 8 connections", 8, 50),
+    ] {
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for round in 0..2 {
+            ORDERED.store(false, Relaxed);
+            let (_, d_off, cpu_off) = e2e_throughput(conns, 10, batch).await;
+            ORDERED.store(true, Relaxed);
+            let (_, d_on, cpu_on) = e2e_throughput(conns, 10, batch).await;
+            println!(
+                "ordering: {name}, round {}: off {d_off:.0}/s ({cpu_off:.1} µs CPU per delivery), on {d_on:.0}/s ({cpu_on:.1} µs) = {:.0} %",
+                round + 1,
+                d_on / d_off * 100.0
+            );
+            off.push(d_off);
+            on.push(d_on);
+        }
+        let (off, on) = (off.iter().sum::<f64>() / 2.0, on.iter().sum::<f64>() / 2.0);
+        println!(
+            "ordering: {name}: mean off {off:.0}/s, on {on:.0}/s = {:.0} % (target ≥ 80 %)",
+            on / off * 100.0
+        );
+    }
+    ORDERED.store(false, Relaxed);
+    ENTITY_KEYS.store(0, Relaxed);
 }
 
 /// The syscalls `cost` counts, with perf's syscall tracepoints (counted in
