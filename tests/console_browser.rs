@@ -386,6 +386,55 @@ fn a_blocked_endpoint_is_unblocked_from_the_page_and_its_parked_deliveries_arriv
 }
 
 #[test]
+fn a_halted_lane_is_shown_and_resumed_from_the_lanes_page() {
+    let _turn = turn();
+    let rx = crate::support::ordered::OrderedReceiver::start(0, Duration::ZERO, 1);
+    rx.failing_keys.lock().unwrap().insert("d1".into());
+    let rules = format!(
+        "rules:\n  - name: mirror\n    events: [update]\n    ordering: {{on_failure: halt}}\n    webhook: {{url: \"{}\", retry: {{policy: none}}}}\n",
+        rx.url("/ordered")
+    );
+    let (dir, config) = setup(
+        "browser-lanes",
+        &rules,
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    for seq in 0..3 {
+        let ev = json!({"id": format!("d1.{seq}"), "event_type": "update", "entity_type": "defect",
+            "entity": {"id": "d1", "n": seq}, "before": {"id": "d1"}});
+        assert_eq!(server.post_event(&ev).status, 202);
+    }
+    wait_for(T, "the lane to halt", || {
+        let r = server.admin("GET", "/v1/lanes?state=halted", None);
+        (r.json()["lanes"].as_array().map_or(0, Vec::len) == 1).then_some(())
+    });
+    let b = Browser::start();
+    b.sign_in(&server, ADMIN_KEY);
+    b.wait_text("#live-status", "Live tail");
+    b.click("nav a[data-page=lanes]");
+    let row = "tr[data-lane=\"mirror/defect:d1\"]";
+    b.wait_text(&format!("{row} .lane-state"), "halted");
+    assert_eq!(b.text_of(&format!("{row} td.waiting")), "2");
+    assert!(
+        b.text_of(&format!("{row} td.reason"))
+            .contains("lane is halted")
+    );
+    b.screenshot("lanes");
+    rx.failing_keys.lock().unwrap().clear();
+    b.click(&format!("button[data-resume=\"mirror/defect:d1\"]"));
+    b.wait_text("#notice", "resumed");
+    wait_for(T, "the three deliveries in order", || {
+        rx.with("/ordered", |s| s.first_successes.get("d1").cloned())
+            .filter(|v| v.len() == 3)
+    });
+    assert_eq!(
+        rx.with("/ordered", |s| s.first_successes["d1"].clone()),
+        vec![0, 1, 2]
+    );
+}
+
+#[test]
 fn a_broken_rule_file_shows_its_diagnostic_after_reload() {
     let _turn = turn();
     let (_dir, server, ok, broken) = two_receivers("browser-rules");

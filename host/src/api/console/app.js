@@ -1,6 +1,6 @@
 // rulehook's web console: a plain ES module over the JSON API (/v1/…),
 // no framework and no build step. Pages are chosen by the URL's hash
-// (#/deliveries, #/delivery/ID, #/endpoints, #/rules, #/overview), so
+// (#/deliveries, #/delivery/ID, #/endpoints, #/lanes, #/rules, #/overview), so
 // the browser's back button and links work. Everything from the server
 // is put into the page as text (textContent), never as HTML.
 
@@ -81,7 +81,8 @@ async function copy(text, what) {
 
 /** A badge that reads without colour: the state's word, with a symbol. */
 function stateBadge(s) {
-  const mark = { succeeded: "✓", failed: "✗", pending: "…", parked: "‖", skipped: "–" }[s] || "";
+  const mark = { succeeded: "✓", failed: "✗", pending: "…", parked: "‖", skipped: "–", waiting: "⋯",
+    flowing: "→", retrying: "↻", halted: "■" }[s] || "";
   return h("span", { class: `badge state-${s}` }, `${mark} ${s}`);
 }
 
@@ -168,7 +169,7 @@ async function route() {
   }
   main.replaceChildren(h("p", { class: "loading" }, "Loading…"));
   try {
-    const pages = { overview, deliveries, delivery, endpoints, rules };
+    const pages = { overview, deliveries, delivery, endpoints, lanes, rules };
     const render = pages[page] || deliveries;
     main.replaceChildren(...[await render(decodeURIComponent(arg || ""))].flat());
     const title = main.querySelector("h1");
@@ -221,7 +222,7 @@ async function deliveries() {
       const id = `filter-${name}`;
       const input = kind === "select"
         ? h("select", { id, name },
-          ["", "pending", "parked", "succeeded", "failed", "skipped"].map((s) =>
+          ["", "pending", "parked", "waiting", "succeeded", "failed", "skipped"].map((s) =>
             h("option", { value: s, selected: f[name] === s }, s || "any")))
         : h("input", { id, name, type: "text", value: f[name] || "", autocomplete: "off" });
       return h("div", { class: "field" }, h("label", { for: id }, label), input);
@@ -239,7 +240,7 @@ async function deliveries() {
   const refreshCounts = () => api("GET", "/v1/deliveries/counts").then((c) => {
     const n = c.counts;
     counts.replaceChildren("All deliveries: ",
-      ...["pending", "parked", "succeeded", "failed", "skipped"].map((s) =>
+      ...["pending", "parked", "waiting", "succeeded", "failed", "skipped"].map((s) =>
         h("span", { class: "count", "data-state": s }, stateBadge(s), ` ${n[s]}${c.exact ? "" : "+"}`)));
   }).catch(() => {});
   refreshCounts();
@@ -483,6 +484,51 @@ async function endpoints() {
     h("h2", {}, "WebSocket spaces"),
     spaces.length ? table("Shared spaces: clients connected and deliveries waiting", ["Space", "Path", "Clients", "Waiting"], spaces)
       : h("p", {}, "No WebSocket space has clients or waiting deliveries.")];
+}
+
+// ---------- lanes ----------
+
+const LANE_STATES = ["", "flowing", "retrying", "parked", "halted"];
+
+async function lanes() {
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const wanted = params.get("state") || "";
+  const query = new URLSearchParams();
+  if (wanted) query.set("state", wanted);
+  if (params.get("rule")) query.set("rule", params.get("rule"));
+  const data = await api("GET", `/v1/lanes?${query}`);
+  const act = (lane, verb) => h("button", {
+    type: "button", [`data-${verb}`]: lane.lane,
+    onclick: async () => {
+      try {
+        const r = await api("POST", `/v1/lanes/${verb}`, { lane: lane.lane });
+        notice(verb === "resume"
+          ? `${lane.lane} resumed: its head ${r.resumed} is sent again.`
+          : `${lane.lane}: ${r.skipped} skipped (it stays failed)${r.next ? `; ${r.next} is sent next` : ""}.`);
+        route();
+      } catch (err) { notice(`${verb === "resume" ? "Resume" : "Skip"} refused: ${err.message}`, "error"); }
+    },
+  }, verb === "resume" ? "Resume" : "Skip");
+  const rows = data.lanes.map((l) => h("tr", { "data-lane": l.lane },
+    h("td", {}, h("span", { class: "mono" }, l.rule)),
+    h("td", {}, h("span", { class: "mono" }, l.key)),
+    h("td", { class: "lane-state" }, stateBadge(l.state)),
+    h("td", {}, h("a", { href: `#/delivery/${l.head.id}`, class: "mono" }, l.head.id), " ", stateBadge(l.head.state)),
+    h("td", { class: "num" }, l.head.attempts),
+    h("td", { class: "num waiting" }, l.waiting),
+    h("td", {}, l.oldest_waiting_at_rfc3339 ? time(l.oldest_waiting_at_rfc3339) : ""),
+    h("td", { class: "reason" }, l.head.reason || ""),
+    h("td", {}, isAdmin() && l.state === "halted" ? [act(l, "resume"), " ", act(l, "skip")] : "")));
+  const filter = h("select", { id: "lane-state", "aria-label": "Lane state" },
+    LANE_STATES.map((s) => h("option", { value: s, selected: wanted === s }, s || "any state")));
+  filter.addEventListener("change", () => { location.hash = filter.value ? `#/lanes?state=${filter.value}` : "#/lanes"; });
+  return [h("h1", {}, "Lanes"),
+    h("p", { class: "hint" }, "Rules with ordering send one key's deliveries one at a time. A lane is listed while it has a delivery pending or held; a halted one waits for Resume (send its head again) or Skip (leave it failed, send the next)."),
+    h("div", { class: "field" }, h("label", { for: "lane-state" }, "Show"), filter),
+    rows.length
+      ? table("Ordered lanes: the head and what waits behind it", ["Rule", "Key", "State", "Head", "Attempts", "Waiting", "Oldest waiting since", "Why held", ""], rows, { id: "lanes" })
+      : h("p", {}, wanted ? `No ${wanted} lane.` : "No lane has a delivery pending or held."),
+    data.next_after ? h("p", { class: "hint" }, "More lanes: filter by rule or state.") : ""];
 }
 
 // ---------- rules ----------
