@@ -422,7 +422,7 @@ fn a_halted_lane_is_shown_and_resumed_from_the_lanes_page() {
     );
     b.screenshot("lanes");
     rx.failing_keys.lock().unwrap().clear();
-    b.click(&format!("button[data-resume=\"mirror/defect:d1\"]"));
+    b.click("button[data-resume=\"mirror/defect:d1\"]");
     b.wait_text("#notice", "resumed");
     wait_for(T, "the three deliveries in order", || {
         rx.with("/ordered", |s| s.first_successes.get("d1").cloned())
