@@ -191,6 +191,48 @@ fn explain_says_where_a_websocket_rule_sends() {
 }
 
 #[test]
+fn explain_and_check_know_an_ordered_rule() {
+    let dir = crate::support::TempDir::new("explain-ordering");
+    dir.write(
+        "rules/ordered.yaml",
+        "rules:\n  - name: mirror\n    events: [update]\n    ordering: {key: phase.id, on_failure: halt}\n    webhook: {url: \"https://x.test/h\"}\n",
+    );
+    let event = dir.write(
+        "event.json",
+        r#"{"event_type": "update", "entity_type": "defect", "entity": {"id": "9", "phase": {"id": "opened"}}, "before": {"id": "9"}}"#,
+    );
+    let rules = dir.path().join("rules");
+    let (event, rules) = (event.to_str().unwrap(), rules.to_str().unwrap());
+    let v = explain_json(&["--event", event, "--rules", rules]);
+    let entry = &v["rules"][0];
+    assert_eq!(entry["matched"], true, "{v}");
+    assert_eq!(
+        entry["ordering"],
+        serde_json::json!({"lane": "mirror/opened", "key": "phase.id", "on_failure": "halt"}),
+        "{v}"
+    );
+    let human = rulehook(&["explain", "--event", event, "--rules", rules]);
+    assert!(
+        stdout(&human).contains("ordered: lane mirror/opened (key phase.id, on_failure halt)"),
+        "{}",
+        stdout(&human)
+    );
+    // A typo in the option is an error at its place, with the fix.
+    dir.write(
+        "rules/ordered.yaml",
+        "rules:\n  - name: mirror\n    events: [update]\n    ordering: {on_failure: stop}\n    webhook: {url: \"https://x.test/h\"}\n",
+    );
+    let out = rulehook(&["check", rules]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("ordered.yaml:4:27: error: ordering on_failure `stop` is unknown [fix: use skip or halt]")
+            || stdout(&out).contains("ordering on_failure `stop` is unknown"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
 fn schema_describes_the_rule_format() {
     let out = rulehook(&["schema"]);
     assert!(out.status.success());

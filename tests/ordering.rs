@@ -223,6 +223,16 @@ fn a_halted_lane_holds_only_its_key_until_an_admin_resumes_or_skips_it() {
         vec![0, 0],
         "only a's head is sent, once and its one retry"
     );
+    let metrics = server.admin("GET", "/metrics", None).text();
+    for line in [
+        "rulehook_lanes_held 1",
+        "rulehook_lane_waiting_deliveries 4",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in\n{metrics}"
+        );
+    }
     // The CLI lists it and says why it is held.
     let addr = format!("http://{}", server.addr);
     let cli = |args: &[&str]| {
@@ -402,4 +412,57 @@ fn three_nodes_on_postgres_keep_each_key_in_order_while_one_is_killed() {
     );
     assert_in_order(&rx, &keys, 10);
     every_lane_goes(&servers[0]);
+}
+
+#[test]
+fn a_head_parked_on_a_blocked_endpoint_holds_its_lane_and_the_order_survives_the_unblock() {
+    // Nothing listens on the port yet: the first failure blocks the
+    // endpoint and the head parks there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rules = format!(
+        "rules:\n  - name: ordered\n    events: [update]\n    ordering: {{}}\n    webhook: {{url: \"http://127.0.0.1:{port}/ordered\", retry: {{policy: fixed, interval: 50ms, retries: 5}}}}\n"
+    );
+    let (dir, config) = setup(
+        "ordering-blocked",
+        &rules,
+        &format!("http_ports: [{port}]\nprotection: {{failures: 1, block: 1h}}\n"),
+    );
+    let server = Server::start(&dir, &config);
+    let nodes = nodes_at(&[server.addr]);
+    for seq in 0..5 {
+        post_until_accepted(&nodes, 0, &update("x", seq));
+    }
+    let lane = wait_for(
+        Duration::from_secs(20),
+        "the head to park on the blocked endpoint",
+        || {
+            let r = server.admin("GET", "/v1/lanes?state=parked", None);
+            r.json()["lanes"]
+                .as_array()
+                .and_then(|l| l.first().cloned())
+        },
+    );
+    assert_eq!(
+        (lane["head"]["event_id"].as_str(), lane["waiting"].as_u64()),
+        (Some("x.0"), Some(4)),
+        "{lane}"
+    );
+    // Only the head is parked; the others wait behind it, not on the endpoint.
+    assert_eq!(server.deliveries("status=parked").len(), 1);
+    let rx = OrderedReceiver::start_on(port, 0, Duration::ZERO, 3);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let unblock = server.admin(
+        "POST",
+        "/v1/endpoints/unblock",
+        Some(&json!({"endpoint": endpoint})),
+    );
+    assert_eq!(unblock.status, 200, "{}", unblock.text());
+    wait_for(Duration::from_secs(20), "the five in order", || {
+        (rx.successes("/ordered") == 5).then_some(())
+    });
+    assert_in_order(&rx, &["x".into()], 5);
 }

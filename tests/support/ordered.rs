@@ -55,13 +55,18 @@ impl OrderedReceiver {
     /// Fails `fail_percent` of requests (at random from `seed`), answering
     /// each after `delay`.
     pub fn start(fail_percent: u64, delay: Duration, seed: u64) -> OrderedReceiver {
+        OrderedReceiver::start_on(0, fail_percent, delay, seed)
+    }
+
+    /// `start` on a given port (to bring an endpoint up).
+    pub fn start_on(port: u16, fail_percent: u64, delay: Duration, seed: u64) -> OrderedReceiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
         let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
