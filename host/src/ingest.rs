@@ -35,6 +35,8 @@ struct Fresh {
     space: Option<String>,
     /// The lane it halts on failure (`ordering: {on_failure: halt}`).
     halts: Option<String>,
+    /// It joined an ordered lane (as its head: waiting ones are not handed over).
+    ordered: bool,
 }
 
 /// The deliveries of one event to hand to the dispatcher after the commit.
@@ -154,6 +156,7 @@ impl Ingest {
                         body: Some(fresh.body),
                         space: fresh.space,
                         claim,
+                        ordered: fresh.ordered,
                         halts: fresh.halts,
                     });
                 }
@@ -230,6 +233,7 @@ fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Ha
                     body: body.clone(),
                     space: space.clone(),
                     halts: lane.as_ref().filter(|l| l.halt).map(|l| l.key.clone()),
+                    ordered: lane.is_some(),
                 });
             }
             deliveries.push(NewDelivery {

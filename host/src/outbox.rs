@@ -22,6 +22,17 @@ use crate::store::{DeliveryId, Done, Op, Store, StoreError};
 /// callers that arrive during it wait at most about one commit.
 const MAX_BATCH_OPS: usize = 4096;
 
+/// How long a batch of lazy writes only (attempt records) waits for more
+/// company before it commits, and how many ops end the wait early. At a
+/// low rate every attempt record was a commit of its own, and a commit
+/// (its page writes and fsyncs, in the kernel) is most of what a delivery
+/// costs there (BENCHMARKS.md, "What a delivery costs"); nobody answers a
+/// client on a record, so it can wait: 20 ms gathers ten records at
+/// 500 deliveries/s. Any urgent write (an event to accept, an admin's
+/// action, a lane's record) ends the wait at once.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+const LINGER_OPS: usize = 64;
+
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum OutboxError {
     #[error("storage failed, nothing of this request was stored: {0}")]
@@ -34,6 +45,8 @@ enum Request {
     Write {
         ops: Vec<Op>,
         reply: oneshot::Sender<Result<Vec<Done>, OutboxError>>,
+        /// Someone waits on it to answer (see `Outbox::write_lazily`).
+        urgent: bool,
     },
     /// Commit what was sent before this, then stop (see `Outbox::close`).
     Close,
@@ -64,6 +77,14 @@ impl Outbox {
     /// Starts the writer thread. It ends after `close`, or when every
     /// `Outbox` handle is gone, after writing what was already sent.
     pub fn start(store: Arc<Store>) -> (Outbox, JoinHandle<()>) {
+        Outbox::start_with_linger(store, LINGER)
+    }
+
+    /// `start` with another linger for lazy writes (tests).
+    pub fn start_with_linger(
+        store: Arc<Store>,
+        linger: std::time::Duration,
+    ) -> (Outbox, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         let stats = Arc::new(OutboxStats::default());
         let thread_stats = stats.clone();
@@ -83,11 +104,11 @@ impl Outbox {
                         let (stats, changes) = (thread_stats.clone(), thread_changes.clone());
                         std::thread::Builder::new()
                             .name(format!("rulehook-outbox-{i}"))
-                            .spawn(move || writer(store, rx, stats, changes))
+                            .spawn(move || writer(store, rx, stats, changes, linger))
                             .expect("spawn an outbox writer thread")
                     })
                     .collect();
-                writer(store, rx, thread_stats, thread_changes);
+                writer(store, rx, thread_stats, thread_changes, linger);
                 for w in others {
                     let _ = w.join();
                 }
@@ -103,9 +124,21 @@ impl Outbox {
 
     /// Writes `ops` durably, sharing a commit with other callers.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
+        self.send(ops, true).await
+    }
+
+    /// `write` for what no client waits on (attempt records): when only
+    /// such writes are waiting, the commit waits up to `LINGER` for more,
+    /// so at a low rate records share commits instead of each paying one.
+    /// Durable all the same when it returns.
+    pub async fn write_lazily(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
+        self.send(ops, false).await
+    }
+
+    async fn send(&self, ops: Vec<Op>, urgent: bool) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Write { ops, reply })
+            .send(Request::Write { ops, reply, urgent })
             .await
             .map_err(|_| OutboxError::Stopped)?;
         rx.await.map_err(|_| OutboxError::Stopped)?
@@ -116,7 +149,11 @@ impl Outbox {
     pub fn write_blocking(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .blocking_send(Request::Write { ops, reply })
+            .blocking_send(Request::Write {
+                ops,
+                reply,
+                urgent: true,
+            })
             .map_err(|_| OutboxError::Stopped)?;
         rx.blocking_recv().map_err(|_| OutboxError::Stopped)?
     }
@@ -140,7 +177,13 @@ fn writer(
     rx: Arc<std::sync::Mutex<mpsc::Receiver<Request>>>,
     stats: Arc<OutboxStats>,
     changes: broadcast::Sender<Arc<[DeliveryId]>>,
+    linger: std::time::Duration,
 ) {
+    // For the linger's timed wait on the channel.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a timer for the outbox writer");
     let mut closing = false;
     while !closing {
         let mut batch = Vec::new();
@@ -150,11 +193,18 @@ fn writer(
             let Some(first) = rx.blocking_recv() else {
                 break;
             };
+            let lingers_until = tokio::time::Instant::now() + linger;
+            let mut urgent = false;
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
-                    Request::Write { ops, reply } => {
+                    Request::Write {
+                        ops,
+                        reply,
+                        urgent: u,
+                    } => {
                         n += ops.len();
+                        urgent |= u;
                         batch.push((ops, reply));
                     }
                     Request::Close => {
@@ -163,8 +213,17 @@ fn writer(
                         break;
                     }
                 }
-                if n < MAX_BATCH_OPS {
-                    next = rx.try_recv().ok();
+                if n >= MAX_BATCH_OPS {
+                    break;
+                }
+                next = rx.try_recv().ok();
+                if next.is_none() && !urgent && n < LINGER_OPS {
+                    // Only lazy writes so far: wait a little for company.
+                    // (The timeout is made inside the timer's runtime.)
+                    next = timer
+                        .block_on(async { tokio::time::timeout_at(lingers_until, rx.recv()).await })
+                        .ok()
+                        .flatten();
                 }
             }
         }
@@ -239,4 +298,97 @@ fn changed_by(ops: &[Op]) -> Vec<DeliveryId> {
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Endpoint, Op};
+    use std::time::Duration;
+
+    fn store(name: &str) -> (Arc<Store>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "rulehook-outbox-{name}-{}-{:x}",
+            std::process::id(),
+            DeliveryId::new().0
+        ));
+        let store = Store::open(&dir.join("rulehook.redb"), 1 << 20).unwrap();
+        (Arc::new(store), dir)
+    }
+
+    fn endpoint(name: &str) -> Op {
+        Op::PutEndpoint(Endpoint {
+            endpoint: format!("https://{name}:443"),
+            ..Default::default()
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_urgent_write_ends_the_linger_of_lazy_ones_and_shares_their_commit() {
+        let (store, dir) = store("urgent");
+        // A linger no test would sit out: only an urgent write can end it
+        // early, and the two then share one commit.
+        let (outbox, handle) = Outbox::start_with_linger(store.clone(), Duration::from_secs(600));
+        runtime().block_on(async {
+            let lazy = tokio::spawn({
+                let outbox = outbox.clone();
+                async move { outbox.write_lazily(vec![endpoint("a")]).await }
+            });
+            // Let the writer take the lazy write and start lingering on it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let urgent = outbox.write(vec![endpoint("b")]).await.unwrap();
+            assert_eq!(urgent, vec![Done::EndpointSaved]);
+            assert_eq!(lazy.await.unwrap().unwrap(), vec![Done::EndpointSaved]);
+        });
+        assert_eq!(
+            outbox.stats.commits.load(Ordering::Relaxed),
+            1,
+            "one commit for both"
+        );
+        assert_eq!(store.endpoints().unwrap().len(), 2);
+        runtime().block_on(outbox.close());
+        drop(outbox);
+        handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn lazy_writes_alone_commit_together_once_the_linger_is_over() {
+        let (store, dir) = store("lazy");
+        let (outbox, handle) = Outbox::start_with_linger(store.clone(), Duration::from_millis(300));
+        let done = runtime().block_on(async {
+            let writes: Vec<_> = (0..5)
+                .map(|i| {
+                    let outbox = outbox.clone();
+                    tokio::spawn(async move {
+                        outbox.write_lazily(vec![endpoint(&format!("e{i}"))]).await
+                    })
+                })
+                .collect();
+            let mut done = Vec::new();
+            for w in writes {
+                done.push(w.await.unwrap().unwrap());
+            }
+            done
+        });
+        assert_eq!(done, vec![vec![Done::EndpointSaved]; 5]);
+        assert_eq!(
+            store.endpoints().unwrap().len(),
+            5,
+            "durable when they return"
+        );
+        let commits = outbox.stats.commits.load(Ordering::Relaxed);
+        assert!(commits < 5, "five lazy writes made {commits} commits");
+        runtime().block_on(outbox.close());
+        drop(outbox);
+        handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -107,6 +107,14 @@ impl OrderedReceiver {
                                     s.overlaps.push((key.clone(), event.clone()));
                                 }
                             }
+                            // Out of flight when answered, or when hyper drops
+                            // this future because the sender went away (a
+                            // killed node): either way it is no longer sent.
+                            let _in_flight = InFlight {
+                                seen: seen.clone(),
+                                path: path.clone(),
+                                key: key.clone(),
+                            };
                             tokio::time::sleep(delay).await;
                             let status = if down.load(Ordering::SeqCst) {
                                 503
@@ -120,9 +128,6 @@ impl OrderedReceiver {
                             {
                                 let mut all = seen.lock().expect("lock");
                                 let s = all.entry(path).or_default();
-                                if let Some(n) = s.in_flight.get_mut(&key) {
-                                    *n -= 1;
-                                }
                                 s.requests.push((key.clone(), seq, status));
                                 if status == 200 && s.succeeded.insert(delivery) {
                                     s.first_successes.entry(key).or_default().push(seq);
@@ -168,6 +173,25 @@ impl OrderedReceiver {
         let all = self.seen.lock().expect("lock");
         let empty = Seen::default();
         f(all.get(path).unwrap_or(&empty))
+    }
+}
+
+/// Counts a request out of flight when dropped.
+struct InFlight {
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
+    path: String,
+    key: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut all = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = all
+            .get_mut(&self.path)
+            .and_then(|s| s.in_flight.get_mut(&self.key))
+        {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 

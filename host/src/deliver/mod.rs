@@ -56,6 +56,9 @@ pub struct Work {
     /// The ordered lane it halts when it fails for good (a rule with
     /// `ordering: {on_failure: halt}`): it parks on the lane instead.
     pub halts: Option<String>,
+    /// It is the head of an ordered lane: its record moves the lane on, so
+    /// it is written at once rather than lazily (see `Outbox::write_lazily`).
+    pub ordered: bool,
 }
 
 /// What the dispatcher and its attempts share.
@@ -628,6 +631,7 @@ impl Dispatcher {
         let id = work.id;
         let task = tokio::spawn(async move {
             let halts = work.halts.clone();
+            let ordered = work.ordered;
             let mut outcome = attempt(&shared, work).await;
             if let Some(lane) = &halts {
                 hold_lane(&mut outcome.ops, lane);
@@ -639,7 +643,14 @@ impl Dispatcher {
             });
             // The delivery stays in `active` until this commit, so no scan
             // starts it again on the strength of its old state.
-            let retry_at = match shared.outbox.write(outcome.ops).await {
+            // No client waits on an attempt record: it may share a commit
+            // with the next ones (a lane's head may not: the lane waits).
+            let recorded = if ordered {
+                shared.outbox.write(outcome.ops).await
+            } else {
+                shared.outbox.write_lazily(outcome.ops).await
+            };
+            let retry_at = match recorded {
                 Ok(done)
                     if done
                         .iter()
@@ -783,6 +794,7 @@ impl Dispatcher {
                 body: due.body.map(Bytes::from),
                 space: d.space,
                 claim: due.claim,
+                ordered: d.lane.is_some(),
                 halts: d.lane.filter(|l| l.halt).map(|l| l.key),
             });
         }
