@@ -200,6 +200,9 @@ fn start_server(dir: &std::path::Path) -> (Server, Duration) {
 /// Config lines for the store the next servers use (empty: embedded redb).
 static STORE: Mutex<String> = Mutex::new(String::new());
 
+/// More config lines for the next servers (the cost run's `record_linger`).
+static EXTRA: Mutex<String> = Mutex::new(String::new());
+
 /// The next servers' rule has `ordering: {key: entity}` (the `ordering`
 /// run), and events name this many distinct entities (0: each event its
 /// own entity).
@@ -220,7 +223,7 @@ fn setup(name: &str, url: &str, port: u16) -> std::path::PathBuf {
     .unwrap();
     std::fs::write(
         dir.join("rulehook.yaml"),
-        format!("rules_dir: rules\ndata_dir: data\nallow_http: true\nhttp_ports: [{port}]\nallow_cidrs: [127.0.0.0/8]\nmax_body: 8MiB\napi_keys:\n  - {{name: a, role: admin, key: {KEY}}}\n{}", STORE.lock().unwrap()),
+        format!("rules_dir: rules\ndata_dir: data\nallow_http: true\nhttp_ports: [{port}]\nallow_cidrs: [127.0.0.0/8]\nmax_body: 8MiB\napi_keys:\n  - {{name: a, role: admin, key: {KEY}}}\n{}{}", STORE.lock().unwrap(), EXTRA.lock().unwrap()),
     )
     .unwrap();
     dir
@@ -861,28 +864,34 @@ async fn cost() {
         "cost: per delivery, server process; rate = events/s offered (saturation: closed loop); syscalls counted with perf tracepoints"
     );
     println!(
-        "cost: | posting | offered | delivered/s | CPU µs | {} |",
+        "cost: | posting | offered | record_linger | delivered/s | CPU µs | {} |",
         COUNTED_SYSCALLS.join(" | ")
     );
+    // Each row twice, side by side: attempt records committed at once
+    // (record_linger: 0ms, as before it existed) and lingering (default).
     for batch in [1, 50] {
         for rate in [Some(100.0), Some(500.0), Some(2_000.0), None] {
-            let (got, cpu, n, calls) = cost_run(rate, batch).await;
-            let per: Vec<String> = COUNTED_SYSCALLS
-                .iter()
-                .map(|s| format!("{:.2}", *calls.get(*s).unwrap_or(&0) as f64 / n))
-                .collect();
-            println!(
-                "cost: | {} | {} | {got:.0} | {cpu:.1} | {} |",
-                if batch == 1 {
-                    "one per request"
-                } else {
-                    "NDJSON ×50"
-                },
-                rate.map_or("saturation".to_string(), |r| format!("{r:.0}/s")),
-                per.join(" | ")
-            );
+            for linger in ["0ms", "20ms"] {
+                *EXTRA.lock().unwrap() = format!("record_linger: {linger}\n");
+                let (got, cpu, n, calls) = cost_run(rate, batch).await;
+                let per: Vec<String> = COUNTED_SYSCALLS
+                    .iter()
+                    .map(|s| format!("{:.2}", *calls.get(*s).unwrap_or(&0) as f64 / n))
+                    .collect();
+                println!(
+                    "cost: | {} | {} | {linger} | {got:.0} | {cpu:.1} | {} |",
+                    if batch == 1 {
+                        "one per request"
+                    } else {
+                        "NDJSON ×50"
+                    },
+                    rate.map_or("saturation".to_string(), |r| format!("{r:.0}/s")),
+                    per.join(" | ")
+                );
+            }
         }
     }
+    EXTRA.lock().unwrap().clear();
 }
 
 /// The postmaster's pid of a test server.

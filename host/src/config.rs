@@ -38,6 +38,9 @@ pub struct Config {
     pub retry_after_cap: Duration,
     /// On SIGTERM, in-flight attempts get this long to finish.
     pub shutdown_grace: Duration,
+    /// How long attempt records wait to share a commit (see
+    /// `Outbox::write_lazily`); zero commits each at once.
+    pub record_linger: Duration,
     /// redb page cache; most of the memory a large backlog costs.
     pub cache_bytes: usize,
     /// Save redb's allocator state with every commit, so a restart after a
@@ -194,6 +197,7 @@ impl Default for Config {
             },
             retry_after_cap: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
+            record_linger: crate::outbox::LINGER,
             cache_bytes: 64 << 20,
             quick_repair: true,
             plugin_limits: crate::plugins::Limits::default(),
@@ -247,6 +251,7 @@ struct FileConfig {
     protection: Option<FileProtection>,
     retry_after_cap: Option<String>,
     shutdown_grace: Option<String>,
+    record_linger: Option<String>,
     cache_size: Option<String>,
     quick_repair: Option<bool>,
     plugin_timeout: Option<String>,
@@ -513,6 +518,19 @@ impl Config {
         }
         if let Some(s) = f.shutdown_grace {
             self.shutdown_grace = duration(src, "shutdown_grace", &s)?;
+        }
+        if let Some(s) = f.record_linger {
+            let d = duration(src, "record_linger", &s)?;
+            if d > crate::outbox::MAX_LINGER {
+                return Err(cfg_err(
+                    src,
+                    format!(
+                        "`record_linger`: `{s}` is longer than {} ms: a record that waits longer holds back the retry it schedules and the live view; use 0ms to 1s",
+                        crate::outbox::MAX_LINGER.as_millis()
+                    ),
+                ));
+            }
+            self.record_linger = d;
         }
         if let Some(b) = f.allow_http {
             self.outbound.allow_http = b;
@@ -827,6 +845,45 @@ mod server_limits_tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{text}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod record_linger_tests {
+    use super::*;
+
+    #[test]
+    fn record_linger_defaults_loads_and_refuses_a_long_one() {
+        let dir =
+            std::env::temp_dir().join(format!("rulehook-config-linger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rulehook.yaml");
+        std::fs::write(&file, "retention: 7d\n").unwrap();
+        let c = Config::load(Some(&file), &|_| None).unwrap();
+        assert_eq!(c.record_linger, Duration::from_millis(20));
+        for (text, want) in [
+            ("record_linger: 0ms\n", Ok(Duration::ZERO)),
+            ("record_linger: 250ms\n", Ok(Duration::from_millis(250))),
+            (
+                "record_linger: 2s\n",
+                Err("`record_linger`: `2s` is longer than 1000 ms"),
+            ),
+            (
+                "record_linger: later\n",
+                Err("`record_linger`: `later` is not a duration"),
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            match (Config::load(Some(&file), &|_| None), want) {
+                (Ok(c), Ok(d)) => assert_eq!(c.record_linger, d, "{text}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{text}: {e}"),
+                (got, want) => panic!(
+                    "{text}: got {:?}, want {want:?}",
+                    got.map(|c| c.record_linger)
+                ),
+            }
         }
         std::fs::remove_dir_all(&dir).ok();
     }

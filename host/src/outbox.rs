@@ -30,7 +30,9 @@ const MAX_BATCH_OPS: usize = 4096;
 /// client on a record, so it can wait: 20 ms gathers ten records at
 /// 500 deliveries/s. Any urgent write (an event to accept, an admin's
 /// action, a lane's record) ends the wait at once.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// The longest `record_linger` the config takes.
+pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_OPS: usize = 64;
 
 #[derive(Debug, thiserror::Error, Clone)]

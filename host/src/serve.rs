@@ -115,7 +115,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || crate::cluster::open_store(&config, &node_id)).await??
     };
     let store = Arc::new(store);
-    let (outbox, writer) = Outbox::start(store.clone());
+    let (outbox, writer) = Outbox::start_with_linger(store.clone(), config.record_linger);
     let started = {
         let loader = loader.clone();
         tokio::task::spawn_blocking(move || loader.load(None)).await?
