@@ -31,6 +31,14 @@ const MAX_BATCH_OPS: usize = 4096;
 /// 500 deliveries/s. Any urgent write (an event to accept, an admin's
 /// action, a lane's record) ends the wait at once.
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long a small batch with an urgent write (an event to accept) may
+/// wait for more, when urgent writes come from several callers at once
+/// often enough that the wait brings some (see `Pacer`), and the ops that
+/// end the wait early. It is added to a 202 at most, and only at rates
+/// where one commit per event is what a delivery mostly costs.
+const URGENT_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+const URGENT_OPS: usize = 16;
+
 /// The longest `record_linger` the config takes.
 pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_OPS: usize = 64;
@@ -186,6 +194,7 @@ fn writer(
         .enable_time()
         .build()
         .expect("a timer for the outbox writer");
+    let mut pacer = Pacer::new();
     let mut closing = false;
     while !closing {
         let mut batch = Vec::new();
@@ -197,6 +206,9 @@ fn writer(
             };
             let lingers_until = tokio::time::Instant::now() + linger;
             let mut urgent = false;
+            // While waiting for company for an urgent write: until when,
+            // and how many came.
+            let mut urgent_wait: Option<(tokio::time::Instant, usize)> = None;
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
@@ -207,6 +219,12 @@ fn writer(
                     } => {
                         n += ops.len();
                         urgent |= u;
+                        if u {
+                            pacer.arrived(std::time::Instant::now());
+                        }
+                        if let Some((_, came)) = urgent_wait.as_mut() {
+                            *came += 1;
+                        }
                         batch.push((ops, reply));
                     }
                     Request::Close => {
@@ -219,14 +237,37 @@ fn writer(
                     break;
                 }
                 next = rx.try_recv().ok();
-                if next.is_none() && !urgent && n < LINGER_OPS {
+                if next.is_some() {
+                    continue;
+                }
+                // Nothing more waiting. (Timeouts are made inside the
+                // timer's runtime.)
+                if !urgent && n < LINGER_OPS {
                     // Only lazy writes so far: wait a little for company.
-                    // (The timeout is made inside the timer's runtime.)
                     next = timer
                         .block_on(async { tokio::time::timeout_at(lingers_until, rx.recv()).await })
                         .ok()
                         .flatten();
+                } else if urgent && n < URGENT_OPS {
+                    let until = match urgent_wait {
+                        Some((until, _)) => Some(until),
+                        None if pacer.lingers(std::time::Instant::now()) => {
+                            let until = tokio::time::Instant::now() + URGENT_LINGER;
+                            urgent_wait = Some((until, 0));
+                            Some(until)
+                        }
+                        None => None,
+                    };
+                    if let Some(until) = until {
+                        next = timer
+                            .block_on(async { tokio::time::timeout_at(until, rx.recv()).await })
+                            .ok()
+                            .flatten();
+                    }
                 }
+            }
+            if let Some((_, came)) = urgent_wait {
+                pacer.lingered(came, std::time::Instant::now());
             }
         }
         if batch.is_empty() {
@@ -284,6 +325,62 @@ fn writer(
     }
 }
 
+/// Whether a small urgent batch should wait for company: only when urgent
+/// writes have lately come closer together than `URGENT_LINGER` (so the
+/// wait likely brings one), and not while such waits keep bringing none.
+/// A lone caller that posts one event after another is one of those: its
+/// next event comes only after this commit, so waiting for it is waste;
+/// after a wait that brought nothing the pacer stays out for a while,
+/// doubling up to 2 s, and such a caller loses at most one wait per pause.
+struct Pacer {
+    /// Mean gap between urgent writes, in seconds (moving average).
+    gap: f64,
+    last: Option<std::time::Instant>,
+    quiet_until: Option<std::time::Instant>,
+    pause: std::time::Duration,
+}
+
+impl Pacer {
+    const MIN_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new() -> Pacer {
+        Pacer {
+            gap: f64::INFINITY,
+            last: None,
+            quiet_until: None,
+            pause: Pacer::MIN_PAUSE,
+        }
+    }
+
+    fn arrived(&mut self, now: std::time::Instant) {
+        if let Some(last) = self.last {
+            let gap = now.saturating_duration_since(last).as_secs_f64();
+            self.gap = if self.gap.is_finite() {
+                0.8 * self.gap + 0.2 * gap
+            } else {
+                gap
+            };
+        }
+        self.last = Some(now);
+    }
+
+    fn lingers(&self, now: std::time::Instant) -> bool {
+        self.gap <= URGENT_LINGER.as_secs_f64() && self.quiet_until.is_none_or(|t| now >= t)
+    }
+
+    /// A wait ended, having brought `came` more writes.
+    fn lingered(&mut self, came: usize, now: std::time::Instant) {
+        if came == 0 {
+            self.quiet_until = Some(now + self.pause);
+            self.pause = (self.pause * 2).min(Pacer::MAX_PAUSE);
+        } else {
+            self.quiet_until = None;
+            self.pause = Pacer::MIN_PAUSE;
+        }
+    }
+}
+
 /// The deliveries a batch names (unparked ones are known only after it).
 fn changed_by(ops: &[Op]) -> Vec<DeliveryId> {
     let mut ids = Vec::new();
@@ -330,6 +427,38 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn the_pacer_waits_only_for_close_arrivals_and_backs_off_when_waits_bring_none() {
+        let t0 = std::time::Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut p = Pacer::new();
+        assert!(!p.lingers(t0), "no arrivals yet");
+        // Events 20 ms apart: a wait of 5 ms would rarely bring one.
+        for i in 0..5 {
+            p.arrived(ms(i * 20));
+        }
+        assert!(!p.lingers(ms(100)));
+        // 1 ms apart: it waits.
+        let mut p = Pacer::new();
+        for i in 0..5 {
+            p.arrived(ms(i));
+        }
+        assert!(p.lingers(ms(5)));
+        // A wait that brought nothing (a lone sender): out for 100 ms, then
+        // 200 ms after the next such wait.
+        p.lingered(0, ms(10));
+        assert!(!p.lingers(ms(50)));
+        assert!(p.lingers(ms(110)));
+        p.lingered(0, ms(110));
+        assert!(!p.lingers(ms(250)));
+        assert!(p.lingers(ms(310)));
+        // One that brought company resets the pause.
+        p.lingered(3, ms(310));
+        assert!(p.lingers(ms(311)));
+        p.lingered(0, ms(311));
+        assert!(p.lingers(ms(412)), "the pause is back to 100 ms");
     }
 
     #[test]
