@@ -458,7 +458,8 @@ fn serve(config: Option<&Path>, listen: Option<std::net::SocketAddr>) -> ExitCod
         }
         // After the config (it names the trace collector), inside the
         // runtime (the exporter sends through it).
-        let telemetry = crate::telemetry::init(config.otlp_endpoint.as_ref())?;
+        let telemetry =
+            crate::telemetry::init(config.otlp_endpoint.as_ref(), config.otlp_sample_ratio)?;
         let listener = crate::serve::bind(config.listen).await?;
         let served = crate::serve::run(listener, config, shutdown_signal()).await;
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

@@ -62,6 +62,8 @@ pub struct Config {
     /// An OpenTelemetry collector's OTLP/HTTP endpoint; traces are exported
     /// there only when this is set (see `telemetry`).
     pub otlp_endpoint: Option<url::Url>,
+    /// The share of events (0 to 1) whose ingest and attempts are traced.
+    pub otlp_sample_ratio: f64,
     /// Distinct values each metric label (rule, endpoint, plugin) keeps;
     /// later ones are counted under `other` (see `metrics`).
     pub metrics_label_values: usize,
@@ -216,6 +218,7 @@ impl Default for Config {
             },
             server: ServerLimits::default(),
             otlp_endpoint: None,
+            otlp_sample_ratio: 0.1,
             metrics_label_values: crate::metrics::DEFAULT_LABEL_VALUES,
         }
     }
@@ -275,6 +278,7 @@ struct FileConfig {
     cluster: Option<FileCluster>,
     server: Option<FileServerLimits>,
     otlp_endpoint: Option<String>,
+    otlp_sample_ratio: Option<f64>,
     metrics_label_values: Option<usize>,
 }
 
@@ -309,6 +313,20 @@ struct FileProtection {
     failures: Option<u32>,
     block: Option<String>,
     max_block: Option<String>,
+}
+
+/// A share of events to trace, 0 to 1.
+fn sample_ratio(source: &str, key: &str, r: f64) -> Result<f64, ConfigError> {
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(cfg_err(
+            source,
+            format!(
+                "`{key}`: {r} is not between 0 and 1; write e.g. 0.1 for one event in ten, 1 for all"
+            ),
+        ))
+    }
 }
 
 /// An OTLP/HTTP collector URL; empty turns export off.
@@ -492,6 +510,9 @@ impl Config {
         if let Some(e) = f.otlp_endpoint {
             self.otlp_endpoint = otlp_endpoint(src, "otlp_endpoint", &e)?;
         }
+        if let Some(r) = f.otlp_sample_ratio {
+            self.otlp_sample_ratio = sample_ratio(src, "otlp_sample_ratio", r)?;
+        }
         if let Some(n) = f.metrics_label_values {
             if n == 0 {
                 return Err(cfg_err(
@@ -628,6 +649,15 @@ impl Config {
         }
         if let Some(v) = env("RULEHOOK_OTLP_ENDPOINT") {
             self.otlp_endpoint = otlp_endpoint("environment", "RULEHOOK_OTLP_ENDPOINT", &v)?;
+        }
+        if let Some(v) = env("RULEHOOK_OTLP_SAMPLE_RATIO") {
+            let r = v.trim().parse().map_err(|_| {
+                cfg_err(
+                    "environment",
+                    format!("RULEHOOK_OTLP_SAMPLE_RATIO: `{v}` is not a number; write e.g. 0.1"),
+                )
+            })?;
+            self.otlp_sample_ratio = sample_ratio("environment", "RULEHOOK_OTLP_SAMPLE_RATIO", r)?;
         }
         if let Some(v) = env("RULEHOOK_NODE_ID") {
             self.cluster.node_id = Some(node_id("environment", &v)?);
@@ -1057,6 +1087,10 @@ mod tests {
             (
                 "otlp_endpoint: 127.0.0.1:4318\n",
                 "`otlp_endpoint`: `127.0.0.1:4318` is not an http(s) URL",
+            ),
+            (
+                "otlp_sample_ratio: 2\n",
+                "`otlp_sample_ratio`: 2 is not between 0 and 1",
             ),
             (
                 "metrics_label_values: 0\n",

@@ -24,7 +24,7 @@ use crate::reload::Snapshot;
 use crate::rules::target::RuleVersion;
 use crate::rules::{OnFailure, Transport};
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, NewLane, Op, State};
-use crate::telemetry::SPANS;
+use crate::telemetry::{self, SPANS};
 use tracing::Instrument as _;
 
 /// A delivery to hand to the dispatcher after the commit.
@@ -116,7 +116,10 @@ impl Ingest {
         // splits an event between old and new rules, or old and new plugins.
         let snapshot = self.rules.load_full();
         // One trace per request (exported only with `otlp_endpoint`).
-        let span = tracing::info_span!(target: SPANS, "ingest", events = events.len(), event.id = tracing::field::Empty);
+        let span = telemetry::root(
+            events.first().and_then(|e| e.id.as_deref()),
+            || tracing::info_span!(target: SPANS, "ingest", events = events.len(), event.id = tracing::field::Empty),
+        );
         let metrics = self.metrics.clone();
         let (ops, handovers) = if snapshot.chains || snapshot.queries_jsonpath() {
             // Plugin calls are CPU-bound and may run up to their deadline,
@@ -132,7 +135,10 @@ impl Ingest {
         } else {
             span.in_scope(|| prepare(&snapshot, events, &metrics))
         };
-        let commit = tracing::info_span!(target: SPANS, parent: &span, "commit", ops = ops.len());
+        let commit = telemetry::child_of(
+            &span,
+            || tracing::info_span!(target: SPANS, parent: &span, "commit", ops = ops.len()),
+        );
         let results = self.outbox.write(ops).instrument(commit).await?;
         let mut out = Vec::with_capacity(results.len());
         for (done, (event_id, handover)) in results.into_iter().zip(handovers) {
@@ -198,15 +204,21 @@ fn prepare(
         if one {
             tracing::Span::current().record("event.id", id.as_str());
         }
-        let _event = tracing::info_span!(target: SPANS, "event", event.id = %id, event.type = %event.event_type, entity.type = %event.entity_type).entered();
+        let _event = telemetry::child(|| {
+            tracing::info_span!(target: SPANS, "event", event.id = %id, event.type = %event.event_type, entity.type = %event.entity_type)
+        })
+        .entered();
         let mut deliveries = Vec::new();
         let mut handover = Vec::new();
         let view = crate::rules::eval::EventView::new(&event);
-        let matched =
-            tracing::info_span!(target: SPANS, "match").in_scope(|| snapshot.matching(&event));
+        let matched = telemetry::child(|| tracing::info_span!(target: SPANS, "match"))
+            .in_scope(|| snapshot.matching(&event));
         for rule in matched {
             let did = DeliveryId::new();
-            let _plugins = tracing::info_span!(target: SPANS, "plugins", rule = %rule.name, delivery.id = %did).entered();
+            let _plugins = telemetry::child(|| {
+                tracing::info_span!(target: SPANS, "plugins", rule = %rule.name, delivery.id = %did)
+            })
+            .entered();
             let payload = crate::payload::build(&rule.name, &event, &id);
             let ctx = CallContext::for_event(&rule.name, &id, &event);
             let outcome = snapshot.plugins.run_chain_observed(

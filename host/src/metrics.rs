@@ -701,11 +701,17 @@ impl Metrics {
         for v in held.values_mut() {
             *v = (0, 0);
         }
+        // Scans come every 20 ms through a backlog: a known endpoint costs
+        // a lookup, not a copy of its key.
+        let mut set = |ep: &String, f: &mut dyn FnMut(&mut (u64, u64))| match held.get_mut(ep) {
+            Some(v) => f(v),
+            None => f(held.entry(ep.clone()).or_default()),
+        };
         for (ep, n) in in_flight {
-            held.entry(ep.clone()).or_default().0 = n as u64;
+            set(ep, &mut |v| v.0 = n as u64);
         }
         for (ep, n) in waiting {
-            held.entry(ep.clone()).or_default().1 = n as u64;
+            set(ep, &mut |v| v.1 = n as u64);
         }
         held.retain(|_, v| *v != (0, 0));
     }
@@ -1010,6 +1016,67 @@ mod tests {
             &m.series("rule-9", "http://127.0.0.1:9009"),
             &m.series("rule-8", "http://127.0.0.1:9008")
         ));
+    }
+
+    /// Every metric family, each with at least one sample.
+    fn every_family() -> String {
+        let m = Metrics::default();
+        m.bind_commit_ops(commit_ops_histogram());
+        let s = m.series("r", "http://a:1");
+        s.attempt(Answer::Status(200), true, Duration::from_millis(1));
+        s.delivery(Outcome::Succeeded);
+        m.delivery_created("r");
+        m.endpoint_blocked("http://a:1");
+        m.claim_lost();
+        m.ingested(Duration::from_millis(1));
+        m.plugin_call("p", Duration::from_micros(5), true);
+        m.cluster(1, 1);
+        m.dispatcher_held(
+            [(&"http://a:1".to_string(), 1)].into_iter(),
+            std::iter::empty(),
+        );
+        m.render(&Scrape {
+            endpoints: vec![EndpointNow {
+                endpoint: "http://a:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_dashboard_and_the_readme_name_only_metrics_that_exist() {
+        let text = every_family();
+        let families: HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard = include_str!("../../docs/grafana/rulehook.json");
+        serde_json::from_str::<serde_json::Value>(dashboard).expect("the dashboard is JSON");
+        // The README's section on metrics (other sections name tables too).
+        let readme = include_str!("../../README.md");
+        let readme = readme
+            .split("### Observability")
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .expect("README has an Observability section");
+        for (what, doc) in [("dashboard", dashboard), ("README", readme)] {
+            let names = doc
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("rulehook_") && w.len() > "rulehook_".len());
+            for name in names {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|base| families.contains(base))
+                    .unwrap_or(name);
+                assert!(
+                    families.contains(family),
+                    "the {what} names {name}, which /metrics does not have"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,17 +5,21 @@
 //! per attempt (`attempt` → `sign`, `send`, `record`), exported over OTLP
 //! (HTTP, protobuf) only when `otlp_endpoint` is configured.
 //!
-//! With no endpoint no layer wants those spans, so each span site costs one
-//! cached interest check and nothing is recorded: the log layer skips them
-//! too (delivery log lines carry their ids as fields instead). With one,
-//! spans go through OpenTelemetry's batch processor: a bounded queue that
-//! drops spans when full, drained by its own thread, so a slow or dead
-//! collector costs spans, never a delivery's time.
+//! With no endpoint no span is made: each site checks one flag ([`root`],
+//! [`child`]); the log layer skips them anyway (delivery log lines carry
+//! their ids as fields instead). With one, a share of events
+//! (`otlp_sample_ratio`, by a hash of the event id, so an event's ingest
+//! and all its attempts are traced together or not at all) get their
+//! spans, which go through OpenTelemetry's batch processor: a bounded
+//! queue that drops spans when full, drained by its own thread, so a slow
+//! or dead collector costs spans, never a delivery's time.
 //!
 //! Span attributes are ids, rule and plugin names, endpoint keys
 //! (`scheme://host:port`, never a URL's path or query, which can hold a
 //! token) and status codes: nothing secret.
 
+use std::hash::Hash as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +27,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing::Span;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -30,6 +35,82 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The target of every pipeline span (`info_span!(target: SPANS, …)`).
 pub const SPANS: &str = "rulehook::span";
+
+/// The share of events traced, as `f64` bits; 0 while traces are off.
+static SAMPLED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the event `event_id` is traced (`None`: an event whose id is
+/// not known yet, decided at random). The same id always gets the same
+/// answer, so its ingest and every attempt, on any node, agree.
+fn sampled(event_id: Option<&str>) -> bool {
+    let ratio = f64::from_bits(SAMPLED.load(Relaxed));
+    if ratio <= 0.0 {
+        return false;
+    }
+    if ratio >= 1.0 {
+        return true;
+    }
+    let x = match event_id {
+        Some(id) => {
+            // FNV-1a: the same on every node and across releases, which
+            // std's `DefaultHasher` does not promise.
+            let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+            id.hash(&mut h);
+            (h.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        None => rand::random::<f64>(),
+    };
+    x < ratio
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Changes the share of events traced (the benchmarks compare them in one
+/// process; the server sets it once, in `init`).
+pub fn set_sample_ratio(ratio: f64) {
+    SAMPLED.store(ratio.clamp(0.0, 1.0).to_bits(), Relaxed);
+}
+
+/// A trace's root span for the event `event_id`: `make()` when traces are
+/// on and the event is sampled, else a disabled span (and nothing made).
+pub fn root(event_id: Option<&str>, make: impl FnOnce() -> Span) -> Span {
+    if sampled(event_id) {
+        make()
+    } else {
+        Span::none()
+    }
+}
+
+/// A span inside the current one: made only while that one is traced, so
+/// an unsampled event's stages do not become traces of their own.
+pub fn child(make: impl FnOnce() -> Span) -> Span {
+    if SAMPLED.load(Relaxed) == 0 || Span::current().is_disabled() {
+        return Span::none();
+    }
+    make()
+}
+
+/// A span under `parent` (created with `parent: parent`), made only when
+/// `parent` is traced.
+pub fn child_of(parent: &Span, make: impl FnOnce() -> Span) -> Span {
+    if parent.is_disabled() {
+        Span::none()
+    } else {
+        make()
+    }
+}
 
 /// Spans waiting for export; past this they are dropped, not waited for.
 const QUEUE: usize = 8_192;
@@ -84,9 +165,13 @@ pub fn traces_url(endpoint: &url::Url) -> String {
     }
 }
 
-/// Installs the log layer and, with `otlp_endpoint`, the trace exporter.
-/// Must run inside the tokio runtime the exporter's requests go through.
-pub fn init(otlp_endpoint: Option<&url::Url>) -> Result<Telemetry, TelemetryError> {
+/// Installs the log layer and, with `otlp_endpoint`, the trace exporter
+/// for `sample_ratio` of the events (0 to 1). Must run inside the tokio
+/// runtime the exporter's requests go through.
+pub fn init(
+    otlp_endpoint: Option<&url::Url>,
+    sample_ratio: f64,
+) -> Result<Telemetry, TelemetryError> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RULEHOOK_LOG")
         .unwrap_or_else(|_| "info".into());
     let json = std::env::var("RULEHOOK_LOG_FORMAT").is_ok_and(|f| f == "json");
@@ -108,8 +193,17 @@ pub fn init(otlp_endpoint: Option<&url::Url>) -> Result<Telemetry, TelemetryErro
         None => None,
     };
     let traces = provider.as_ref().map(|p| {
+        // Per span, only what the pipeline's fields say: thread names,
+        // source locations, busy/idle clocks, the target and a context
+        // switch per entry cost more than the spans themselves (measured:
+        // `--bench pipeline -- spans`).
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("rulehook"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_target(false)
+            .with_context_activation(false)
             .with_filter(filter_fn(|m| m.is_span() && m.target() == SPANS))
     });
     // A second init (tests that run the server in-process) keeps the first.
@@ -118,7 +212,8 @@ pub fn init(otlp_endpoint: Option<&url::Url>) -> Result<Telemetry, TelemetryErro
         .with(traces)
         .try_init();
     if let Some(endpoint) = otlp_endpoint {
-        tracing::info!(collector = %traces_url(endpoint), "exporting traces over OTLP");
+        set_sample_ratio(sample_ratio);
+        tracing::info!(collector = %traces_url(endpoint), sample_ratio, "exporting traces over OTLP");
     }
     Ok(Telemetry { provider })
 }
@@ -220,6 +315,19 @@ impl opentelemetry_http::HttpClient for Export {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_events_trace_is_sampled_by_its_id_alone() {
+        SAMPLED.store(0.5f64.to_bits(), Relaxed);
+        let ids: Vec<String> = (0..2_000).map(|i| format!("evt-{i}")).collect();
+        let first: Vec<bool> = ids.iter().map(|id| sampled(Some(id))).collect();
+        let again: Vec<bool> = ids.iter().map(|id| sampled(Some(id))).collect();
+        assert_eq!(first, again, "the same id, the same decision");
+        let share = first.iter().filter(|s| **s).count();
+        assert!((800..1_200).contains(&share), "{share} of 2000 at 0.5");
+        SAMPLED.store(0, Relaxed);
+        assert!(!sampled(Some("evt-1")), "off means off");
+    }
 
     #[test]
     fn a_collector_url_without_a_path_gets_the_traces_path() {

@@ -30,7 +30,7 @@ use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
 use crate::store::{Attempt, Claim, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
 use crate::targets::{Target, Targets};
-use crate::telemetry::SPANS;
+use crate::telemetry::{self, SPANS};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
 use tracing::Instrument as _;
@@ -633,10 +633,12 @@ impl Dispatcher {
         let id = work.id;
         let task = tokio::spawn(async move {
             // One trace per attempt (exported only with `otlp_endpoint`).
-            let span = tracing::info_span!(target: SPANS, "attempt",
-                event.id = %work.event_id, delivery.id = %work.id, rule = %work.rule,
-                endpoint = %endpoint, attempt = work.attempts + 1,
-                http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty);
+            let span = telemetry::root(Some(&work.event_id), || {
+                tracing::info_span!(target: SPANS, "attempt",
+                    event.id = %work.event_id, delivery.id = %work.id, rule = %work.rule,
+                    endpoint = %endpoint, attempt = work.attempts + 1,
+                    http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty)
+            });
             let mut outcome = attempt(&shared, &work).instrument(span.clone()).await;
             if let Some(lane) = &work.halts {
                 hold_lane(&mut outcome.ops, lane);
@@ -651,7 +653,10 @@ impl Dispatcher {
             // starts it again on the strength of its old state.
             // No client waits on an attempt record: it may share a commit
             // with the next ones (a lane's head may not: the lane waits).
-            let record = tracing::info_span!(target: SPANS, parent: &span, "record");
+            let record = telemetry::child_of(
+                &span,
+                || tracing::info_span!(target: SPANS, parent: &span, "record"),
+            );
             let recorded = if work.ordered {
                 shared.outbox.write(outcome.ops).instrument(record).await
             } else {
@@ -896,7 +901,7 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
         ("X-Rulehook-Rule", target.rule.clone()),
         ("X-Rulehook-Attempt", number.to_string()),
     ];
-    let (request, recorded) = tracing::info_span!(target: SPANS, "sign")
+    let (request, recorded) = telemetry::child(|| tracing::info_span!(target: SPANS, "sign"))
         .in_scope(|| build_request(webhook, &id_text, &per_attempt, now / 1000, body));
     let started = Instant::now();
     let sent = match request {
@@ -911,7 +916,9 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
                     webhook.reply_timeout,
                     shared.config.response_body_cap,
                 )
-                .instrument(tracing::info_span!(target: SPANS, "send", http.request.method = %webhook.method.as_str()))
+                .instrument(telemetry::child(|| {
+                    tracing::info_span!(target: SPANS, "send", http.request.method = %webhook.method.as_str())
+                }))
                 .await
         }
         Err(e) => Err(SendError::Refused(e)),

@@ -357,7 +357,9 @@ impl PluginSet {
                     "plugin {name} is not loaded; add it to the plugins directory and redeliver"
                 ));
             };
-            let span = tracing::info_span!(target: crate::telemetry::SPANS, "plugin", plugin = name, outcome = tracing::field::Empty);
+            let span = crate::telemetry::child(
+                || tracing::info_span!(target: crate::telemetry::SPANS, "plugin", plugin = name, outcome = tracing::field::Empty),
+            );
             let started = std::time::Instant::now();
             let call = span.in_scope(|| plugin.transform_with(ctx, &text, &config, &limits));
             observe(name, started.elapsed(), call.result.is_err());
