@@ -443,12 +443,17 @@ fn traces_reach_an_otlp_collector_as_one_tree_per_event_and_per_attempt() {
     assert_eq!(reply.status, 202);
     let delivery = reply.json()["deliveries"][0].as_str().unwrap().to_string();
     rx.wait_for(1, T);
+    // A root ends after its children, and spans go out in the order they
+    // end: once both roots are in, so is every span under them.
     let spans = wait_for(T, "the event's and the attempt's spans", || {
         let spans = spans(&collector);
-        let done = ["commit", "record"]
-            .iter()
-            .all(|n| spans.iter().any(|s| s.name == *n));
-        done.then_some(spans)
+        let root = |name: &str, key: &str, value: &str| {
+            spans
+                .iter()
+                .any(|s| s.name == name && attr(s, key).as_deref() == Some(value))
+        };
+        (root("ingest", "event.id", "evt-traced") && root("attempt", "delivery.id", &delivery))
+            .then_some(spans)
     });
     let by_id: HashMap<&[u8], &Span> = spans.iter().map(|s| (s.span_id.as_slice(), s)).collect();
     let parent = |s: &Span| {
@@ -559,4 +564,60 @@ fn traces_to_a_collector_that_never_answers_hold_no_delivery_up() {
     });
     drop(server);
     drop(held);
+}
+
+#[test]
+fn traces_sample_an_event_with_all_its_attempts_or_not_at_all() {
+    let collector = Receiver::start(vec![Answer::status(200)]);
+    let rx = Receiver::start(vec![Answer::status(200)]);
+    let rules = format!(
+        "rules:\n  - name: sampled\n    events: [create]\n    webhook: {{url: \"{}\"}}\n",
+        rx.url("/hook")
+    );
+    let (dir, config) = setup(
+        "otlp-sampled",
+        &rules,
+        &format!(
+            "http_ports: [{}]\notlp_endpoint: http://{}\notlp_sample_ratio: 0.5\n",
+            rx.addr.port(),
+            collector.addr
+        ),
+    );
+    let server = Server::start_logging_to(&dir, &config, &dir.path().join("server.log"));
+    let n = 40;
+    for i in 0..n {
+        assert_eq!(
+            server.post_event(&story_created(&format!("s-{i}"))).status,
+            202
+        );
+    }
+    rx.wait_for(n, T);
+    // Each traced event's attempt comes after its ingest; wait until every
+    // traced event has both.
+    let (ingested, attempted) = wait_for(T, "every traced event's attempt span", || {
+        let spans = spans(&collector);
+        let ids = |name: &str| -> HashSet<String> {
+            spans
+                .iter()
+                .filter(|s| s.name == name)
+                .filter_map(|s| attr(s, "event.id"))
+                .collect()
+        };
+        let (ingested, attempted) = (ids("ingest"), ids("attempt"));
+        (!ingested.is_empty() && ingested.is_subset(&attempted)).then_some((ingested, attempted))
+    });
+    assert_eq!(ingested, attempted, "an attempt traced without its event");
+    assert!(
+        ingested.len() < n,
+        "every event was traced at 0.5: {ingested:?}"
+    );
+    // An unsampled event made no span at all, not even an orphan stage.
+    let spans = spans(&collector);
+    for s in &spans {
+        let root = spans
+            .iter()
+            .filter(|r| r.trace_id == s.trace_id && r.parent_span_id.is_empty())
+            .count();
+        assert_eq!(root, 1, "{} is in a trace without one root", s.name);
+    }
 }
