@@ -378,10 +378,19 @@ fn logs_name_event_delivery_rule_and_endpoint_in_text_and_json() {
                 "the URL's query is logged: {line}"
             );
         }
-        assert!(
-            lines.iter().any(|l| l.contains("delivery failed")),
-            "{lines:?}"
-        );
+        let failed = lines
+            .iter()
+            .find(|l| l.contains("delivery failed"))
+            .unwrap_or_else(|| panic!("no failure line: {lines:?}"));
+        // The status says what the endpoint answered.
+        match format {
+            "json" => {
+                let v: Value = serde_json::from_str(failed).unwrap();
+                assert_eq!(v["fields"]["status"], "404", "{failed}");
+                assert_eq!(v["level"], "WARN", "{failed}");
+            }
+            _ => assert!(failed.contains("status=404"), "{failed}"),
+        }
         drop(server);
     }
 }

@@ -175,6 +175,16 @@ impl Answer {
     }
 }
 
+/// For logs: the status code, or why there was none (`timeout`, …).
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Status(code) => write!(f, "{code}"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
 /// The families, shared by every [`Series`] that makes handles in them.
 #[derive(Debug)]
 struct Families {

@@ -1012,20 +1012,19 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
     }
     // The status, not the error text: a refusal's text can quote the URL,
     // whose path or query may be a credential (Slack's are).
-    let status = record.status.map(|c| c.to_string());
-    let status = status.as_deref().unwrap_or(Answer::label(answer));
+    let status = answer;
     match &next {
         Next::Failed(_) => {
-            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status, "delivery failed; its record has every attempt, and it can be redelivered")
+            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, "delivery failed; its record has every attempt, and it can be redelivered")
         }
         Next::Park { .. } => {
-            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status, "delivery parked until its endpoint is unblocked")
+            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, "delivery parked until its endpoint is unblocked")
         }
         Next::Retry { at } => {
-            tracing::info!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status, retry_in_ms = at.saturating_sub(now_ms()), "attempt failed; retrying")
+            tracing::info!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, retry_in_ms = at.saturating_sub(now_ms()), "attempt failed; retrying")
         }
         Next::Succeeded => {
-            tracing::debug!(event = %work.event_id, delivery = %work.id, rule = %target.rule, version = %target.version, endpoint = %endpoint, attempt = number, status, "attempt")
+            tracing::debug!(event = %work.event_id, delivery = %work.id, rule = %target.rule, version = %target.version, endpoint = %endpoint, attempt = number, status = %status, "attempt")
         }
     }
     let slow_down = matches!(
