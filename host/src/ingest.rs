@@ -231,7 +231,16 @@ fn prepare(
             // Counted when decided: a batch whose commit then fails gets a
             // 503, and is counted again when its sender posts it again.
             let settled = |outcome| {
-                let endpoint = rule.webhook.url.as_ref().map(crate::deliver::endpoint_key);
+                // The key its attempts would have used: the URL's origin,
+                // or the WebSocket space's.
+                let endpoint = match rule.webhook.transport {
+                    Transport::Http => rule.webhook.url.as_ref().map(crate::deliver::endpoint_key),
+                    Transport::WebSocket => {
+                        channel::space_for(rule.webhook.space.as_deref(), &event.scope)
+                            .ok()
+                            .map(|space| channel::endpoint(&space))
+                    }
+                };
                 metrics
                     .series(
                         &rule.name,
