@@ -12,6 +12,7 @@ mod console_browser;
 mod delivery;
 mod disk_full;
 mod failure;
+mod observability;
 mod ordering;
 mod plugin_languages;
 mod plugins;

@@ -450,28 +450,20 @@ fn load_config(file: Option<&Path>) -> anyhow::Result<crate::config::Config> {
     })?)
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RULEHOOK_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("RULEHOOK_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn serve(config: Option<&Path>, listen: Option<std::net::SocketAddr>) -> ExitCode {
-    init_logs();
     runtime(async move {
         let mut config = load_config(config)?;
         if let Some(addr) = listen {
             config.listen = addr;
         }
+        // After the config (it names the trace collector), inside the
+        // runtime (the exporter sends through it).
+        let telemetry =
+            crate::telemetry::init(config.otlp_endpoint.as_ref(), config.otlp_sample_ratio)?;
         let listener = crate::serve::bind(config.listen).await?;
-        crate::serve::run(listener, config, shutdown_signal()).await?;
+        let served = crate::serve::run(listener, config, shutdown_signal()).await;
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        served?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -215,9 +215,7 @@ async fn beat(shared: &Shared, node: &Node) {
             digests.sort();
             digests.dedup();
             let m = &shared.metrics;
-            m.cluster_nodes.store(alive.len() as u64, Ordering::Relaxed);
-            m.cluster_rule_sets
-                .store(digests.len() as u64, Ordering::Relaxed);
+            m.cluster(alive.len() as u64, digests.len() as u64);
             let mut last = node.disagreement.write().unwrap_or_else(|e| e.into_inner());
             if digests.len() > 1 && *last != digests {
                 let others: Vec<String> = alive

@@ -59,6 +59,14 @@ pub struct Config {
     pub cluster: Cluster,
     /// What one client may hold of the HTTP server (`server:` in the file).
     pub server: ServerLimits,
+    /// An OpenTelemetry collector's OTLP/HTTP endpoint; traces are exported
+    /// there only when this is set (see `telemetry`).
+    pub otlp_endpoint: Option<url::Url>,
+    /// The share of events (0 to 1) whose ingest and attempts are traced.
+    pub otlp_sample_ratio: f64,
+    /// Distinct values each metric label (rule, endpoint, plugin) keeps;
+    /// later ones are counted under `other` (see `metrics`).
+    pub metrics_label_values: usize,
 }
 
 /// A PostgreSQL connection string; shown without its password.
@@ -209,6 +217,9 @@ impl Default for Config {
                 pool_size: 8,
             },
             server: ServerLimits::default(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: 0.1,
+            metrics_label_values: crate::metrics::DEFAULT_LABEL_VALUES,
         }
     }
 }
@@ -266,6 +277,9 @@ struct FileConfig {
     store: Option<String>,
     cluster: Option<FileCluster>,
     server: Option<FileServerLimits>,
+    otlp_endpoint: Option<String>,
+    otlp_sample_ratio: Option<f64>,
+    metrics_label_values: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -299,6 +313,36 @@ struct FileProtection {
     failures: Option<u32>,
     block: Option<String>,
     max_block: Option<String>,
+}
+
+/// A share of events to trace, 0 to 1.
+fn sample_ratio(source: &str, key: &str, r: f64) -> Result<f64, ConfigError> {
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(cfg_err(
+            source,
+            format!(
+                "`{key}`: {r} is not between 0 and 1; write e.g. 0.1 for one event in ten, 1 for all"
+            ),
+        ))
+    }
+}
+
+/// An OTLP/HTTP collector URL; empty turns export off.
+fn otlp_endpoint(source: &str, key: &str, text: &str) -> Result<Option<url::Url>, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    match url::Url::parse(text.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => Ok(Some(u)),
+        _ => Err(cfg_err(
+            source,
+            format!(
+                "`{key}`: `{text}` is not an http(s) URL of an OTLP collector; write e.g. http://127.0.0.1:4318"
+            ),
+        )),
+    }
 }
 
 fn duration(source: &str, key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -463,6 +507,21 @@ impl Config {
         if let Some(s) = f.cache_size {
             self.cache_bytes = size(src, "cache_size", &s)?;
         }
+        if let Some(e) = f.otlp_endpoint {
+            self.otlp_endpoint = otlp_endpoint(src, "otlp_endpoint", &e)?;
+        }
+        if let Some(r) = f.otlp_sample_ratio {
+            self.otlp_sample_ratio = sample_ratio(src, "otlp_sample_ratio", r)?;
+        }
+        if let Some(n) = f.metrics_label_values {
+            if n == 0 {
+                return Err(cfg_err(
+                    src,
+                    "`metrics_label_values`: 0 would fold every rule and endpoint into `other`; write e.g. 1000",
+                ));
+            }
+            self.metrics_label_values = n;
+        }
         if let Some(w) = f.watch {
             self.watch = w;
         }
@@ -587,6 +646,18 @@ impl Config {
     fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = env("RULEHOOK_STORE") {
             self.store = store_url("environment", "RULEHOOK_STORE", &v)?;
+        }
+        if let Some(v) = env("RULEHOOK_OTLP_ENDPOINT") {
+            self.otlp_endpoint = otlp_endpoint("environment", "RULEHOOK_OTLP_ENDPOINT", &v)?;
+        }
+        if let Some(v) = env("RULEHOOK_OTLP_SAMPLE_RATIO") {
+            let r = v.trim().parse().map_err(|_| {
+                cfg_err(
+                    "environment",
+                    format!("RULEHOOK_OTLP_SAMPLE_RATIO: `{v}` is not a number; write e.g. 0.1"),
+                )
+            })?;
+            self.otlp_sample_ratio = sample_ratio("environment", "RULEHOOK_OTLP_SAMPLE_RATIO", r)?;
         }
         if let Some(v) = env("RULEHOOK_NODE_ID") {
             self.cluster.node_id = Some(node_id("environment", &v)?);
@@ -979,6 +1050,17 @@ mod tests {
             "ProxyUrl(http://***@proxy.corp:3128)"
         );
         assert_eq!(c.outbound.no_proxy, ["localhost", ".corp"]);
+        assert_eq!(c.otlp_endpoint, None, "traces are off by default");
+        let with_otlp = |k: &str| match k {
+            "CI_KEY" => Some("0123456789abcdef-ci".to_string()),
+            "RULEHOOK_OTLP_ENDPOINT" => Some("http://127.0.0.1:4318".to_string()),
+            _ => None,
+        };
+        let c = Config::load(Some(&file), &with_otlp).unwrap();
+        assert_eq!(
+            c.otlp_endpoint.as_ref().map(|u| u.as_str()),
+            Some("http://127.0.0.1:4318/")
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -1001,6 +1083,18 @@ mod tests {
             (
                 "proxy: socks5://proxy:1080\n",
                 "`proxy`: the proxy must be an http:// URL",
+            ),
+            (
+                "otlp_endpoint: 127.0.0.1:4318\n",
+                "`otlp_endpoint`: `127.0.0.1:4318` is not an http(s) URL",
+            ),
+            (
+                "otlp_sample_ratio: 2\n",
+                "`otlp_sample_ratio`: 2 is not between 0 and 1",
+            ),
+            (
+                "metrics_label_values: 0\n",
+                "`metrics_label_values`: 0 would fold",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

@@ -9,7 +9,6 @@
 //! matching takes microseconds.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -18,13 +17,15 @@ use serde_json::Value;
 
 use crate::deliver::{Queue, Work, channel};
 use crate::event::{Event, EventError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome as Counted};
 use crate::outbox::{Outbox, OutboxError};
 use crate::plugins::{CallContext, ChainOutcome};
 use crate::reload::Snapshot;
 use crate::rules::target::RuleVersion;
 use crate::rules::{OnFailure, Transport};
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, NewLane, Op, State};
+use crate::telemetry::{self, SPANS};
+use tracing::Instrument as _;
 
 /// A delivery to hand to the dispatcher after the commit.
 struct Fresh {
@@ -114,18 +115,31 @@ impl Ingest {
         // One snapshot for the whole batch: a reload in the middle never
         // splits an event between old and new rules, or old and new plugins.
         let snapshot = self.rules.load_full();
+        // One trace per request (exported only with `otlp_endpoint`).
+        let span = telemetry::root(
+            events.first().and_then(|e| e.id.as_deref()),
+            || tracing::info_span!(target: SPANS, "ingest", events = events.len(), event.id = tracing::field::Empty),
+        );
+        let metrics = self.metrics.clone();
         let (ops, handovers) = if snapshot.chains || snapshot.queries_jsonpath() {
             // Plugin calls are CPU-bound and may run up to their deadline,
             // and a JSONPath query may take milliseconds on a large event
             // (up to `rules::eval::MAX_JSONPATH_WORK`): keep them off the
             // reactor threads, so `/healthz` and other requests never wait.
-            tokio::task::spawn_blocking(move || prepare(&snapshot, events))
-                .await
-                .expect("preparing events does not panic")
+            let span = span.clone();
+            tokio::task::spawn_blocking(move || {
+                span.in_scope(|| prepare(&snapshot, events, &metrics))
+            })
+            .await
+            .expect("preparing events does not panic")
         } else {
-            prepare(&snapshot, events)
+            span.in_scope(|| prepare(&snapshot, events, &metrics))
         };
-        let results = self.outbox.write(ops).await?;
+        let commit = telemetry::child_of(
+            &span,
+            || tracing::info_span!(target: SPANS, parent: &span, "commit", ops = ops.len()),
+        );
+        let results = self.outbox.write(ops).instrument(commit).await?;
         let mut out = Vec::with_capacity(results.len());
         for (done, (event_id, handover)) in results.into_iter().zip(handovers) {
             let Done::Accepted {
@@ -138,12 +152,12 @@ impl Ingest {
                 continue;
             };
             if duplicate {
-                self.metrics.events_duplicate.fetch_add(1, Relaxed);
+                self.metrics.event_duplicate();
             } else {
-                self.metrics.events_accepted.fetch_add(1, Relaxed);
-                self.metrics
-                    .deliveries_created
-                    .fetch_add(handover.len() as u64, Relaxed);
+                self.metrics.event_accepted();
+                for fresh in &handover {
+                    self.metrics.delivery_created(&fresh.rule);
+                }
                 // Those behind their lane's head are sent when it is final
                 // (the store makes them due then).
                 for fresh in handover.into_iter().filter(|f| !waiting.contains(&f.id)) {
@@ -173,29 +187,77 @@ impl Ingest {
 
 /// Matches each event, builds each matching rule's payload and runs its
 /// plugin chain: the store operations to commit, and what to hand over.
-fn prepare(snapshot: &Snapshot, events: Vec<Event>) -> (Vec<Op>, Vec<(String, Handover)>) {
+fn prepare(
+    snapshot: &Snapshot,
+    events: Vec<Event>,
+    metrics: &Metrics,
+) -> (Vec<Op>, Vec<(String, Handover)>) {
     let mut ops = Vec::with_capacity(events.len());
     let mut handovers: Vec<(String, Handover)> = Vec::with_capacity(events.len());
+    let one = events.len() == 1;
     for mut event in events {
         let id = event
             .id
             .clone()
             .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple()));
         event.id = Some(id.clone());
+        if one {
+            tracing::Span::current().record("event.id", id.as_str());
+        }
+        let _event = telemetry::child(|| {
+            tracing::info_span!(target: SPANS, "event", event.id = %id, event.type = %event.event_type, entity.type = %event.entity_type)
+        })
+        .entered();
         let mut deliveries = Vec::new();
         let mut handover = Vec::new();
         let view = crate::rules::eval::EventView::new(&event);
-        for rule in snapshot.matching(&event) {
-            let payload = crate::payload::build(&rule.name, &event, &id);
+        let matched = telemetry::child(|| tracing::info_span!(target: SPANS, "match"))
+            .in_scope(|| snapshot.matching(&event));
+        for rule in matched {
             let did = DeliveryId::new();
+            let _plugins = telemetry::child(|| {
+                tracing::info_span!(target: SPANS, "plugins", rule = %rule.name, delivery.id = %did)
+            })
+            .entered();
+            let payload = crate::payload::build(&rule.name, &event, &id);
             let ctx = CallContext::for_event(&rule.name, &id, &event);
-            let outcome = snapshot.plugins.run_chain(rule, &ctx, &payload);
+            let outcome = snapshot.plugins.run_chain_observed(
+                rule,
+                &ctx,
+                &payload,
+                &|plugin, took, failed| metrics.plugin_call(plugin, took, failed),
+            );
             let base = || Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+            // Counted when decided: a batch whose commit then fails gets a
+            // 503, and is counted again when its sender posts it again.
+            let settled = |outcome| {
+                // The key its attempts would have used: the URL's origin,
+                // or the WebSocket space's.
+                let endpoint = match rule.webhook.transport {
+                    Transport::Http => rule.webhook.url.as_ref().map(crate::deliver::endpoint_key),
+                    Transport::WebSocket => {
+                        channel::space_for(rule.webhook.space.as_deref(), &event.scope)
+                            .ok()
+                            .map(|space| channel::endpoint(&space))
+                    }
+                };
+                metrics
+                    .series(
+                        &rule.name,
+                        endpoint.as_deref().unwrap_or(crate::metrics::NO_ENDPOINT),
+                    )
+                    .delivery(outcome);
+                endpoint
+            };
             let (mut state, mut reason, body, unbuilt) = match outcome {
                 ChainOutcome::Send(body) => (State::Pending, None, Bytes::from(body), false),
-                ChainOutcome::Skip(why) => (State::Skipped, Some(why), Bytes::new(), false),
+                ChainOutcome::Skip(why) => {
+                    settled(Counted::Skipped);
+                    (State::Skipped, Some(why), Bytes::new(), false)
+                }
                 ChainOutcome::Failed(why) => {
-                    tracing::warn!(rule = %rule.name, event = %id, delivery = %did, error = %why, "plugin chain failed; the delivery is recorded as failed and can be redelivered");
+                    let endpoint = settled(Counted::Failed);
+                    tracing::warn!(event = %id, delivery = %did, rule = %rule.name, endpoint = %endpoint.as_deref().unwrap_or(crate::metrics::NO_ENDPOINT), error = %why, "plugin chain failed; the delivery is recorded as failed and can be redelivered");
                     (State::Failed, Some(why), base(), true)
                 }
             };

@@ -13,6 +13,8 @@
 //! - [`deliver`], [`sign`]: signed and sent, retried, every attempt recorded.
 //! - [`api`], [`serve`], [`reload`]: the server around them; [`cluster`]:
 //!   the node's part when many share one PostgreSQL store.
+//! - [`metrics`], [`telemetry`]: what operators watch: `/metrics`, logs,
+//!   and OTLP traces of every stage.
 //! - [`cli`]: the `rulehook` command line.
 //!
 //! See ARCHITECTURE.md for the whole flow and the invariants.
@@ -39,4 +41,5 @@ pub mod sign;
 pub mod store;
 pub mod store_cli;
 pub mod targets;
+pub mod telemetry;
 pub mod time;

@@ -63,10 +63,22 @@ enum Request {
 }
 
 /// Counters for `/metrics`.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct OutboxStats {
     pub commits: AtomicU64,
     pub ops: AtomicU64,
+    /// Operations per commit: how well group commit shares its fsyncs.
+    pub batch_ops: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for OutboxStats {
+    fn default() -> Self {
+        OutboxStats {
+            commits: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            batch_ops: crate::metrics::commit_ops_histogram(),
+        }
+    }
 }
 
 /// A handle to the writer thread; cheap to clone.
@@ -290,6 +302,7 @@ fn writer(
             Ok(results) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+                stats.batch_ops.observe(n as f64);
                 if watched {
                     for done in &results {
                         match done {

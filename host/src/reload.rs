@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -147,7 +146,7 @@ impl Loader {
                 report.rules = snapshot.len();
                 report.diagnostics = diagnostics;
                 running.store(Arc::new(snapshot));
-                self.metrics.rule_reloads_ok.fetch_add(1, Relaxed);
+                self.metrics.reload(true);
                 tracing::info!(rules = report.rules, trigger, ms = report.duration_ms, dir = %self.rules_dir.display(), "rules loaded");
             }
             Err(diagnostics) => {
@@ -156,7 +155,7 @@ impl Loader {
                 }
                 report.ok = false;
                 report.failures += 1;
-                self.metrics.rule_reloads_failed.fetch_add(1, Relaxed);
+                self.metrics.reload(false);
                 report.rules = previous.len();
                 report.diagnostics = diagnostics;
             }

@@ -93,7 +93,7 @@ pub async fn run(
         Some(config.plugin_cache_dir()),
     )
     .map_err(anyhow::Error::msg)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.metrics_label_values));
     // A configured plugins directory that does not exist yet is created, so
     // the watcher covers it from the start and the first plugin copied in
     // is picked up without a restart.
@@ -116,6 +116,7 @@ pub async fn run(
     };
     let store = Arc::new(store);
     let (outbox, writer) = Outbox::start_with_linger(store.clone(), config.record_linger);
+    metrics.bind_commit_ops(outbox.stats.batch_ops.clone());
     let started = {
         let loader = loader.clone();
         tokio::task::spawn_blocking(move || loader.load(None)).await?

@@ -95,6 +95,18 @@ impl Server {
         Server::start_inner(dir, config, Stdio::from(file), &[])
     }
 
+    /// Like `start_logging_to`, with `env` set for the server process only
+    /// (e.g. `RULEHOOK_LOG_FORMAT=json`).
+    pub fn start_logging_with_env(
+        dir: &TempDir,
+        config: &std::path::Path,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Server {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Server::start_inner(dir, config, Stdio::from(file), env)
+    }
+
     fn start_inner(
         dir: &TempDir,
         config: &std::path::Path,

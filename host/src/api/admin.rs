@@ -1,9 +1,6 @@
 //! The operator's routes: rules (`GET /v1/rules`, reload, test
 //! connection), endpoints (list, unblock) and `/metrics`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering::Relaxed;
-
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -297,113 +294,19 @@ impl Api {
     }
 
     pub(super) async fn metrics(&self) -> Resp {
-        let store = self.shared.store.clone();
-        let ((due, parked), lanes) = tokio::task::spawn_blocking(move || {
-            (
-                store.backlog().unwrap_or((0, 0)),
-                store.lane_stats().unwrap_or_default(),
-            )
-        })
-        .await
-        .unwrap_or_default();
-        let oldest_waiting_s = lanes
-            .oldest_waiting_at
-            .map_or(0, |at| crate::store::now_ms().saturating_sub(at) / 1000);
-        let active = self
-            .shared
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len() as u64;
-        let text = self.ingest.metrics.render(&[
-            (
-                "rulehook_queue_depth",
-                "Deliveries waiting for an attempt (pending).",
-                due,
-            ),
-            (
-                "rulehook_parked_deliveries",
-                "Deliveries waiting for a blocked or disabled endpoint, or for a WebSocket client.",
-                parked,
-            ),
-            (
-                "rulehook_lanes_held",
-                "Ordered lanes whose head failed and that wait for an admin (halted: resume or skip them).",
-                lanes.halted,
-            ),
-            (
-                "rulehook_lanes_active",
-                "Ordered lanes with a delivery pending or held.",
-                lanes.lanes,
-            ),
-            (
-                "rulehook_lane_waiting_deliveries",
-                "Deliveries waiting behind the head of their ordered lane.",
-                lanes.waiting,
-            ),
-            (
-                "rulehook_lane_oldest_waiting_seconds",
-                "Age of the oldest delivery waiting behind the head of its ordered lane (0 when none waits).",
-                oldest_waiting_s,
-            ),
-            (
-                "rulehook_websocket_clients",
-                "Clients connected to the WebSocket channel, over all shared spaces.",
-                self.shared.channel.spaces().iter().map(|(_, n)| *n as u64).sum(),
-            ),
-            (
-                "rulehook_deliveries_in_flight",
-                "Deliveries queued in memory or being attempted.",
-                active,
-            ),
-            (
-                "rulehook_store_writable",
-                "1 while the store takes writes, 0 while they fail (a full disk, an unreachable database); /healthz then answers 503.",
-                u64::from(!self.shared.store.is_failing()),
-            ),
-            (
-                "rulehook_outbox_commits",
-                "Durable commits made by the outbox.",
-                self.shared.outbox.stats.commits.load(Relaxed),
-            ),
-            (
-                "rulehook_rules_loaded",
-                "Rules in the running set.",
-                self.ingest.rules.load().len() as u64,
-            ),
-            (
-                "rulehook_connections_open",
-                "Client connections open, counted against server.max_connections.",
-                self.connections.open() as u64,
-            ),
-            (
-                "rulehook_rules_last_reload_ok",
-                "1 when the last rule/plugin load succeeded, 0 when it failed and the previous set kept running.",
-                u64::from(self.loader.report().ok),
-            ),
-        ]);
-        // Counters of the server's own limits, kept beside the connections
-        // and sign-ins they count rather than in `Metrics`.
-        let mut text = text;
-        let _ = write!(
-            text,
-            "# HELP rulehook_connections_closed_total Client connections closed by the connection cap: to make room for a new one (room), or new ones because every slot was serving a request (all_busy).\n\
-             # TYPE rulehook_connections_closed_total counter\n\
-             rulehook_connections_closed_total{{reason=\"room\"}} {}\n\
-             rulehook_connections_closed_total{{reason=\"all_busy\"}} {}\n\
-             # HELP rulehook_sign_ins_total Sign-ins (channel and console) that failed, or were refused because their address failed too often.\n\
-             # TYPE rulehook_sign_ins_total counter\n\
-             rulehook_sign_ins_total{{result=\"failed\"}} {}\n\
-             rulehook_sign_ins_total{{result=\"locked_out\"}} {}\n",
-            self.connections.closed_for_room(),
-            self.connections.refused_all_busy(),
-            self.sign_ins.failed_total(),
-            self.sign_ins.refused_total(),
-        );
+        let mut now = crate::metrics::scrape(&self.shared).await;
+        now.connections_open = self.connections.open() as u64;
+        now.connections_closed_room = self.connections.closed_for_room();
+        now.connections_closed_all_busy = self.connections.refused_all_busy();
+        now.sign_ins_failed = self.sign_ins.failed_total();
+        now.sign_ins_locked_out = self.sign_ins.refused_total();
+        now.rules_loaded = self.ingest.rules.load().len() as u64;
+        now.last_reload_ok = self.loader.report().ok;
+        let text = self.ingest.metrics.render(&now);
         let mut r = Response::new(super::full(text));
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         );
         r
     }

@@ -1,7 +1,5 @@
 //! `POST /v1/events`: one event as JSON, or a batch as NDJSON.
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -11,6 +9,8 @@ use crate::ingest::IngestError;
 
 impl Api {
     pub(super) async fn post_events(&self, req: Request<Incoming>) -> Resp {
+        // Request (headers read) → 202, as the sender waits for it.
+        let started = std::time::Instant::now();
         let ndjson = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -24,7 +24,7 @@ impl Api {
         let body = match self.read_body(req).await {
             Ok(b) => b,
             Err(resp) => {
-                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                self.ingest.metrics.event_rejected();
                 return resp;
             }
         };
@@ -33,9 +33,16 @@ impl Api {
             Err(e) => return self.ingest_error(e),
         };
         let batch = ndjson;
-        match self.ingest.accept(events).await {
-            Ok(accepted) if !batch => json_response(StatusCode::ACCEPTED, &json!(accepted[0])),
-            Ok(accepted) => json_response(StatusCode::ACCEPTED, &json!({ "events": accepted })),
+        let accepted = self.ingest.accept(events).await;
+        match accepted {
+            Ok(accepted) => {
+                self.ingest.metrics.ingested(started.elapsed());
+                if batch {
+                    json_response(StatusCode::ACCEPTED, &json!({ "events": accepted }))
+                } else {
+                    json_response(StatusCode::ACCEPTED, &json!(accepted[0]))
+                }
+            }
             Err(e) => self.ingest_error(e),
         }
     }
@@ -43,7 +50,7 @@ impl Api {
     pub(super) fn ingest_error(&self, e: IngestError) -> Resp {
         match e {
             IngestError::BadEvent { line, error: ev } => {
-                self.ingest.metrics.events_rejected.fetch_add(1, Relaxed);
+                self.ingest.metrics.event_rejected();
                 let mut resp = json!({"error": {"code": "bad_event", "message": format!("{}{ev}", line.map(|l| format!("line {l}: ")).unwrap_or_default()), "field": ev.field}});
                 if let Some(l) = line {
                     resp["error"]["line"] = json!(l);

@@ -24,14 +24,16 @@ use http_body_util::Full;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Answer, Metrics, NO_ENDPOINT, Outcome as Counted};
 use crate::outbox::Outbox;
 use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
 use crate::store::{Attempt, Claim, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
 use crate::targets::{Target, Targets};
+use crate::telemetry::{self, SPANS};
 use client::{SendError, Sender};
 use policy::{Decision, EndpointChange};
+use tracing::Instrument as _;
 
 /// The delivery id header, the same on every attempt and redelivery.
 pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
@@ -619,7 +621,7 @@ impl Dispatcher {
         {
             // Held in memory past its lease (this node was paused, or cut
             // off from the database): another node may be sending it now.
-            tracing::info!(delivery = %work.id, node = %node.id, "lease ran out before the attempt started; leaving the delivery to the next claim");
+            tracing::info!(event = %work.event_id, delivery = %work.id, rule = %work.rule, endpoint = %endpoint, node = %node.id, "lease ran out before the attempt started; leaving the delivery to the next claim");
             self.leave_to_store(work);
             return false;
         }
@@ -630,14 +632,20 @@ impl Dispatcher {
         let done = self.done_tx.clone();
         let id = work.id;
         let task = tokio::spawn(async move {
-            let halts = work.halts.clone();
-            let ordered = work.ordered;
-            let mut outcome = attempt(&shared, work).await;
-            if let Some(lane) = &halts {
+            // One trace per attempt (exported only with `otlp_endpoint`).
+            let span = telemetry::root(Some(&work.event_id), || {
+                tracing::info_span!(target: SPANS, "attempt",
+                    event.id = %work.event_id, delivery.id = %work.id, rule = %work.rule,
+                    endpoint = %endpoint, attempt = work.attempts + 1,
+                    http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty)
+            });
+            let mut outcome = attempt(&shared, &work).instrument(span.clone()).await;
+            if let Some(lane) = &work.halts {
                 hold_lane(&mut outcome.ops, lane);
             }
             let _ = done.send(Completion::Freed {
-                endpoint,
+                // Kept for the record's log lines, which name it.
+                endpoint: endpoint.clone(),
                 slow_down: outcome.slow_down,
                 success: outcome.success,
             });
@@ -645,10 +653,18 @@ impl Dispatcher {
             // starts it again on the strength of its old state.
             // No client waits on an attempt record: it may share a commit
             // with the next ones (a lane's head may not: the lane waits).
-            let recorded = if ordered {
-                shared.outbox.write(outcome.ops).await
+            let record = telemetry::child_of(
+                &span,
+                || tracing::info_span!(target: SPANS, parent: &span, "record"),
+            );
+            let recorded = if work.ordered {
+                shared.outbox.write(outcome.ops).instrument(record).await
             } else {
-                shared.outbox.write_lazily(outcome.ops).await
+                shared
+                    .outbox
+                    .write_lazily(outcome.ops)
+                    .instrument(record)
+                    .await
             };
             let retry_at = match recorded {
                 Ok(done)
@@ -658,13 +674,10 @@ impl Dispatcher {
                 {
                     for d in &done {
                         if let crate::store::Done::Rejected(why) = d {
-                            tracing::warn!(delivery = %id, reason = %why, "attempt result refused");
+                            tracing::warn!(event = %work.event_id, delivery = %id, rule = %work.rule, endpoint = %endpoint, reason = %why, "attempt result refused");
                         }
                     }
-                    shared
-                        .metrics
-                        .claims_lost
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.metrics.claim_lost();
                     None
                 }
                 Ok(done) => {
@@ -679,7 +692,7 @@ impl Dispatcher {
                     outcome.retry_at
                 }
                 Err(e) => {
-                    tracing::error!(delivery = %id, error = %e, "could not record the attempt; the delivery stays due");
+                    tracing::error!(event = %work.event_id, delivery = %id, rule = %work.rule, endpoint = %endpoint, error = %e, "could not record the attempt; the delivery stays due");
                     None
                 }
             };
@@ -700,6 +713,10 @@ impl Dispatcher {
     /// Unparks endpoints whose block expired, then starts due deliveries
     /// while there is room. Returns how long until the next scan.
     async fn scan(&mut self) -> Duration {
+        self.shared.metrics.dispatcher_held(
+            self.per_endpoint.iter().map(|(ep, n)| (ep, *n)),
+            self.waiting.iter().map(|(ep, q)| (ep, q.len())),
+        );
         if self.shared.store.is_failing() {
             // No attempt starts while records cannot be written (see
             // `start`); a probe, once a second, notices when they can.
@@ -835,23 +852,25 @@ impl Dispatcher {
 }
 
 /// Makes one attempt and decides what to record; the caller commits it.
-async fn attempt(shared: &Shared, work: Work) -> Outcome {
-    use std::sync::atomic::Ordering::Relaxed;
-    let target = match shared.target(&work) {
+async fn attempt(shared: &Shared, work: &Work) -> Outcome {
+    let target = match shared.target(work) {
         Ok(t) => t,
-        Err(why) => return cannot_send(shared, &work, why),
+        Err(why) => return cannot_send(shared, work, why),
     };
     let webhook = match &target.webhook {
         Ok(w) => w,
-        Err(why) => return cannot_send(shared, &work, why.clone()),
+        Err(why) => return cannot_send(shared, work, why.clone()),
     };
     let url = match (webhook.transport, webhook.url.as_ref()) {
         (Transport::WebSocket, _) => return channel_attempt(shared, work, webhook).await,
         (Transport::Http, Some(url)) => url,
         (Transport::Http, None) => {
-            shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+            shared
+                .metrics
+                .series(&target.rule, NO_ENDPOINT)
+                .delivery(Counted::Failed);
             return not_sent(
-                &work,
+                work,
                 Next::Failed(format!(
                     "rule `{}` has no url; add one and redeliver",
                     target.rule
@@ -860,6 +879,7 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         }
     };
     let endpoint = endpoint_key(url);
+    let series = shared.metrics.series(&target.rule, &endpoint);
     let now = now_ms();
     let blocked = {
         let eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
@@ -867,10 +887,10 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
             .and_then(|ep| policy::is_blocked(ep, now))
     };
     if let Some(reason) = blocked {
-        shared.metrics.deliveries_parked.fetch_add(1, Relaxed);
-        return not_sent(&work, Next::Park { endpoint, reason });
+        series.delivery(Counted::Parked);
+        return not_sent(work, Next::Park { endpoint, reason });
     }
-    let body = match body_of(shared, &work).await {
+    let body = match body_of(shared, work).await {
         Ok(body) => body,
         Err(failed) => return failed,
     };
@@ -881,7 +901,8 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
         ("X-Rulehook-Rule", target.rule.clone()),
         ("X-Rulehook-Attempt", number.to_string()),
     ];
-    let (request, recorded) = build_request(webhook, &id_text, &per_attempt, now / 1000, body);
+    let (request, recorded) = telemetry::child(|| tracing::info_span!(target: SPANS, "sign"))
+        .in_scope(|| build_request(webhook, &id_text, &per_attempt, now / 1000, body));
     let started = Instant::now();
     let sent = match request {
         Ok(req) => {
@@ -895,12 +916,14 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
                     webhook.reply_timeout,
                     shared.config.response_body_cap,
                 )
+                .instrument(telemetry::child(|| {
+                    tracing::info_span!(target: SPANS, "send", http.request.method = %webhook.method.as_str())
+                }))
                 .await
         }
         Err(e) => Err(SendError::Refused(e)),
     };
     let elapsed = started.elapsed();
-    shared.metrics.observe_attempt(elapsed.as_secs_f64());
     let mut record = Attempt {
         number,
         started_at: now,
@@ -970,12 +993,40 @@ async fn attempt(shared: &Shared, work: Work) -> Outcome {
     };
     record.outcome = outcome_text(&next);
     let success = next == Next::Succeeded;
-    count_attempt(&shared.metrics, &next);
-    if let EndpointChange::Blocked { until } = change {
-        shared.metrics.endpoints_blocked.fetch_add(1, Relaxed);
-        tracing::warn!(endpoint = %endpoint, until, "endpoint blocked after repeated failures");
+    let answer = match &result {
+        policy::Result::Status { code, .. } => Answer::Status(*code),
+        policy::Result::Refused(_) => Answer::Refused,
+        policy::Result::NoReply(_) => Answer::NoReply,
+        policy::Result::Timeout(_) => Answer::Timeout,
+        policy::Result::InvalidHttp(_) => Answer::InvalidHttp,
+    };
+    count_attempt(&series, answer, &next, elapsed);
+    let span = tracing::Span::current();
+    if let Some(code) = record.status {
+        span.record("http.response.status_code", code);
     }
-    tracing::debug!(delivery = %work.id, rule = %target.rule, version = %target.version, attempt = number, outcome = %record.outcome, "attempt");
+    span.record("outcome", next_kind(&next));
+    if let EndpointChange::Blocked { until } = change {
+        shared.metrics.endpoint_blocked(&endpoint);
+        tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, until, "endpoint blocked after repeated failures");
+    }
+    // The status, not the error text: a refusal's text can quote the URL,
+    // whose path or query may be a credential (Slack's are).
+    let status = answer;
+    match &next {
+        Next::Failed(_) => {
+            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, "delivery failed; its record has every attempt, and it can be redelivered")
+        }
+        Next::Park { .. } => {
+            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, "delivery parked until its endpoint is unblocked")
+        }
+        Next::Retry { at } => {
+            tracing::info!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, attempt = number, status = %status, retry_in_ms = at.saturating_sub(now_ms()), "attempt failed; retrying")
+        }
+        Next::Succeeded => {
+            tracing::debug!(event = %work.event_id, delivery = %work.id, rule = %target.rule, version = %target.version, endpoint = %endpoint, attempt = number, status = %status, "attempt")
+        }
+    }
     let slow_down = matches!(
         result,
         policy::Result::Status {
@@ -1094,8 +1145,11 @@ fn build_request(
 
 /// A delivery that cannot be attempted at all fails, saying why.
 fn cannot_send(shared: &Shared, work: &Work, why: impl Into<String>) -> Outcome {
-    use std::sync::atomic::Ordering::Relaxed;
-    shared.metrics.deliveries_failed.fetch_add(1, Relaxed);
+    shared
+        .metrics
+        .series(&work.rule, NO_ENDPOINT)
+        .delivery(Counted::Failed);
+    tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %work.rule, endpoint = %NO_ENDPOINT, "delivery failed before any attempt; its record says why");
     not_sent(work, Next::Failed(why.into()))
 }
 
@@ -1139,36 +1193,43 @@ fn outcome_text(next: &Next) -> String {
     }
 }
 
-/// Counts a made attempt and what it decided.
-fn count_attempt(m: &Metrics, next: &Next) {
-    use std::sync::atomic::Ordering::Relaxed;
-    if *next == Next::Succeeded {
-        m.attempts_succeeded.fetch_add(1, Relaxed);
-        m.deliveries_succeeded.fetch_add(1, Relaxed);
-    } else {
-        m.attempts_failed.fetch_add(1, Relaxed);
-    }
+/// Counts a made attempt and what it decided for its delivery.
+fn count_attempt(series: &crate::metrics::Series, answer: Answer, next: &Next, took: Duration) {
+    series.attempt(answer, *next == Next::Succeeded, took);
     match next {
-        Next::Failed(_) => m.deliveries_failed.fetch_add(1, Relaxed),
-        Next::Park { .. } => m.deliveries_parked.fetch_add(1, Relaxed),
-        _ => 0,
-    };
+        Next::Succeeded => series.delivery(Counted::Succeeded),
+        Next::Failed(_) => series.delivery(Counted::Failed),
+        Next::Park { .. } => series.delivery(Counted::Parked),
+        Next::Retry { .. } => {}
+    }
+}
+
+/// The decision's name, for the attempt's span.
+fn next_kind(next: &Next) -> &'static str {
+    match next {
+        Next::Succeeded => "succeeded",
+        Next::Failed(_) => "failed",
+        Next::Retry { .. } => "retry",
+        Next::Park { .. } => "parked",
+    }
 }
 
 /// One attempt of a WebSocket rule's delivery: a text frame to every
 /// client of its shared space. With none connected it is parked (nothing
 /// is sent, no attempt recorded) until one connects.
-async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::Webhook) -> Outcome {
-    use std::sync::atomic::Ordering::Relaxed;
+async fn channel_attempt(shared: &Shared, work: &Work, webhook: &crate::rules::Webhook) -> Outcome {
     let Some(space) = work.space.clone() else {
         return cannot_send(
             shared,
-            &work,
+            work,
             "the delivery was made while its rule sent over HTTP, so it has no shared space; its rule now sends over WebSocket",
         );
     };
+    let series = shared
+        .metrics
+        .series(&work.rule, &channel::endpoint(&space));
     let wait_for_client = |work: &Work| {
-        shared.metrics.deliveries_parked.fetch_add(1, Relaxed);
+        series.delivery(Counted::Parked);
         let mut outcome = not_sent(
             work,
             Next::Park {
@@ -1189,12 +1250,12 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
             if let Ok(Ok(true)) =
                 tokio::task::spawn_blocking(move || store.space_elsewhere(&s)).await
             {
-                return not_sent(&work, Next::Retry { at: now_ms() });
+                return not_sent(work, Next::Retry { at: now_ms() });
             }
         }
-        return wait_for_client(&work);
+        return wait_for_client(work);
     }
-    let body = match body_of(shared, &work).await {
+    let body = match body_of(shared, work).await {
         Ok(body) => body,
         Err(failed) => return failed,
     };
@@ -1209,7 +1270,7 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
     let next = match &sent {
         Ok(_) => Next::Succeeded,
         // The last client left between the look and the send.
-        Err(channel::SendError::NoClient) => return wait_for_client(&work),
+        Err(channel::SendError::NoClient) => return wait_for_client(work),
         Err(channel::SendError::NotTaken(why)) => {
             let result = policy::Result::NoReply(why.clone());
             match decide(shared, webhook, number, &result) {
@@ -1219,8 +1280,12 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
             }
         }
     };
-    shared.metrics.observe_attempt(elapsed.as_secs_f64());
-    count_attempt(&shared.metrics, &next);
+    let answer = if sent.is_ok() {
+        Answer::Frame
+    } else {
+        Answer::NoReply
+    };
+    count_attempt(&series, answer, &next, elapsed);
     let record = Attempt {
         number,
         started_at: now,
@@ -1242,7 +1307,17 @@ async fn channel_attempt(shared: &Shared, work: Work, webhook: &crate::rules::We
             Err(_) => outcome_text(&next),
         },
     };
-    tracing::debug!(delivery = %work.id, space, attempt = number, outcome = %record.outcome, "websocket attempt");
+    match &next {
+        Next::Failed(_) => {
+            tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %work.rule, endpoint = %channel::endpoint(&space), attempt = number, "delivery failed; no client of its shared space took the frame")
+        }
+        Next::Retry { .. } => {
+            tracing::info!(event = %work.event_id, delivery = %work.id, rule = %work.rule, endpoint = %channel::endpoint(&space), attempt = number, "no client of its shared space took the frame; retrying")
+        }
+        _ => {
+            tracing::debug!(event = %work.event_id, delivery = %work.id, rule = %work.rule, endpoint = %channel::endpoint(&space), attempt = number, outcome = %record.outcome, "websocket attempt")
+        }
+    }
     let success = next == Next::Succeeded;
     let retry_at = match next {
         Next::Retry { at } => Some(at),

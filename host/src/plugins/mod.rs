@@ -324,6 +324,18 @@ impl PluginSet {
     /// off the async reactor.
     /// A rule without a chain sends the payload as built.
     pub fn run_chain(&self, rule: &Rule, ctx: &CallContext, payload: &Value) -> ChainOutcome {
+        self.run_chain_observed(rule, ctx, payload, &|_, _, _| {})
+    }
+
+    /// `run_chain`, telling `observe` each call's plugin, time and whether
+    /// it failed (the server's metrics); each call is a `plugin` span.
+    pub fn run_chain_observed(
+        &self,
+        rule: &Rule,
+        ctx: &CallContext,
+        payload: &Value,
+        observe: &dyn Fn(&str, std::time::Duration, bool),
+    ) -> ChainOutcome {
         if !Self::has_chain(rule) {
             return ChainOutcome::Send(serde_json::to_vec(payload).unwrap_or_default());
         }
@@ -345,7 +357,20 @@ impl PluginSet {
                     "plugin {name} is not loaded; add it to the plugins directory and redeliver"
                 ));
             };
-            let call = plugin.transform_with(ctx, &text, &config, &limits);
+            let span = crate::telemetry::child(
+                || tracing::info_span!(target: crate::telemetry::SPANS, "plugin", plugin = name, outcome = tracing::field::Empty),
+            );
+            let started = std::time::Instant::now();
+            let call = span.in_scope(|| plugin.transform_with(ctx, &text, &config, &limits));
+            observe(name, started.elapsed(), call.result.is_err());
+            span.record(
+                "outcome",
+                match &call.result {
+                    Ok(Outcome::Send(_)) => "send",
+                    Ok(Outcome::Skip(_)) => "skip",
+                    Err(_) => "failed",
+                },
+            );
             for line in &call.logs {
                 tracing::info!(plugin = name, rule = %rule.name, event = %ctx.event_id, level = line.level, "plugin log: {}", line.message);
             }

@@ -1,0 +1,344 @@
+//! Logs and traces. Logs are `tracing` events written to stderr as text or
+//! JSON (`RULEHOOK_LOG_FORMAT=json`), filtered by `RULEHOOK_LOG`. Traces are
+//! `tracing` spans with the target [`SPANS`]: one tree per ingest request
+//! (`ingest` → `event` → `match`, `plugins` → `plugin`; `commit`) and one
+//! per attempt (`attempt` → `sign`, `send`, `record`), exported over OTLP
+//! (HTTP, protobuf) only when `otlp_endpoint` is configured.
+//!
+//! With no endpoint no span is made: each site checks one flag ([`root`],
+//! [`child`]); the log layer skips them anyway (delivery log lines carry
+//! their ids as fields instead). With one, a share of events
+//! (`otlp_sample_ratio`, by a hash of the event id, so an event's ingest
+//! and all its attempts are traced together or not at all) get their
+//! spans, which go through OpenTelemetry's batch processor: a bounded
+//! queue that drops spans when full, drained by its own thread, so a slow
+//! or dead collector costs spans, never a delivery's time.
+//!
+//! Span attributes are ids, rule and plugin names, endpoint keys
+//! (`scheme://host:port`, never a URL's path or query, which can hold a
+//! token) and status codes: nothing secret.
+
+use std::hash::Hash as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use tracing::Span;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// The target of every pipeline span (`info_span!(target: SPANS, …)`).
+pub const SPANS: &str = "rulehook::span";
+
+/// The share of events traced, as `f64` bits; 0 while traces are off.
+static SAMPLED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the event `event_id` is traced (`None`: an event whose id is
+/// not known yet, decided at random). The same id always gets the same
+/// answer, so its ingest and every attempt, on any node, agree.
+fn sampled(event_id: Option<&str>) -> bool {
+    let ratio = f64::from_bits(SAMPLED.load(Relaxed));
+    if ratio <= 0.0 {
+        return false;
+    }
+    if ratio >= 1.0 {
+        return true;
+    }
+    let x = match event_id {
+        Some(id) => {
+            // FNV-1a: the same on every node and across releases, which
+            // std's `DefaultHasher` does not promise.
+            let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+            id.hash(&mut h);
+            (h.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        None => rand::random::<f64>(),
+    };
+    x < ratio
+}
+
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Changes the share of events traced (the benchmarks compare them in one
+/// process; the server sets it once, in `init`).
+pub fn set_sample_ratio(ratio: f64) {
+    SAMPLED.store(ratio.clamp(0.0, 1.0).to_bits(), Relaxed);
+}
+
+/// A trace's root span for the event `event_id`: `make()` when traces are
+/// on and the event is sampled, else a disabled span (and nothing made).
+pub fn root(event_id: Option<&str>, make: impl FnOnce() -> Span) -> Span {
+    if sampled(event_id) {
+        make()
+    } else {
+        Span::none()
+    }
+}
+
+/// A span inside the current one: made only while that one is traced, so
+/// an unsampled event's stages do not become traces of their own.
+pub fn child(make: impl FnOnce() -> Span) -> Span {
+    if SAMPLED.load(Relaxed) == 0 || Span::current().is_disabled() {
+        return Span::none();
+    }
+    make()
+}
+
+/// A span under `parent` (created with `parent: parent`), made only when
+/// `parent` is traced.
+pub fn child_of(parent: &Span, make: impl FnOnce() -> Span) -> Span {
+    if parent.is_disabled() {
+        Span::none()
+    } else {
+        make()
+    }
+}
+
+/// Spans waiting for export; past this they are dropped, not waited for.
+const QUEUE: usize = 8_192;
+/// Spans per export request.
+const BATCH: usize = 512;
+/// How long spans gather before an export, at most.
+const EVERY: Duration = Duration::from_secs(1);
+/// One export request (connect, send, answer) at most; the processor's
+/// thread waits this long for a dead collector while the queue fills.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// At a stop, the spans still queued get this long to go out.
+const FLUSH_AT_STOP: Duration = Duration::from_secs(2);
+/// A collector's answer is read up to this size (it is a small protobuf).
+const ANSWER_CAP: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error(
+        "`otlp_endpoint`: cannot make the OTLP exporter for {endpoint}: {why}; write e.g. http://127.0.0.1:4318"
+    )]
+    Exporter { endpoint: String, why: String },
+    #[error("cannot make the TLS client for `otlp_endpoint`: {0}")]
+    Tls(String),
+}
+
+/// Keeps the trace exporter running; `shutdown` sends what is queued.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes the queued spans (within `FLUSH_AT_STOP`) and stops the
+    /// exporter. Blocking: call it off the async reactor.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown_with_timeout(FLUSH_AT_STOP)
+        {
+            tracing::warn!(error = %e, "could not send the last spans to the OTLP collector");
+        }
+    }
+}
+
+/// Where traces go: the collector's OTLP/HTTP traces URL. A URL without a
+/// path gets the standard `/v1/traces`.
+pub fn traces_url(endpoint: &url::Url) -> String {
+    if endpoint.path() == "/" || endpoint.path().is_empty() {
+        let mut u = endpoint.clone();
+        u.set_path("/v1/traces");
+        u.to_string()
+    } else {
+        endpoint.to_string()
+    }
+}
+
+/// Installs the log layer and, with `otlp_endpoint`, the trace exporter
+/// for `sample_ratio` of the events (0 to 1). Must run inside the tokio
+/// runtime the exporter's requests go through.
+pub fn init(
+    otlp_endpoint: Option<&url::Url>,
+    sample_ratio: f64,
+) -> Result<Telemetry, TelemetryError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RULEHOOK_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let json = std::env::var("RULEHOOK_LOG_FORMAT").is_ok_and(|f| f == "json");
+    // Colours only on a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let logs = if json {
+        logs.json().boxed()
+    } else {
+        logs.boxed()
+    };
+    // Pipeline spans are for the exporter only: recording them for the log
+    // layer would cost an allocation per span whether traces are on or not.
+    let logs = logs.with_filter(filter.and(filter_fn(|m| !(m.is_span() && m.target() == SPANS))));
+    let provider = match otlp_endpoint {
+        Some(endpoint) => Some(provider(endpoint)?),
+        None => None,
+    };
+    let traces = provider.as_ref().map(|p| {
+        // Per span, only what the pipeline's fields say: thread names,
+        // source locations, busy/idle clocks, the target and a context
+        // switch per entry cost more than the spans themselves (measured:
+        // `--bench pipeline -- spans`).
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("rulehook"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_target(false)
+            .with_context_activation(false)
+            .with_filter(filter_fn(|m| m.is_span() && m.target() == SPANS))
+    });
+    // A second init (tests that run the server in-process) keeps the first.
+    let _ = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init();
+    if let Some(endpoint) = otlp_endpoint {
+        set_sample_ratio(sample_ratio);
+        tracing::info!(collector = %traces_url(endpoint), sample_ratio, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { provider })
+}
+
+fn provider(endpoint: &url::Url) -> Result<SdkTracerProvider, TelemetryError> {
+    let url = traces_url(endpoint);
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(url.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .with_http_client(Export::new()?)
+        .build()
+        .map_err(|e| TelemetryError::Exporter {
+            endpoint: url.clone(),
+            why: e.to_string(),
+        })?;
+    let batches = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(QUEUE)
+                .with_max_export_batch_size(BATCH)
+                .with_scheduled_delay(EVERY)
+                .build(),
+        )
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(batches)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name("rulehook")
+                .build(),
+        )
+        .build())
+}
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The exporter's HTTP client: hyper on the server's runtime. The batch
+/// processor calls it from its own thread; each request is spawned on the
+/// runtime and awaited from there, bounded by `EXPORT_TIMEOUT`.
+#[derive(Debug)]
+struct Export {
+    runtime: tokio::runtime::Handle,
+    client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+}
+
+impl Export {
+    fn new() -> Result<Export, TelemetryError> {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TelemetryError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Export {
+            runtime: tokio::runtime::Handle::current(),
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build(connector),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for Export {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
+        let (parts, body) = request.into_parts();
+        let request = http::Request::from_parts(parts, Full::new(body));
+        let client = self.client.clone();
+        let sent = self.runtime.spawn(async move {
+            let answer = async {
+                let response = client.request(request).await?;
+                let (parts, body) = response.into_parts();
+                let body = Limited::new(body, ANSWER_CAP).collect().await?.to_bytes();
+                Ok::<_, opentelemetry_http::HttpError>(http::Response::from_parts(parts, body))
+            };
+            tokio::time::timeout(EXPORT_TIMEOUT, answer)
+                .await
+                .map_err(|_| format!("no answer within {EXPORT_TIMEOUT:?}"))?
+        });
+        sent.await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_events_trace_is_sampled_by_its_id_alone() {
+        SAMPLED.store(0.5f64.to_bits(), Relaxed);
+        let ids: Vec<String> = (0..2_000).map(|i| format!("evt-{i}")).collect();
+        let first: Vec<bool> = ids.iter().map(|id| sampled(Some(id))).collect();
+        let again: Vec<bool> = ids.iter().map(|id| sampled(Some(id))).collect();
+        assert_eq!(first, again, "the same id, the same decision");
+        let share = first.iter().filter(|s| **s).count();
+        assert!((800..1_200).contains(&share), "{share} of 2000 at 0.5");
+        SAMPLED.store(0, Relaxed);
+        assert!(!sampled(Some("evt-1")), "off means off");
+    }
+
+    #[test]
+    fn a_collector_url_without_a_path_gets_the_traces_path() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            traces_url(&u("http://127.0.0.1:4318")),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url(&u("https://otel.example/custom/traces")),
+            "https://otel.example/custom/traces"
+        );
+    }
+}
