@@ -886,7 +886,10 @@ async fn cost() {
     for batch in [1, 50] {
         for rate in [Some(100.0), Some(500.0), Some(2_000.0), None] {
             for linger in ["0ms", "20ms"] {
-                *EXTRA.lock().unwrap() = format!("record_linger: {linger}\n");
+                // RULEHOOK_BENCH_CONFIG adds config lines to every row (such
+                // as `quick_repair: false`, to see what its second sync costs).
+                let more = std::env::var("RULEHOOK_BENCH_CONFIG").unwrap_or_default();
+                *EXTRA.lock().unwrap() = format!("record_linger: {linger}\n{more}\n");
                 let (got, cpu, n, calls) = cost_run(rate, batch).await;
                 let per: Vec<String> = COUNTED_SYSCALLS
                     .iter()
