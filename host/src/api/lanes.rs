@@ -109,7 +109,8 @@ impl Api {
             Ok(done) => match done.into_iter().next() {
                 Some(Done::Unparked(ids)) if !ids.is_empty() => {
                     self.queue.kick();
-                    tracing::info!(lane = %super::logged(&lane), delivery = %ids[0], "lane resumed by an admin");
+                    let rule = lane.split_once('/').map_or(lane.as_str(), |(r, _)| r);
+                    tracing::info!(lane = %super::logged(&lane), rule = %super::logged(rule), delivery = %ids[0], "lane resumed by an admin");
                     json_response(
                         StatusCode::OK,
                         &json!({"lane": lane, "resumed": ids[0].to_string()}),
@@ -135,7 +136,8 @@ impl Api {
                     if promoted.is_some() {
                         self.queue.kick();
                     }
-                    tracing::info!(lane = %super::logged(&lane), delivery = %head, "lane head skipped by an admin");
+                    let rule = lane.split_once('/').map_or(lane.as_str(), |(r, _)| r);
+                    tracing::info!(lane = %super::logged(&lane), rule = %super::logged(rule), delivery = %head, next = ?promoted.map(|id| id.to_string()), "lane head skipped by an admin");
                     json_response(
                         StatusCode::OK,
                         &json!({
