@@ -471,3 +471,77 @@ fn a_head_parked_on_a_blocked_endpoint_holds_its_lane_and_the_order_survives_the
     });
     assert_in_order(&rx, &["x".into()], 5);
 }
+
+#[test]
+fn the_lanes_api_pages_in_lane_order_and_refuses_bad_input_by_name() {
+    let rx = OrderedReceiver::start(0, Duration::ZERO, 9);
+    rx.failing_keys
+        .lock()
+        .unwrap()
+        .extend(["c".to_string(), "d".to_string()]);
+    let (dir, config) = setup(
+        "ordering-lanes-api",
+        &ordered_rules(&rx, "halt", "{policy: none}", false),
+        &format!("http_ports: [{}]\n", rx.addr.port()),
+    );
+    let server = Server::start(&dir, &config);
+    let nodes = nodes_at(&[server.addr]);
+    for key in ["d", "c"] {
+        post_until_accepted(&nodes, 0, &update(key, 0));
+    }
+    wait_for(Duration::from_secs(20), "both lanes to halt", || {
+        let r = server.admin("GET", "/v1/lanes?state=halted", None);
+        (r.json()["lanes"].as_array().map_or(0, Vec::len) == 2).then_some(())
+    });
+    // One lane a page, in lane order, `next_after` going on.
+    let first = server.admin("GET", "/v1/lanes?limit=1", None).json();
+    assert_eq!(first["lanes"][0]["lane"], "ordered/defect:c", "{first}");
+    assert_eq!(first["next_after"], "ordered/defect:c", "{first}");
+    let second = server
+        .admin("GET", "/v1/lanes?limit=1&after=ordered/defect:c", None)
+        .json();
+    assert_eq!(second["lanes"][0]["lane"], "ordered/defect:d", "{second}");
+    assert_eq!(second["next_after"], Value::Null, "{second}");
+    let by_rule = server.admin("GET", "/v1/lanes?rule=other", None).json();
+    assert_eq!(by_rule["lanes"], json!([]), "{by_rule}");
+    // Bad input: refused with the field named, nothing changed.
+    for (path, field) in [
+        ("/v1/lanes?state=stuck", "state"),
+        ("/v1/lanes?limit=0", "limit"),
+        ("/v1/lanes?limit=many", "limit"),
+        ("/v1/lanes?sort=key", "sort"),
+    ] {
+        let r = server.admin("GET", path, None);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["field"], field, "{path}: {}", r.text());
+    }
+    for body in [json!({}), json!({"lane": 7}), json!(["ordered/defect:c"])] {
+        let r = server.admin("POST", "/v1/lanes/skip", Some(&body));
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["field"], "lane", "{}", r.text());
+    }
+    // Skipping a halted lane with nothing behind its head empties it.
+    let skipped = server.admin(
+        "POST",
+        "/v1/lanes/skip",
+        Some(&json!({"lane": "ordered/defect:c"})),
+    );
+    assert_eq!(skipped.status, 200, "{}", skipped.text());
+    assert_eq!(skipped.json()["next"], Value::Null, "{}", skipped.text());
+    let left = server.admin("GET", "/v1/lanes", None).json();
+    let names: Vec<&str> = left["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lane"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ordered/defect:d"]);
+    for verb in ["resume", "skip"] {
+        let r = server.admin(
+            "POST",
+            &format!("/v1/lanes/{verb}"),
+            Some(&json!({"lane": "ordered/defect:c"})),
+        );
+        assert_eq!(r.status, 404, "{verb} of an emptied lane: {}", r.text());
+    }
+}

@@ -34,10 +34,9 @@ struct Fresh {
     version: Option<RuleVersion>,
     body: Bytes,
     space: Option<String>,
-    /// The lane it halts on failure (`ordering: {on_failure: halt}`).
-    halts: Option<String>,
-    /// It joined an ordered lane (as its head: waiting ones are not handed over).
-    ordered: bool,
+    /// The ordered lane it joined (as its head: waiting ones are not
+    /// handed over).
+    lane: Option<NewLane>,
 }
 
 /// The deliveries of one event to hand to the dispatcher after the commit.
@@ -170,8 +169,7 @@ impl Ingest {
                         body: Some(fresh.body),
                         space: fresh.space,
                         claim,
-                        ordered: fresh.ordered,
-                        halts: fresh.halts,
+                        lane: fresh.lane,
                     });
                 }
             }
@@ -294,8 +292,7 @@ fn prepare(
                     version: version.clone(),
                     body: body.clone(),
                     space: space.clone(),
-                    halts: lane.as_ref().filter(|l| l.halt).map(|l| l.key.clone()),
-                    ordered: lane.is_some(),
+                    lane: lane.clone(),
                 });
             }
             deliveries.push(NewDelivery {

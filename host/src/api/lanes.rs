@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 
 use super::{Api, Resp, error, json_response, with_times};
-use crate::store::{Done, LaneFilter, Op, StoreError, lane_park_key};
+use crate::store::{Done, LaneFilter, NO_LANE, Op, StoreError, lane_park_key, split_lane};
 
 /// Lanes one page shows by default, and at most.
 const PAGE_DEFAULT: usize = 100;
@@ -109,7 +109,7 @@ impl Api {
             Ok(done) => match done.into_iter().next() {
                 Some(Done::Unparked(ids)) if !ids.is_empty() => {
                     self.queue.kick();
-                    let rule = lane.split_once('/').map_or(lane.as_str(), |(r, _)| r);
+                    let (rule, _) = split_lane(&lane);
                     tracing::info!(lane = %super::logged(&lane), rule = %super::logged(rule), delivery = %ids[0], "lane resumed by an admin");
                     json_response(
                         StatusCode::OK,
@@ -136,7 +136,7 @@ impl Api {
                     if promoted.is_some() {
                         self.queue.kick();
                     }
-                    let rule = lane.split_once('/').map_or(lane.as_str(), |(r, _)| r);
+                    let (rule, _) = split_lane(&lane);
                     tracing::info!(lane = %super::logged(&lane), rule = %super::logged(rule), delivery = %head, next = ?promoted.map(|id| id.to_string()), "lane head skipped by an admin");
                     json_response(
                         StatusCode::OK,
@@ -147,7 +147,7 @@ impl Api {
                         }),
                     )
                 }
-                Some(Done::Rejected(why)) if why.starts_with("no lane") => {
+                Some(Done::Rejected(why)) if why.starts_with(NO_LANE) => {
                     error(StatusCode::NOT_FOUND, "not_found", why, Some("lane"))
                 }
                 Some(Done::Rejected(why)) => {

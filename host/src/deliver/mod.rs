@@ -28,7 +28,9 @@ use crate::metrics::{Answer, Metrics, NO_ENDPOINT, Outcome as Counted};
 use crate::outbox::Outbox;
 use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
-use crate::store::{Attempt, Claim, DeliveryId, DueKey, Endpoint, Next, Op, Store, now_ms};
+use crate::store::{
+    Attempt, Claim, DeliveryId, DueKey, Endpoint, NewLane, Next, Op, Store, now_ms,
+};
 use crate::targets::{Target, Targets};
 use crate::telemetry::{self, SPANS};
 use client::{SendError, Sender};
@@ -55,12 +57,11 @@ pub struct Work {
     pub space: Option<String>,
     /// This node's hold on it (cluster mode; see `store::Claim`).
     pub claim: Option<Claim>,
-    /// The ordered lane it halts when it fails for good (a rule with
-    /// `ordering: {on_failure: halt}`): it parks on the lane instead.
-    pub halts: Option<String>,
-    /// It is the head of an ordered lane: its record moves the lane on, so
-    /// it is written at once rather than lazily (see `Outbox::write_lazily`).
-    pub ordered: bool,
+    /// The ordered lane it heads (a rule with `ordering`): its record moves
+    /// the lane on, so it is written at once rather than lazily (see
+    /// `Outbox::write_lazily`), and with `on_failure: halt` it parks on the
+    /// lane when it fails for good.
+    pub lane: Option<NewLane>,
 }
 
 /// What the dispatcher and its attempts share.
@@ -640,8 +641,8 @@ impl Dispatcher {
                     http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty)
             });
             let mut outcome = attempt(&shared, &work).instrument(span.clone()).await;
-            if let Some(lane) = &work.halts {
-                hold_lane(&mut outcome.ops, lane);
+            if let Some(lane) = work.lane.as_ref().filter(|l| l.halt) {
+                hold_lane(&mut outcome.ops, &lane.key);
             }
             let _ = done.send(Completion::Freed {
                 // Kept for the record's log lines, which name it.
@@ -657,7 +658,7 @@ impl Dispatcher {
                 &span,
                 || tracing::info_span!(target: SPANS, parent: &span, "record"),
             );
-            let recorded = if work.ordered {
+            let recorded = if work.lane.is_some() {
                 shared.outbox.write(outcome.ops).instrument(record).await
             } else {
                 shared
@@ -811,8 +812,10 @@ impl Dispatcher {
                 body: due.body.map(Bytes::from),
                 space: d.space,
                 claim: due.claim,
-                ordered: d.lane.is_some(),
-                halts: d.lane.filter(|l| l.halt).map(|l| l.key),
+                lane: d.lane.map(|l| NewLane {
+                    key: l.key,
+                    halt: l.halt,
+                }),
             });
         }
         if self.backlog {

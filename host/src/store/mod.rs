@@ -326,7 +326,7 @@ pub fn on_lane_failure(next: Next, halts: Option<&str>) -> Next {
     match (next, halts) {
         (Next::Failed(why), Some(lane)) => Next::Park {
             endpoint: lane_park_key(lane),
-            reason: format!("{why}; its lane is halted: resume it to send it again, or skip it"),
+            reason: format!("{why}{HALTED}: resume it to send it again, or skip it"),
         },
         (next, _) => next,
     }
@@ -864,6 +864,18 @@ impl Step {
     }
 }
 
+/// What a halted head's reason says after its error (a skip keeps the error).
+const HALTED: &str = "; its lane is halted";
+
+/// What a refusal for a lane without a head starts with (the API answers
+/// 404 for it).
+pub const NO_LANE: &str = "no lane";
+
+/// The refusal for a lane without a head.
+fn no_lane(lane: &str) -> String {
+    format!("{NO_LANE} {lane}: it has no delivery pending or held")
+}
+
 /// What a refusal to redeliver a waiting delivery says (the API answers
 /// 409 for it).
 pub const WAITS_IN_LANE: &str = "waits in lane";
@@ -900,11 +912,7 @@ fn skipped_head(mut d: Delivery, now: u64) -> Delivery {
     d.next_attempt_at = None;
     d.updated_at = now;
     let why = d.reason.take().unwrap_or_default();
-    let why = why
-        .split("; its lane is halted")
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let why = why.split(HALTED).next().unwrap_or_default().to_string();
     d.reason = Some(format!("skipped by an admin after: {why}"));
     d
 }

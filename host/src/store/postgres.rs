@@ -179,16 +179,8 @@ fn row_lane(r: &tokio_postgres::Row) -> Result<LaneInfo, StoreError> {
     let lane: String = r.get(NCOLS);
     let waiting: i64 = r.get(NCOLS + 1);
     let first: Option<Uuid> = r.get(NCOLS + 2);
-    let (rule, key) = lane.split_once('/').unwrap_or((lane.as_str(), ""));
-    Ok(LaneInfo {
-        rule: rule.to_string(),
-        key: key.to_string(),
-        state: LaneInfo::state_of(&head),
-        lane: lane.clone(),
-        head,
-        waiting: waiting as u64,
-        oldest_waiting_at: first.map(|u| DeliveryId(u.as_u128()).created_ms()),
-    })
+    let oldest = first.map(|u| DeliveryId(u.as_u128()).created_ms());
+    Ok(LaneInfo::new(lane, head, waiting as u64, oldest))
 }
 
 fn attempt_of(text: Option<String>) -> Result<Option<Attempt>, StoreError> {
@@ -600,7 +592,7 @@ async fn accept(
         .collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut lanes = lock_lanes(tx, &keys).await?;
+    let mut lanes = lock_lanes(tx, &keys, Missing::Make).await?;
     // delivery → (its seq, the head it waits behind if it waits)
     let mut placed: HashMap<DeliveryId, (i64, Option<Uuid>)> = HashMap::new();
     for d in stored().filter(|d| d.state == State::Pending) {
@@ -785,22 +777,32 @@ struct AcceptCols<'a> {
 /// Lanes by key: (head, next sequence number).
 type LaneRows = HashMap<String, (Option<Uuid>, i64)>;
 
+/// Whether `lock_lanes` makes the rows it does not find: a join needs its
+/// lane's row; an advance or a skip only looks at lanes that have one.
+#[derive(Clone, Copy, PartialEq)]
+enum Missing {
+    Make,
+    Skip,
+}
+
 /// Locks the rows of `keys` (sorted, so two batches lock in one order and
-/// cannot deadlock on them), making the missing ones. The lock is what
+/// cannot deadlock on them), making the missing ones when asked. The lock is what
 /// makes a lane's joins and advances one at a time across nodes; it is
 /// taken in a statement of its own so that what the transaction reads
 /// next sees every write of the transactions it waited for.
-async fn lock_lanes(tx: &Tx<'_>, keys: &[&str]) -> Result<LaneRows, StoreError> {
+async fn lock_lanes(tx: &Tx<'_>, keys: &[&str], missing: Missing) -> Result<LaneRows, StoreError> {
     if keys.is_empty() {
         return Ok(HashMap::new());
     }
-    let make = tx
-        .prepare_cached(
-            "INSERT INTO lanes (key) SELECT k FROM unnest($1::text[]) AS u(k) ON CONFLICT DO NOTHING",
-        )
-        .await
-        .map_err(pg("join lane"))?;
-    tx.execute(&make, &[&keys]).await.map_err(pg("join lane"))?;
+    if missing == Missing::Make {
+        let make = tx
+            .prepare_cached(
+                "INSERT INTO lanes (key) SELECT k FROM unnest($1::text[]) AS u(k) ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(pg("join lane"))?;
+        tx.execute(&make, &[&keys]).await.map_err(pg("join lane"))?;
+    }
     let lock = tx
         .prepare_cached(
             "SELECT key, head, next_seq FROM lanes WHERE key = ANY($1) ORDER BY key FOR UPDATE",
@@ -814,7 +816,7 @@ async fn lock_lanes(tx: &Tx<'_>, keys: &[&str]) -> Result<LaneRows, StoreError> 
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-    if rows.len() < keys.len() {
+    if missing == Missing::Make && rows.len() < keys.len() {
         // An empty lane's row was removed (by compaction) between the two
         // statements: run the batch again.
         return Err(StoreError::Conflict {
@@ -860,7 +862,7 @@ async fn advance_lanes(
     let mut keys: Vec<&str> = done.iter().map(|(k, _)| k.as_str()).collect();
     keys.sort_unstable();
     keys.dedup();
-    let rows = lock_lanes(tx, &keys).await?;
+    let rows = lock_lanes(tx, &keys, Missing::Skip).await?;
     // Only a lane whose head is the one that finished moves on.
     let moving: Vec<(&str, DeliveryId)> = done
         .iter()
@@ -1120,7 +1122,7 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
                 && was_final
                 && d.state == State::Pending
             {
-                let mut rows = lock_lanes(tx, &[lane.key.as_str()]).await?;
+                let mut rows = lock_lanes(tx, &[lane.key.as_str()], Missing::Make).await?;
                 if let Some((head, next_seq)) = rows.get_mut(&lane.key) {
                     lane.seq = *next_seq as u64;
                     *next_seq += 1;
@@ -1152,11 +1154,9 @@ async fn one(tx: &Tx<'_>, op: Op, ctx: &mut Ctx) -> Result<Done, StoreError> {
             Ok(Done::Redelivered(d))
         }
         Op::SkipLane { lane } => {
-            let rows = lock_lanes(tx, &[lane.as_str()]).await?;
+            let rows = lock_lanes(tx, &[lane.as_str()], Missing::Skip).await?;
             let Some(head) = rows.get(&lane).and_then(|r| r.0) else {
-                return Ok(Done::Rejected(format!(
-                    "no lane {lane}: it has no delivery pending or held"
-                )));
+                return Ok(Done::Rejected(no_lane(&lane)));
             };
             let head = DeliveryId(head.as_u128());
             let Some(old) = load_for_update(tx, head).await? else {

@@ -197,7 +197,27 @@ pub struct LaneInfo {
     pub oldest_waiting_at: Option<u64>,
 }
 
+/// A lane id's rule and key (`rule/key`: rule names have no `/`).
+pub fn split_lane(lane: &str) -> (&str, &str) {
+    lane.split_once('/').unwrap_or((lane, ""))
+}
+
 impl LaneInfo {
+    /// A lane from its id, its head, how many wait behind it and when the
+    /// first of those was made: what both stores read.
+    pub fn new(lane: String, head: Delivery, waiting: u64, oldest_waiting_at: Option<u64>) -> Self {
+        let (rule, key) = split_lane(&lane);
+        LaneInfo {
+            rule: rule.to_string(),
+            key: key.to_string(),
+            state: LaneInfo::state_of(&head),
+            lane,
+            head,
+            waiting,
+            oldest_waiting_at,
+        }
+    }
+
     /// The lane's state, from its head.
     pub fn state_of(head: &Delivery) -> &'static str {
         match head.state {

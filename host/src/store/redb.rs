@@ -410,23 +410,20 @@ impl Backend for Redb {
         limit: usize,
         budget: usize,
     ) -> Result<Vec<LaneInfo>, StoreError> {
-        use std::ops::Bound::{Excluded, Unbounded};
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let tx = self.read()?;
         let lanes = tx.open_table(LANES).map_err(io("lanes"))?;
         let deliveries = tx.open_table(DELIVERIES).map_err(io("lanes"))?;
         let wait = tx.open_table(LANE_WAIT).map_err(io("lanes"))?;
-        // A rule's lanes are one range: `rule/` … `rule0` ('0' follows '/').
-        let (start, end) = match (&filter.rule, after) {
-            (_, Some(a)) => (Excluded(a.to_string()), Unbounded),
-            (Some(rule), None) => (std::ops::Bound::Included(format!("{rule}/")), Unbounded),
-            (None, None) => (Unbounded, Unbounded),
+        // A rule's lanes are one range, from `rule/` on.
+        let start = match (&filter.rule, after) {
+            (_, Some(a)) => Excluded(a.to_string()),
+            (Some(rule), None) => Included(format!("{rule}/")),
+            (None, None) => Unbounded,
         };
         let mut out = Vec::new();
         let range = lanes
-            .range::<&str>((
-                start.as_ref().map(String::as_str),
-                end.as_ref().map(|e: &String| e.as_str()),
-            ))
+            .range::<&str>((start.as_ref().map(String::as_str), Unbounded))
             .map_err(io("lanes"))?;
         for (looked, item) in range.enumerate() {
             if out.len() >= limit || looked >= budget {
@@ -463,7 +460,8 @@ impl Backend for Redb {
 
     /// Counted from the tables' lengths and the halted heads' park
     /// entries; the oldest waiting delivery is the smallest id among each
-    /// lane's first waiting one (ids are time-ordered).
+    /// lane's first waiting one (ids are time-ordered), one seek per lane
+    /// rather than a walk of everything waiting.
     fn lane_stats(&self) -> Result<LaneStats, StoreError> {
         let tx = self.read()?;
         let lanes = tx.open_table(LANES).map_err(io("lane stats"))?;
@@ -478,15 +476,18 @@ impl Backend for Redb {
             })
             .count() as u64;
         let mut oldest: Option<u128> = None;
-        let mut previous: Option<String> = None;
-        for item in wait.iter().map_err(io("lane stats"))? {
-            let (k, v) = item.map_err(io("lane stats"))?;
-            let lane = k.value().0;
-            if previous.as_deref() == Some(lane) {
-                continue; // only each lane's first entry can be its oldest
+        for item in lanes.iter().map_err(io("lane stats"))? {
+            let (k, _) = item.map_err(io("lane stats"))?;
+            let lane = k.value();
+            let first = wait
+                .range((lane, 0u64)..=(lane, u64::MAX))
+                .map_err(io("lane stats"))?
+                .next()
+                .transpose()
+                .map_err(io("lane stats"))?;
+            if let Some((_, id)) = first {
+                oldest = Some(oldest.map_or(id.value(), |o| o.min(id.value())));
             }
-            previous = Some(lane.to_string());
-            oldest = Some(oldest.map_or(v.value(), |o| o.min(v.value())));
         }
         Ok(LaneStats {
             lanes: lanes.len().map_err(io("lane stats"))?,
@@ -906,16 +907,7 @@ fn lane_info(
         }
         waiting += 1;
     }
-    let (rule, key) = lane.split_once('/').unwrap_or((lane, ""));
-    Ok(Some(LaneInfo {
-        lane: lane.to_string(),
-        rule: rule.to_string(),
-        key: key.to_string(),
-        state: LaneInfo::state_of(&head),
-        head,
-        waiting,
-        oldest_waiting_at: oldest,
-    }))
+    Ok(Some(LaneInfo::new(lane.to_string(), head, waiting, oldest)))
 }
 
 fn read_event(tx: &ReadTransaction, id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -1306,7 +1298,6 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                 && old.state.is_final()
                 && d.state == State::Pending
             {
-                d.lane = None;
                 d = join_lane(t, d, lane.key, lane.halt, now)?;
             }
             save_delivery(t, Some(&old), &d)?;
@@ -1314,9 +1305,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
         }
         Op::SkipLane { lane } => {
             let Some(rec) = load_lane(t, &lane)? else {
-                return Ok(Done::Rejected(format!(
-                    "no lane {lane}: it has no delivery pending or held"
-                )));
+                return Ok(Done::Rejected(no_lane(&lane)));
             };
             let Some(old) = load_delivery(t, rec.head)? else {
                 return Err(StoreError::Corrupt(format!(

@@ -1223,6 +1223,24 @@ fn an_ordered_lane_sends_one_at_a_time_in_acceptance_order(db: &dyn Db) {
         "the first of each lane is its head, the rest wait"
     );
     assert_eq!(due_ids(&store), vec![a1, b1], "only the heads are due");
+    // Lanes page in lane order, and a rule filter keeps its own.
+    let all = LaneFilter::default();
+    let page = |after: Option<&str>| -> Vec<String> {
+        store
+            .lanes(&all, after, 1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.lane)
+            .collect()
+    };
+    assert_eq!(page(None), ["r/defect:1"]);
+    assert_eq!(page(Some("r/defect:1")), ["r/defect:2"]);
+    assert!(page(Some("r/defect:2")).is_empty());
+    let other_rule = LaneFilter {
+        rule: Some("q".into()),
+        ..Default::default()
+    };
+    assert!(store.lanes(&other_rule, None, 10, 100).unwrap().is_empty());
     let d2 = store.delivery(a2).unwrap().unwrap();
     assert_eq!(d2.state, State::Waiting);
     assert_eq!(d2.lane.as_ref().map(|l| l.seq), Some(1));
