@@ -110,8 +110,11 @@ pub fn open_store(config: &Config, node: &str) -> Result<Store, StoreError> {
     match &config.store {
         None => Store::open_with(
             &config.data_dir.join("rulehook.redb"),
-            config.cache_bytes,
-            config.quick_repair,
+            crate::store::RedbOptions {
+                cache_bytes: config.cache_bytes,
+                quick_repair: config.quick_repair,
+                commit_log: config.commit_log,
+            },
         ),
         Some(url) => Ok(Store::new(Postgres::connect(
             &url.0,

@@ -46,6 +46,10 @@ pub struct Config {
     /// Save redb's allocator state with every commit, so a restart after a
     /// crash needs no walk of the whole file (see `Store::open_with`).
     pub quick_repair: bool,
+    /// Make each batch durable in the commit log beside the redb file and
+    /// checkpoint redb about once a second, instead of a durable redb
+    /// commit per batch (see `store/redb/commit_log.rs`).
+    pub commit_log: bool,
     /// Per-call plugin limits: CPU deadline, memory, output and log size.
     pub plugin_limits: crate::plugins::Limits,
     /// Reload on file changes (off: only SIGHUP and `POST /v1/rules/reload`,
@@ -208,6 +212,7 @@ impl Default for Config {
             record_linger: crate::outbox::LINGER,
             cache_bytes: 64 << 20,
             quick_repair: true,
+            commit_log: true,
             plugin_limits: crate::plugins::Limits::default(),
             watch: true,
             store: None,
@@ -265,6 +270,7 @@ struct FileConfig {
     record_linger: Option<String>,
     cache_size: Option<String>,
     quick_repair: Option<bool>,
+    commit_log: Option<bool>,
     plugin_timeout: Option<String>,
     plugin_memory: Option<String>,
     plugin_output_max: Option<String>,
@@ -530,6 +536,9 @@ impl Config {
         }
         if let Some(q) = f.quick_repair {
             self.quick_repair = q;
+        }
+        if let Some(c) = f.commit_log {
+            self.commit_log = c;
         }
         if let Some(s) = f.plugin_timeout {
             self.plugin_limits.timeout = duration(src, "plugin_timeout", &s)?;

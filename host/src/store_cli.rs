@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use crate::store::postgres::{PgOptions, Postgres};
-use crate::store::{Backend, Op, Redb, Store, now_ms};
+use crate::store::{Backend, Op, Redb, RedbOptions, Store, now_ms};
 
 /// Events per transaction: big enough for few round trips, small enough
 /// that one slice of large bodies stays a few megabytes.
@@ -41,7 +41,7 @@ fn open(spec: &Spec, must_exist: bool) -> anyhow::Result<Store> {
                     path.display()
                 );
             }
-            let redb = Redb::open_with(path, 64 << 20, true).map_err(|e| {
+            let redb = Redb::open_with(path, RedbOptions::default()).map_err(|e| {
                 let text = e.to_string();
                 if text.contains("already open") || text.contains("lock") {
                     anyhow::anyhow!(

@@ -25,7 +25,7 @@ pub mod schema;
 
 use std::path::Path;
 
-pub use self::redb::Redb;
+pub use self::redb::{Redb, RedbOptions};
 pub use records::*;
 pub use schema::{DeliveryKey, EventKey};
 
@@ -814,20 +814,18 @@ impl Store {
     /// redb's page cache, which is most of rulehook's memory with a large
     /// backlog.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        Store::open_with(path, cache_bytes, true)
+        Store::open_with(
+            path,
+            RedbOptions {
+                cache_bytes,
+                ..RedbOptions::default()
+            },
+        )
     }
 
-    /// `open`, choosing redb's quick repair (see `Redb::open_with`).
-    pub fn open_with(
-        path: &Path,
-        cache_bytes: usize,
-        quick_repair: bool,
-    ) -> Result<Store, StoreError> {
-        Ok(Store::new(Redb::open_with(
-            path,
-            cache_bytes,
-            quick_repair,
-        )?))
+    /// `open` with every option (see `RedbOptions`).
+    pub fn open_with(path: &Path, options: RedbOptions) -> Result<Store, StoreError> {
+        Ok(Store::new(Redb::open_with(path, options)?))
     }
 }
 

@@ -3,12 +3,13 @@
 //! there is one node and claims are not needed: `Claim`s are neither made
 //! nor checked here. No redb type leaves this module.
 
+mod commit_log;
 mod versions;
 
 use std::path::Path;
 
 use ::redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, WriteTransaction,
 };
 
@@ -28,9 +29,41 @@ pub struct Redb {
     /// Set when a write failed with an I/O error (ENOSPC, EIO): redb then
     /// refuses every later write ("Previous I/O error occurred. Please
     /// close and re-open the database"), so the next write reopens the file
-    /// first. What the failed commit held was not stored.
+    /// first (and applies the commit log again over its last checkpoint).
     reopen: std::sync::atomic::AtomicBool,
+    /// The commit log (see `commit_log.rs`); `None` when every batch is a
+    /// durable redb commit of its own (`commit_log: false`). Locked before
+    /// a write transaction begins, never after, so two writers cannot wait
+    /// on each other.
+    log: Option<std::sync::Mutex<commit_log::CommitLog>>,
 }
+
+/// How the embedded store opens its file.
+#[derive(Clone, Copy, Debug)]
+pub struct RedbOptions {
+    /// redb's page cache (half of it may hold pages not yet checkpointed).
+    pub cache_bytes: usize,
+    /// Save redb's allocator state with every durable commit, so opening a
+    /// file not closed cleanly needs no walk of the whole file.
+    pub quick_repair: bool,
+    /// Make batches durable in the commit log, checkpointing redb about
+    /// once a second, instead of a durable redb commit per batch.
+    pub commit_log: bool,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        RedbOptions {
+            cache_bytes: 64 << 20,
+            quick_repair: true,
+            commit_log: true,
+        }
+    }
+}
+
+/// `META` key: the last commit log record the file's last durable commit
+/// holds.
+const LOG_SEQ: &str = "commit_log_seq";
 
 /// The free space a probe wants before it says writes can resume: enough
 /// for a few batches, so the dispatcher does not start attempts on a disk
@@ -78,11 +111,12 @@ impl Redb {
     /// (kill -9, power loss) opens at once; without it redb rebuilds its
     /// allocator state by walking the whole file first, seconds for a
     /// large backlog. It costs a little on every commit (BENCHMARKS.md).
-    pub fn open_with(
-        path: &Path,
-        cache_bytes: usize,
-        quick_repair: bool,
-    ) -> Result<Redb, StoreError> {
+    pub fn open_with(path: &Path, options: RedbOptions) -> Result<Redb, StoreError> {
+        let RedbOptions {
+            cache_bytes,
+            quick_repair,
+            commit_log,
+        } = options;
         let name = path.display().to_string();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
@@ -136,13 +170,40 @@ impl Redb {
             }
         }
         tx.commit().map_err(io("open"))?;
+        // What a crash left in the log is applied even when the log is
+        // off now; then the file is removed.
+        let log_path = commit_log::CommitLog::path_for(path);
+        let log = if commit_log || log_path.exists() {
+            let mut log = commit_log::CommitLog::open(&log_path)?;
+            recover(&db, &mut log, quick_repair)?;
+            if commit_log {
+                Some(std::sync::Mutex::new(log))
+            } else {
+                drop(log);
+                std::fs::remove_file(&log_path).map_err(|e| StoreError::Io {
+                    op: "remove the commit log",
+                    message: format!("{}: {e}", log_path.display()),
+                })?;
+                None
+            }
+        } else {
+            None
+        };
         Ok(Redb {
             db: std::sync::RwLock::new(Some(db)),
             path: path.to_path_buf(),
             cache_bytes,
             quick_repair,
             reopen: Default::default(),
+            log,
         })
+    }
+
+    /// Locks the commit log, if there is one.
+    fn lock_log(&self) -> Option<std::sync::MutexGuard<'_, commit_log::CommitLog>> {
+        self.log
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(super) fn read(&self) -> Result<ReadTransaction, StoreError> {
@@ -153,11 +214,12 @@ impl Redb {
             .map_err(io("begin read"))
     }
 
-    /// A write transaction, on a reopened file if the last write failed.
-    /// Returned with the read guard that keeps the file from being
-    /// reopened under it.
+    /// A write transaction, on a reopened file if the last write failed
+    /// (`log`, locked by the caller, is applied to it again). Returned with
+    /// the read guard that keeps the file from being reopened under it.
     fn write(
         &self,
+        log: Option<&mut commit_log::CommitLog>,
     ) -> Result<
         (
             std::sync::RwLockReadGuard<'_, Option<Database>>,
@@ -166,7 +228,7 @@ impl Redb {
         StoreError,
     > {
         if self.reopen.load(std::sync::atomic::Ordering::Acquire) {
-            self.reopen()?;
+            self.reopen(log)?;
         }
         let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
         let mut tx = guard
@@ -190,7 +252,7 @@ impl Redb {
     /// Closes the file and opens it again, which is what redb needs after
     /// a failed write. The old handle closes once the last read transaction
     /// on it ends; until then the open fails and the next write tries again.
-    fn reopen(&self) -> Result<(), StoreError> {
+    fn reopen(&self, log: Option<&mut commit_log::CommitLog>) -> Result<(), StoreError> {
         let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
         if !self.reopen.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(()); // another writer did it meanwhile
@@ -200,6 +262,11 @@ impl Redb {
             op: "reopen the database after a failed write",
             message: e.to_string(),
         })?;
+        // The file is back at its last checkpoint: what the log holds
+        // after it is applied again before anything else is written.
+        if let Some(log) = log {
+            recover(&opened, log, self.quick_repair)?;
+        }
         *db = Some(opened);
         self.reopen
             .store(false, std::sync::atomic::Ordering::Release);
@@ -213,7 +280,10 @@ impl Redb {
     /// A raw write transaction, for tests that plant what a migration or
     /// a corruption would leave.
     pub(super) fn raw_write(&self) -> WriteTransaction {
-        self.write().expect("begin write").1
+        // Checkpointed first, so nothing in the log is applied again over
+        // what the test plants.
+        self.checkpoint().expect("checkpoint");
+        self.write(None).expect("begin write").1
     }
 }
 
@@ -244,26 +314,153 @@ fn free_bytes(path: &Path) -> Result<u64, StoreError> {
 }
 
 impl Redb {
+    /// One batch in one transaction. A batch of loggable ops (nearly all of
+    /// them) is applied in a non-durable commit after it was appended to
+    /// the commit log and synced; any other is a durable commit, which
+    /// checkpoints the log too.
     fn apply_inner(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        let (_guard, tx) = self.write()?;
+        let mut log = self.lock_log();
         let now = now_ms();
-        let mut out = Vec::with_capacity(ops.len());
+        // Event keys are chosen here, not while applying, so the log can
+        // replay an accept under the key it was first stored with.
+        let keys: Vec<Option<EventKey>> = ops
+            .iter()
+            .map(|op| matches!(op, Op::Accept(_)).then(new_event_key))
+            .collect();
+        let payload = (log.is_some() && ops.iter().all(commit_log::loggable)).then(|| {
+            let refs: Vec<(&Op, Option<EventKey>)> = ops.iter().zip(keys.iter().copied()).collect();
+            commit_log::encode(now, &refs)
+        });
+        let out = {
+            let (_guard, mut tx) = self.write(log.as_deref_mut())?;
+            let out = apply_batch(&tx, ops.into_iter().zip(keys), now)?;
+            match (&mut log, payload) {
+                (Some(log), Some(payload)) => {
+                    tx.set_durability(Durability::None).map_err(io("commit"))?;
+                    log.append(&payload)?;
+                    // The batch is durable now. Should this commit fail,
+                    // the reopen the failure asks for applies it from the
+                    // log, so the caller's error means "stored, or
+                    // stored once the file is back".
+                    tx.commit().map_err(io("commit"))?;
+                }
+                (Some(log), None) => {
+                    put_log_seq(&tx, log.last_seq)?;
+                    tx.commit().map_err(io("commit"))?;
+                    let seq = log.last_seq;
+                    log.checkpointed(seq);
+                }
+                (None, _) => tx.commit().map_err(io("commit"))?,
+            }
+            out
+        };
+        if let Some(log) = &mut log
+            && log.checkpoint_due()
         {
-            let mut tables = Tables::open(&tx)?;
-            for op in ops {
-                let done = match op {
-                    // Rare (once per reload, once per retention run):
-                    // their tables are opened only then, not for every commit.
-                    op @ (Op::PutRuleVersions { .. } | Op::DropRuleVersions(_)) => {
-                        versions::apply(&tx, op)?
-                    }
-                    op => apply_one(&mut tables, op, now)?,
-                };
-                out.push(done);
+            // The batch stands whatever the checkpoint does: a failure
+            // only means the log keeps growing until one succeeds (and
+            // an I/O error reopens the file at the next write).
+            if let Err(e) = self.watch(self.checkpoint_locked(log)) {
+                tracing::warn!(error = %e, "checkpoint of the commit log failed; the log keeps the batches");
             }
         }
-        tx.commit().map_err(io("commit"))?;
         Ok(out)
+    }
+
+    /// A durable commit holding everything written so far; the log starts
+    /// over (if anything was logged since the last). Called when the store
+    /// closes and before a test plants records.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        match self.lock_log() {
+            Some(mut log) if !log.is_empty() => self.checkpoint_locked(&mut log),
+            _ => Ok(()),
+        }
+    }
+
+    fn checkpoint_locked(&self, log: &mut commit_log::CommitLog) -> Result<(), StoreError> {
+        let (_guard, tx) = self.write(Some(&mut *log))?;
+        let seq = log.last_seq;
+        put_log_seq(&tx, seq)?;
+        tx.commit().map_err(io("checkpoint"))?;
+        log.checkpointed(seq);
+        Ok(())
+    }
+}
+
+/// Applies `ops` (each `Accept` with its event key) in `tx`.
+fn apply_batch(
+    tx: &WriteTransaction,
+    ops: impl IntoIterator<Item = (Op, Option<EventKey>)>,
+    now: u64,
+) -> Result<Vec<Done>, StoreError> {
+    let mut out = Vec::new();
+    let mut tables = Tables::open(tx)?;
+    for (op, key) in ops {
+        let done = match op {
+            // Rare (once per reload, once per retention run):
+            // their tables are opened only then, not for every commit.
+            op @ (Op::PutRuleVersions { .. } | Op::DropRuleVersions(_)) => versions::apply(tx, op)?,
+            op => apply_one(&mut tables, op, key, now)?,
+        };
+        out.push(done);
+    }
+    Ok(out)
+}
+
+fn put_log_seq(tx: &WriteTransaction, seq: u64) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META).map_err(io("checkpoint"))?;
+    meta.insert(LOG_SEQ, seq).map_err(io("checkpoint"))?;
+    Ok(())
+}
+
+/// Applies what the commit log holds after the file's last checkpoint, in
+/// one durable commit, and starts the log over: after a crash (at open) or
+/// a failed write (at reopen) the file is back at that checkpoint.
+fn recover(
+    db: &Database,
+    log: &mut commit_log::CommitLog,
+    quick_repair: bool,
+) -> Result<(), StoreError> {
+    let checkpointed = {
+        let tx = db.begin_read().map_err(io("recover"))?;
+        let meta = tx.open_table(META).map_err(io("recover"))?;
+        meta.get(LOG_SEQ)
+            .map_err(io("recover"))?
+            .map_or(0, |v| v.value())
+    };
+    let pending = log.read_after(checkpointed)?;
+    let last = pending.last().map_or(checkpointed, |r| r.seq);
+    let (records, ops) = (
+        pending.len(),
+        pending.iter().map(|r| r.ops.len()).sum::<usize>(),
+    );
+    let started = std::time::Instant::now();
+    let mut tx = db.begin_write().map_err(io("recover"))?;
+    tx.set_quick_repair(quick_repair);
+    for record in pending {
+        apply_batch(&tx, record.ops, record.now)?;
+    }
+    put_log_seq(&tx, last)?;
+    tx.commit().map_err(io("recover"))?;
+    log.checkpointed(last);
+    if records > 0 {
+        tracing::warn!(
+            log = %log.path().display(),
+            records,
+            ops,
+            ms = started.elapsed().as_millis() as u64,
+            "applied the commit log's batches that the last checkpoint did not hold (the last run ended without closing the store)"
+        );
+    }
+    Ok(())
+}
+
+impl Drop for Redb {
+    /// A clean close leaves nothing in the log to apply again.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "could not checkpoint the commit log at close; the next start applies it");
+        }
     }
 }
 
@@ -297,9 +494,12 @@ impl Backend for Redb {
                 ),
             });
         }
-        let r = self
-            .write()
-            .and_then(|(_guard, tx)| tx.commit().map_err(io("commit")));
+        let r = match self.lock_log() {
+            Some(mut log) => self.checkpoint_locked(&mut log),
+            None => self
+                .write(None)
+                .and_then(|(_guard, tx)| tx.commit().map_err(io("commit"))),
+        };
         self.watch(r)
     }
 
@@ -1140,7 +1340,13 @@ fn save_delivery(
     Ok(())
 }
 
-fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
+/// `key`: for an `Accept`, the key its event is stored under.
+fn apply_one(
+    t: &mut Tables<'_>,
+    op: Op,
+    key: Option<EventKey>,
+    now: u64,
+) -> Result<Done, StoreError> {
     match op {
         Op::PutRuleVersions { .. } | Op::DropRuleVersions(_) => {
             unreachable!("Redb::apply writes rule versions itself")
@@ -1160,7 +1366,7 @@ fn apply_one(t: &mut Tables<'_>, op: Op, now: u64) -> Result<Done, StoreError> {
                 accepted_at: now,
                 deliveries: ids.clone(),
             };
-            let key = new_event_key();
+            let key = key.unwrap_or_else(new_event_key);
             let mut waiting = Vec::new();
             t.events
                 .insert(key, to_json(&record).as_slice())
