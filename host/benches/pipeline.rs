@@ -743,15 +743,21 @@ const COUNTED_SYSCALLS: [&str; 6] = [
     "sendto",
 ];
 
+/// Counted beside the syscalls: how often a server thread went to sleep
+/// (or was preempted). At a low rate each wake-up is a large part of what
+/// a delivery costs on this virtual machine.
+const SWITCHES: &str = "sched_switch";
+
 /// `perf stat` on `pid`, counting [`COUNTED_SYSCALLS`] until stopped.
 struct SyscallCount(Child);
 
 impl SyscallCount {
     fn start(pid: u32) -> Option<SyscallCount> {
-        let events: Vec<String> = COUNTED_SYSCALLS
+        let mut events: Vec<String> = COUNTED_SYSCALLS
             .iter()
             .map(|s| format!("syscalls:sys_enter_{s}"))
             .collect();
+        events.push(format!("sched:{SWITCHES}"));
         Command::new("perf")
             .args([
                 "stat",
@@ -783,7 +789,10 @@ impl SyscallCount {
         text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(',').collect();
-                let name = f.get(2)?.strip_prefix("syscalls:sys_enter_")?;
+                let event = f.get(2)?;
+                let name = event
+                    .strip_prefix("syscalls:sys_enter_")
+                    .or_else(|| event.strip_prefix("sched:"))?;
                 Some((name.to_string(), f.first()?.trim().parse().ok()?))
             })
             .collect()
@@ -878,25 +887,26 @@ async fn cost() {
         "cost: per delivery, server process; rate = events/s offered (saturation: closed loop); syscalls counted with perf tracepoints"
     );
     println!(
-        "cost: | posting | offered | record_linger | delivered/s | CPU µs | {} |",
+        "cost: | posting | offered | commit_log | delivered/s | CPU µs | {} | {SWITCHES} |",
         COUNTED_SYSCALLS.join(" | ")
     );
-    // Each row twice, side by side: attempt records committed at once
-    // (record_linger: 0ms, as before it existed) and lingering (default).
+    // Each row twice, side by side: a durable redb commit per batch
+    // (commit_log: false, as before the log existed) and the commit log.
     for batch in [1, 50] {
         for rate in [Some(100.0), Some(500.0), Some(2_000.0), None] {
-            for linger in ["0ms", "20ms"] {
+            for log in ["false", "true"] {
                 // RULEHOOK_BENCH_CONFIG adds config lines to every row (such
                 // as `quick_repair: false`, to see what its second sync costs).
                 let more = std::env::var("RULEHOOK_BENCH_CONFIG").unwrap_or_default();
-                *EXTRA.lock().unwrap() = format!("record_linger: {linger}\n{more}\n");
+                *EXTRA.lock().unwrap() = format!("commit_log: {log}\n{more}\n");
                 let (got, cpu, n, calls) = cost_run(rate, batch).await;
                 let per: Vec<String> = COUNTED_SYSCALLS
                     .iter()
+                    .chain([&SWITCHES])
                     .map(|s| format!("{:.2}", *calls.get(*s).unwrap_or(&0) as f64 / n))
                     .collect();
                 println!(
-                    "cost: | {} | {} | {linger} | {got:.0} | {cpu:.1} | {} |",
+                    "cost: | {} | {} | {log} | {got:.0} | {cpu:.1} | {} |",
                     if batch == 1 {
                         "one per request"
                     } else {

@@ -4,7 +4,7 @@
 //! and the successful attempts of the previous round's deliveries, which
 //! is what the writer sees under end-to-end load.
 //!
-//! `cargo bench -p rulehook --bench store [-- --rounds N] [--sequential-ids] [--per-round N] [--no-quick-repair]`
+//! `cargo bench -p rulehook --bench store [-- --rounds N] [--sequential-ids] [--per-round N] [--no-quick-repair] [--no-commit-log]`
 //!
 //! `--per-round 1` is the low-rate case: one event and one attempt record per
 //! commit, as a server at a few hundred events/s commits.
@@ -61,6 +61,7 @@ fn main() {
         .unwrap_or(2000);
     let sequential = args.iter().any(|a| a == "--sequential-ids");
     let quick_repair = !args.iter().any(|a| a == "--no-quick-repair");
+    let commit_log = !args.iter().any(|a| a == "--no-commit-log");
     let per_round: usize = args
         .iter()
         .position(|a| a == "--per-round")
@@ -69,8 +70,12 @@ fn main() {
         .unwrap_or(PER_ROUND);
     let dir = std::env::temp_dir().join(format!("rulehook-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open_with(&dir.join("rulehook.redb"), 64 << 20, quick_repair)
-        .expect("open the store");
+    let options = rulehook::store::RedbOptions {
+        cache_bytes: 64 << 20,
+        quick_repair,
+        commit_log,
+    };
+    let store = Store::open_with(&dir.join("rulehook.redb"), options).expect("open the store");
     let body = bytes::Bytes::from(format!("{{\"pad\":\"{}\"}}", "x".repeat(1300)));
     let mut previous: Vec<DeliveryId> = Vec::new();
     let mut serial = 0u64;

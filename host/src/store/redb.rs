@@ -314,10 +314,10 @@ fn free_bytes(path: &Path) -> Result<u64, StoreError> {
 }
 
 impl Redb {
-    /// One batch in one transaction. A batch of loggable ops (nearly all of
-    /// them) is applied in a non-durable commit after it was appended to
-    /// the commit log and synced; any other is a durable commit, which
-    /// checkpoints the log too.
+    /// One batch in one transaction. A small batch of loggable ops (nearly
+    /// all of them) is applied in a non-durable commit after it was
+    /// appended to the commit log and synced; any other is a durable
+    /// commit, which checkpoints the log too.
     fn apply_inner(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
         let mut log = self.lock_log();
         let now = now_ms();
@@ -327,10 +327,13 @@ impl Redb {
             .iter()
             .map(|op| matches!(op, Op::Accept(_)).then(new_event_key))
             .collect();
-        let payload = (log.is_some() && ops.iter().all(commit_log::loggable)).then(|| {
-            let refs: Vec<(&Op, Option<EventKey>)> = ops.iter().zip(keys.iter().copied()).collect();
-            commit_log::encode(now, &refs)
-        });
+        let payload = (log.is_some() && ops.iter().all(commit_log::loggable))
+            .then(|| {
+                let refs: Vec<(&Op, Option<EventKey>)> =
+                    ops.iter().zip(keys.iter().copied()).collect();
+                commit_log::encode(now, &refs)
+            })
+            .filter(|p| p.len() < commit_log::MAX_RECORD);
         let out = {
             let (_guard, mut tx) = self.write(log.as_deref_mut())?;
             let out = apply_batch(&tx, ops.into_iter().zip(keys), now)?;
