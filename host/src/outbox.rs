@@ -130,9 +130,14 @@ impl Outbox {
                             .expect("spawn an outbox writer thread")
                     })
                     .collect();
-                writer(store, rx, thread_stats, thread_changes, linger);
+                writer(store.clone(), rx, thread_stats, thread_changes, linger);
                 for w in others {
                     let _ = w.join();
+                }
+                // Every batch is in; a clean stop leaves nothing for the
+                // next start to apply again.
+                if let Err(e) = store.close() {
+                    tracing::warn!(error = %e, "could not close the store cleanly; the next start applies its commit log");
                 }
             })
             .expect("spawn the outbox writer thread");

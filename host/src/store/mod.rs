@@ -536,6 +536,14 @@ pub trait Backend: Send + Sync {
     /// configured). Nothing of it is visible.
     fn probe(&self) -> Result<(), StoreError>;
 
+    /// Called by the writer after its last batch: makes what was written
+    /// durable without anything to apply again at the next start (the
+    /// embedded store checkpoints its commit log). Writes after it still
+    /// work.
+    fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// How many batches may be applied at once (the outbox runs this many
     /// writers). The embedded store takes one writer at a time.
     fn writers(&self) -> usize {

@@ -484,6 +484,11 @@ impl Backend for Redb {
         self.watch(r)
     }
 
+    fn close(&self) -> Result<(), StoreError> {
+        let r = self.checkpoint();
+        self.watch(r)
+    }
+
     /// Room on the disk for a few batches, then an empty commit (which
     /// reopens the file first if the last write failed).
     fn probe(&self) -> Result<(), StoreError> {
