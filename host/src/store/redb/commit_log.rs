@@ -82,12 +82,14 @@ pub(super) struct CommitLog {
     oldest: Option<Instant>,
 }
 
+/// A batch's ops, each with the event key an `Accept` is stored under.
+pub(super) type KeyedOps = Vec<(Op, Option<EventKey>)>;
+
 /// A batch read back from the log.
 pub(super) struct Logged {
     pub seq: u64,
     pub now: u64,
-    /// Each op with the event key an `Accept` was stored under.
-    pub ops: Vec<(Op, Option<EventKey>)>,
+    pub ops: KeyedOps,
 }
 
 impl CommitLog {
@@ -341,7 +343,7 @@ pub(super) fn encode(now: u64, ops: &[(&Op, Option<EventKey>)]) -> Vec<u8> {
     w
 }
 
-fn decode(payload: &[u8]) -> Result<(u64, Vec<(Op, Option<EventKey>)>), String> {
+fn decode(payload: &[u8]) -> Result<(u64, KeyedOps), String> {
     let mut r = Reader(payload);
     let now = r.u64()?;
     let count = r.u32()? as usize;
