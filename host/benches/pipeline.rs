@@ -638,6 +638,7 @@ fn main() {
                 "drain",
                 "cluster",
                 "cost",
+                "cost-pg",
                 "ordering",
                 "telemetry",
                 "spans",
@@ -685,6 +686,9 @@ fn main() {
         }
         if args.iter().any(|a| a == "cost") {
             cost().await;
+        }
+        if args.iter().any(|a| a == "cost-pg") {
+            cost_pg().await;
         }
         if args.iter().any(|a| a == "ordering") {
             ordering().await;
@@ -919,6 +923,87 @@ async fn cost() {
         }
     }
     EXTRA.lock().unwrap().clear();
+}
+
+/// The cost table for postgres mode: per delivery, the server's and the
+/// database's CPU, the statements the server ran, the transactions it
+/// committed and the WAL they wrote, and the statements that wrote most;
+/// from `pg_stat_statements` (calls, WAL bytes per statement) and
+/// `pg_current_wal_lsn()` before and after each row. One PostgreSQL server,
+/// no standby (a standby replays the same WAL), a fresh database per row.
+async fn cost_pg() {
+    let primary = pg::PgServer::start("bench-cost-pg");
+    primary.configure(&[
+        "shared_preload_libraries = 'pg_stat_statements'",
+        "pg_stat_statements.track = all",
+    ]);
+    primary.stop();
+    primary.start_again();
+    primary.sql("CREATE EXTENSION pg_stat_statements");
+    *DB_PIDS.lock().unwrap() = vec![postmaster(&primary)];
+    println!("cost-pg: per delivery; postgres mode, one PostgreSQL server, fsync on");
+    println!(
+        "cost-pg: | posting | offered | delivered/s | server CPU µs | database CPU µs | statements | commits | WAL bytes |"
+    );
+    let mut phase = 0;
+    for batch in [1, 50] {
+        for rate in [Some(500.0), None] {
+            phase += 1;
+            fresh_database(&primary, Some("costpg"), &format!("r{phase}"));
+            let db = format!("costpg_r{phase}");
+            primary.sql("SELECT pg_stat_statements_reset()");
+            let lsn = primary.sql("SELECT pg_current_wal_lsn()");
+            let db_before: f64 = tree_cpu_secs(postmaster(&primary));
+            let (got, cpu, n, _) = cost_run(rate, batch).await;
+            let db_cpu = (tree_cpu_secs(postmaster(&primary)) - db_before) / n * 1e6;
+            let wal: f64 = primary
+                .sql(&format!(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')"
+                ))
+                .parse()
+                .unwrap_or(0.0);
+            let of_db = format!("dbid = (SELECT oid FROM pg_database WHERE datname = '{db}')");
+            let totals = primary.sql(&format!(
+                "SELECT coalesce(sum(calls), 0), coalesce(sum(calls) FILTER (WHERE query ILIKE 'COMMIT%'), 0) FROM pg_stat_statements WHERE {of_db}"
+            ));
+            let mut t = totals
+                .split('|')
+                .map(|v| v.trim().parse::<f64>().unwrap_or(0.0));
+            let (statements, commits) = (t.next().unwrap_or(0.0), t.next().unwrap_or(0.0));
+            let posting = if batch == 1 {
+                "one per request"
+            } else {
+                "NDJSON ×50"
+            };
+            let offered = rate.map_or("saturation".to_string(), |r| format!("{r:.0}/s"));
+            println!(
+                "cost-pg: | {posting} | {offered} | {got:.0} | {cpu:.1} | {db_cpu:.1} | {:.2} | {:.3} | {:.0} |",
+                statements / n,
+                commits / n,
+                wal / n
+            );
+            // Where the database's time, WAL and statements go, most time first.
+            let top = primary.sql(&format!(
+                "SELECT calls, wal_bytes, total_exec_time * 1000, regexp_replace(left(query, 110), '\\s+', ' ', 'g') FROM pg_stat_statements WHERE {of_db} AND (wal_bytes > 0 OR calls > {}) ORDER BY total_exec_time DESC LIMIT 8",
+                (n / 20.0) as u64
+            ));
+            for line in top.lines() {
+                let f: Vec<&str> = line.splitn(4, '|').collect();
+                if let [calls, wal, micros, query] = f[..] {
+                    let per = |v: &str| v.trim().parse::<f64>().unwrap_or(0.0) / n;
+                    println!(
+                        "cost-pg:     {:>6.3} calls, {:>7.0} WAL bytes, {:>6.1} µs executing per delivery: {}",
+                        per(calls),
+                        per(wal),
+                        per(micros),
+                        query.trim()
+                    );
+                }
+            }
+        }
+    }
+    STORE.lock().unwrap().clear();
+    DB_PIDS.lock().unwrap().clear();
 }
 
 /// The postmaster's pid of a test server.

@@ -173,7 +173,9 @@ impl PgServer {
         self.sql("SELECT pg_reload_conf()");
     }
 
-    fn configure(&self, lines: &[&str]) {
+    /// Adds lines to `postgresql.auto.conf` (read at the next start or
+    /// `pg_reload_conf()`).
+    pub fn configure(&self, lines: &[&str]) {
         let conf = self.data.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
         for l in lines {
