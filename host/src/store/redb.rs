@@ -340,12 +340,18 @@ impl Redb {
             match (&mut log, payload) {
                 (Some(log), Some(payload)) => {
                     tx.set_durability(Durability::None).map_err(io("commit"))?;
-                    log.append(&payload)?;
-                    // The batch is durable now. Should this commit fail,
-                    // the reopen the failure asks for applies it from the
-                    // log, so the caller's error means "stored, or
-                    // stored once the file is back".
-                    tx.commit().map_err(io("commit"))?;
+                    let seq = log.append(&payload)?;
+                    // Should this commit fail (redb writes pages out when
+                    // its buffer is full, and that can meet a full disk),
+                    // the record is taken back, so the failure means what
+                    // it says: nothing of the batch is stored, and the
+                    // reopen it asks for does not apply it either.
+                    if let Err(e) = tx.commit() {
+                        if let Err(w) = log.withdraw(seq) {
+                            tracing::error!(error = %w, "a batch that failed to commit stays in the commit log; it is applied when the file is reopened");
+                        }
+                        return Err(io("commit")(e));
+                    }
                 }
                 (Some(log), None) => {
                     put_log_seq(&tx, log.last_seq)?;

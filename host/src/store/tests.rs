@@ -1324,6 +1324,20 @@ fn postgres_a_database_of_a_newer_schema_is_refused() {
     );
 }
 
+/// The store's connections plan every statement for its arrays: a generic
+/// plan cached while the table was small scans it whole for good (see
+/// `Postgres::connect`), and options given in the URL are kept beside it.
+#[test]
+fn postgres_connections_plan_each_statement_for_its_arrays() {
+    let db = PgDb::new("custom-plans");
+    let store = db.as_node("node-a");
+    assert_eq!(store.setting("plan_cache_mode"), "force_custom_plan");
+    let url = format!("{}?options=-c%20work_mem%3D12MB", db.url);
+    let store = Postgres::connect(&url, Default::default()).unwrap();
+    assert_eq!(store.setting("plan_cache_mode"), "force_custom_plan");
+    assert_eq!(store.setting("work_mem"), "12MB");
+}
+
 #[test]
 fn postgres_an_unreachable_database_is_reported_as_unavailable() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

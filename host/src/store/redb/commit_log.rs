@@ -74,6 +74,8 @@ pub(super) struct CommitLog {
     path: PathBuf,
     /// Where the next record goes.
     end: u64,
+    /// Where the last record written starts (see `withdraw`).
+    last_start: u64,
     /// How far the file is allocated (zeroes or records).
     allocated: u64,
     /// The sequence number of the last record written or checkpointed.
@@ -125,6 +127,7 @@ impl CommitLog {
             file,
             path: path.to_path_buf(),
             end: allocated, // nothing may overwrite it before recovery
+            last_start: allocated,
             allocated,
             last_seq: 0,
             oldest: None,
@@ -170,6 +173,7 @@ impl CommitLog {
         }
         self.file.write_all_at(&record, self.end).map_err(fail)?;
         self.file.sync_data().map_err(fail)?;
+        self.last_start = self.end;
         self.end = end;
         self.last_seq = seq;
         self.oldest.get_or_insert_with(Instant::now);
@@ -189,6 +193,29 @@ impl CommitLog {
         }
         self.file.sync_all()?;
         self.allocated = target;
+        Ok(())
+    }
+
+    /// Takes back the record `append` just wrote (`seq`), when the batch
+    /// it holds could not be applied: its header is zeroed and synced, so
+    /// no recovery applies it, and the next record goes in its place.
+    /// Then "the batch failed" means nothing of it is stored, as without
+    /// the log. A failure here leaves the record in (the caller says so).
+    pub(super) fn withdraw(&mut self, seq: u64) -> Result<(), StoreError> {
+        assert_eq!(seq, self.last_seq, "only the last record can be withdrawn");
+        let fail = |e: std::io::Error| StoreError::Io {
+            op: "withdraw a record from the commit log",
+            message: format!("{}: {e}", self.path.display()),
+        };
+        self.file
+            .write_all_at(&[0u8; HEADER], self.last_start)
+            .map_err(fail)?;
+        self.file.sync_data().map_err(fail)?;
+        self.end = self.last_start;
+        self.last_seq -= 1;
+        if self.end == 0 {
+            self.oldest = None;
+        }
         Ok(())
     }
 
@@ -667,6 +694,25 @@ mod tests {
         bytes[second + HEADER + 3] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(seqs(&reopen(&path, 5).1), [6]);
+    }
+
+    /// A withdrawn record is never read back, and the next one takes its
+    /// number and place.
+    #[test]
+    fn a_withdrawn_record_is_not_read_back() {
+        let dir = Dir::new();
+        let path = dir.0.join("db.log");
+        let mut log = CommitLog::open(&path).unwrap();
+        log.checkpointed(0);
+        for n in 1..=3 {
+            log.append(&payload(n)).unwrap();
+        }
+        log.withdraw(3).unwrap();
+        assert_eq!(seqs(&reopen(&path, 0).1), [1, 2]);
+        assert_eq!(log.append(&payload(30)).unwrap(), 3);
+        let pending = reopen(&path, 0).1;
+        assert_eq!(seqs(&pending), [1, 2, 3]);
+        assert_eq!(pending[2].now, 30);
     }
 
     /// A record missing between the checkpoint and the next one found is
