@@ -333,7 +333,7 @@ impl Redb {
                     ops.iter().zip(keys.iter().copied()).collect();
                 commit_log::encode(now, &refs)
             })
-            .filter(|p| p.len() < commit_log::MAX_RECORD);
+            .flatten();
         let out = {
             let (_guard, mut tx) = self.write(log.as_deref_mut())?;
             let out = apply_batch(&tx, ops.into_iter().zip(keys), now)?;
@@ -439,6 +439,11 @@ fn recover(
     };
     let pending = log.read_after(checkpointed)?;
     let last = pending.last().map_or(checkpointed, |r| r.seq);
+    if pending.is_empty() {
+        // A clean close: nothing to apply, and no commit to make at start.
+        log.checkpointed(last);
+        return Ok(());
+    }
     let (records, ops) = (
         pending.len(),
         pending.iter().map(|r| r.ops.len()).sum::<usize>(),
@@ -452,15 +457,13 @@ fn recover(
     put_log_seq(&tx, last)?;
     tx.commit().map_err(io("recover"))?;
     log.checkpointed(last);
-    if records > 0 {
-        tracing::warn!(
-            log = %log.path().display(),
-            records,
-            ops,
-            ms = started.elapsed().as_millis() as u64,
-            "applied the commit log's batches that the last checkpoint did not hold (the last run ended without closing the store)"
-        );
-    }
+    tracing::warn!(
+        log = %log.path().display(),
+        records,
+        ops,
+        ms = started.elapsed().as_millis() as u64,
+        "applied the commit log's batches that the last checkpoint did not hold (the last run ended without closing the store)"
+    );
     Ok(())
 }
 

@@ -676,6 +676,30 @@ fn a_crash_keeps_every_logged_batch() {
     drop(store);
 }
 
+/// A log a crash left is applied even when the store is opened with the
+/// log turned off, and is then removed: switching it off loses nothing.
+#[test]
+fn a_crash_log_is_applied_when_the_log_is_turned_off() {
+    let live = TempDb::new("crash-off");
+    let store = live.open();
+    logged_work(&store, 30);
+    let want = everything(&store);
+    let crashed = TempDb::new("crash-off-copy");
+    let log_name = "rulehook.redb.log";
+    std::fs::copy(live.path(), crashed.path()).unwrap();
+    std::fs::copy(live.dir.join(log_name), crashed.dir.join(log_name)).unwrap();
+    let off = RedbOptions {
+        cache_bytes: 1 << 20,
+        commit_log: false,
+        ..RedbOptions::default()
+    };
+    let recovered = Store::open_with(&crashed.path(), off).unwrap();
+    recovered.check_invariants();
+    assert_eq!(everything(&recovered), want);
+    assert!(!crashed.dir.join(log_name).exists(), "the log was kept");
+    drop(store);
+}
+
 /// A checkpoint (due here after 4 MiB of log) writes what the batches
 /// before it hold; a crash after it needs only the batches since.
 #[test]
