@@ -320,6 +320,79 @@ fn metrics_fold_endpoints_and_rules_past_the_cap_into_other() {
     assert_eq!(failing, transport);
 }
 
+#[test]
+fn metrics_count_each_endpoints_pending_deliveries_from_the_store() {
+    let good = Receiver::start(vec![Answer::status(204)]);
+    let slow = Receiver::start(vec![Answer::status(503)]);
+    let rules = format!(
+        "rules:\n  \
+         - {{name: to-good, events: [create], webhook: {{url: \"{}\"}}}}\n  \
+         - {{name: to-slow, events: [create], webhook: {{url: \"{}\", retry: {{policy: fixed, interval: 1h, retries: 3}}}}}}\n",
+        good.url("/hook"),
+        slow.url("/hook"),
+    );
+    let (dir, config) = setup(
+        "metrics-pending",
+        &rules,
+        &format!("http_ports: [{}, {}]\n", good.addr.port(), slow.addr.port()),
+    );
+    let slow_ep = format!("http://127.0.0.1:{}", slow.addr.port());
+    let good_ep = format!("http://127.0.0.1:{}", good.addr.port());
+    let log = dir.path().join("server.log");
+    let server = Server::start_logging_to(&dir, &config, &log);
+    for id in ["p-1", "p-2", "p-3"] {
+        assert_eq!(server.post_event(&story_created(id)).status, 202);
+    }
+    // Every first attempt recorded: to-good's are final, to-slow's wait an
+    // hour. (Asked of the deliveries API: a scrape would count too early
+    // and keep that count for 10 s.)
+    good.wait_for(3, T);
+    slow.wait_for(3, T);
+    let recorded = |q: &str| {
+        let r = server.admin("GET", &format!("/v1/deliveries?{q}"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["deliveries"].as_array().map_or(0, Vec::len)
+    };
+    wait_for(T, "every first attempt to be recorded", || {
+        (recorded("rule=to-good&state=succeeded") == 3
+            && recorded("rule=to-slow&state=pending") == 3
+            && server
+                .admin("GET", "/v1/deliveries?rule=to-slow", None)
+                .json()["deliveries"]
+                .as_array()
+                .is_some_and(|d| d.iter().all(|d| d["attempts"] == 1)))
+        .then_some(())
+    });
+    let check = |m: &Scrape| {
+        assert_eq!(
+            m.value("rulehook_endpoint_pending", &[("endpoint", &slow_ep)]),
+            3.0,
+            "{}",
+            m.1
+        );
+        assert!(
+            m.find("rulehook_endpoint_pending", &[("endpoint", &good_ep)])
+                .is_empty(),
+            "{}",
+            m.1
+        );
+        assert_eq!(m.value("rulehook_pending_by_endpoint_complete", &[]), 1.0);
+        assert_eq!(m.value("rulehook_queue_depth", &[]), 3.0);
+    };
+    check(&Scrape::of(&server));
+    // The count is the store's, not the dispatcher's memory: a restarted
+    // server, which has loaded none of them, shows the same.
+    drop(server);
+    let server = Server::start_logging_to(&dir, &config, &log);
+    let m = Scrape::of(&server);
+    check(&m);
+    assert!(
+        m.declares("# TYPE rulehook_endpoint_pending gauge"),
+        "{}",
+        m.1
+    );
+}
+
 /// The server's log lines that concern `delivery`.
 fn lines_about<'a>(log: &'a str, delivery: &str) -> Vec<&'a str> {
     log.lines().filter(|l| l.contains(delivery)).collect()

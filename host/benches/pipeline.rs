@@ -30,7 +30,7 @@
 #[path = "../../tests/support/postgres.rs"]
 mod pg;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -803,6 +803,42 @@ impl SyscallCount {
     }
 }
 
+/// Per server thread, by name (tokio's workers summed): voluntary and
+/// involuntary context switches and CPU seconds, from `/proc/PID/task`.
+/// Threads that end between two readings are missed, which the cost run's
+/// threads (started before the row) do not.
+fn threads(pid: u32) -> BTreeMap<String, (u64, u64, f64)> {
+    let mut by = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let field = |key: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let rest = stat.rsplit(')').next().unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let cpu: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+            / 100.0;
+        let e = by.entry(name.trim().to_string()).or_insert((0, 0, 0.0));
+        e.0 += field("voluntary_ctxt_switches:");
+        e.1 += field("nonvoluntary_ctxt_switches:");
+        e.2 += cpu;
+    }
+    by
+}
+
 /// What a delivery costs the server at a fixed rate (`None`: as fast as
 /// 64 connections, or 8 with NDJSON, can post): CPU from /proc and the
 /// syscalls that write (the store's pwrite/fdatasync, the sockets'
@@ -825,6 +861,7 @@ async fn cost_run(rate: Option<f64>, batch: usize) -> (f64, f64, f64, HashMap<St
     };
     let secs = 10.0;
     let cpu_before = cpu_secs(pid);
+    let threads_before = threads(pid);
     let counter = SyscallCount::start(pid);
     let start = Instant::now();
     match rate {
@@ -879,6 +916,27 @@ async fn cost_run(rate: Option<f64>, batch: usize) -> (f64, f64, f64, HashMap<St
     let calls = counter.map(SyscallCount::stop).unwrap_or_default();
     let delivered = sink.count.load(Relaxed).max(1);
     let cpu_us = (cpu_secs(pid) - cpu_before) / delivered as f64 * 1e6;
+    // Where the switches and the CPU are, thread by thread.
+    let per_thread: Vec<String> = threads(pid)
+        .into_iter()
+        .filter_map(|(name, (v, n, c))| {
+            let (v0, n0, c0) = threads_before.get(&name).copied().unwrap_or_default();
+            let d = delivered as f64;
+            let (v, n, c) = (v.saturating_sub(v0), n.saturating_sub(n0), c - c0);
+            (v + n > 0).then(|| {
+                format!(
+                    "{name}: {:.2}+{:.2} switches, {:.0} µs",
+                    v as f64 / d,
+                    n as f64 / d,
+                    c / d * 1e6
+                )
+            })
+        })
+        .collect();
+    println!(
+        "cost:   threads, per delivery (voluntary+involuntary switches, CPU): {}",
+        per_thread.join("; ")
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     (delivered as f64 / elapsed, cpu_us, delivered as f64, calls)
@@ -899,6 +957,17 @@ async fn cost() {
     for batch in [1, 50] {
         for rate in [Some(100.0), Some(500.0), Some(2_000.0), None] {
             for log in ["false", "true"] {
+                // RULEHOOK_COST_ROWS picks rows: a comma list of prefixes
+                // of `batch/rate/commit_log`, such as `1/500,1/saturation/true`.
+                let key = format!(
+                    "{batch}/{}/{log}",
+                    rate.map_or("saturation".to_string(), |r| format!("{r:.0}"))
+                );
+                if let Ok(rows) = std::env::var("RULEHOOK_COST_ROWS")
+                    && !rows.split(',').any(|p| key.starts_with(p.trim()))
+                {
+                    continue;
+                }
                 // RULEHOOK_BENCH_CONFIG adds config lines to every row (such
                 // as `quick_repair: false`, to see what its second sync costs).
                 let more = std::env::var("RULEHOOK_BENCH_CONFIG").unwrap_or_default();

@@ -279,7 +279,25 @@ pub struct Scrape {
     pub sign_ins_locked_out: u64,
     /// Per endpoint (HTTP origins and WebSocket spaces).
     pub endpoints: Vec<EndpointNow>,
+    /// The store's pending deliveries per endpoint.
+    pub pending: Pending,
 }
+
+/// Pending deliveries per endpoint key, and whether every one was counted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub by_endpoint: Vec<(String, u64)>,
+    pub complete: bool,
+}
+
+/// How often a scrape counts the store's pending deliveries per endpoint
+/// (scrapes in between show the last count), and how many of them one
+/// count reads at most: the store has no per-endpoint index (one would
+/// cost every delivery a write), so a count walks the due index and reads
+/// each record, about 1 µs each; this keeps a scrape of a backlog of
+/// millions from costing seconds.
+const PENDING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+pub const PENDING_BUDGET: usize = 100_000;
 
 /// One endpoint's state at scrape time.
 #[derive(Debug, Default, Clone)]
@@ -343,7 +361,12 @@ pub struct Metrics {
     endpoint_failures: Family<L1, Gauge>,
     endpoint_in_flight: Family<L1, Gauge>,
     endpoint_waiting: Family<L1, Gauge>,
+    endpoint_pending: Family<L1, Gauge>,
+    pending_complete: Gauge,
     held: Mutex<Held>,
+    /// The store's pending deliveries per endpoint, as last counted (see
+    /// `PENDING_EVERY`).
+    pending: Mutex<Option<(std::time::Instant, Pending)>>,
     /// The outbox's batch sizes, kept by the outbox (which starts after
     /// the metrics) and bound here once it runs.
     commit_ops: Arc<OnceLock<Histogram>>,
@@ -406,7 +429,10 @@ impl Metrics {
             endpoint_failures: Family::default(),
             endpoint_in_flight: Family::default(),
             endpoint_waiting: Family::default(),
+            endpoint_pending: Family::default(),
+            pending_complete: Gauge::default(),
             held: Mutex::new(HashMap::new()),
+            pending: Mutex::new(None),
             commit_ops: Arc::new(OnceLock::new()),
             scraping: Mutex::new(()),
         };
@@ -589,6 +615,16 @@ impl Metrics {
             "endpoint_waiting",
             "Deliveries held in memory waiting for one of the endpoint's concurrency slots, as of the dispatcher's last scan",
             m.endpoint_waiting.clone(),
+        );
+        r.register(
+            "endpoint_pending",
+            "Deliveries pending in the store for an endpoint (due now or waiting for a retry), counted at most every 10 s and up to 100,000 of them, the earliest due first (see pending_by_endpoint_complete)",
+            m.endpoint_pending.clone(),
+        );
+        r.register(
+            "pending_by_endpoint_complete",
+            "1 when endpoint_pending counted every pending delivery, 0 when the backlog was larger than one count reads",
+            m.pending_complete.clone(),
         );
         m
     }
@@ -786,6 +822,14 @@ impl Metrics {
         for g in gauges {
             g.clear();
         }
+        self.endpoint_pending.clear();
+        for (ep, n) in &now.pending.by_endpoint {
+            let label = [("endpoint", self.endpoints.label(ep))];
+            self.endpoint_pending
+                .get_or_create(&label)
+                .inc_by(*n as i64);
+        }
+        self.pending_complete.set(i64::from(now.pending.complete));
         for ep in &now.endpoints {
             let label = [("endpoint", self.endpoints.label(&ep.endpoint))];
             self.endpoint_blocked
@@ -841,7 +885,17 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
         })
         .collect();
     let store = shared.store.clone();
-    let (backlog, lanes, endpoints) = tokio::task::spawn_blocking(move || {
+    let recount = shared
+        .metrics
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() >= PENDING_EVERY);
+    let (backlog, lanes, endpoints, groups) = tokio::task::spawn_blocking(move || {
+        let groups = recount
+            .then(|| store.pending_groups(PENDING_BUDGET).ok())
+            .flatten();
         let backlog = store.backlog().unwrap_or((0, 0));
         let lanes = store.lane_stats().unwrap_or_default();
         for ep in endpoints.iter_mut().filter(|ep| ep.blocked) {
@@ -858,10 +912,24 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
                 consecutive_failures: 0,
             });
         }
-        (backlog, lanes, endpoints)
+        (backlog, lanes, endpoints, groups)
     })
     .await
     .unwrap_or_default();
+    let pending = {
+        let mut last = shared
+            .metrics
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(groups) = groups {
+            *last = Some((
+                std::time::Instant::now(),
+                pending_by_endpoint(shared, groups),
+            ));
+        }
+        last.as_ref().map(|(_, p)| p.clone()).unwrap_or_default()
+    };
     Scrape {
         queue_depth: backlog.0,
         parked: backlog.1,
@@ -884,7 +952,38 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
             .ops
             .load(std::sync::atomic::Ordering::Relaxed),
         endpoints,
+        pending,
         ..Scrape::default()
+    }
+}
+
+/// The store's pending groups as endpoints: a space's key, else the URL of
+/// the rule version the deliveries are bound to (or of the running rule,
+/// for those stored before versions). A version this server cannot read
+/// counts under `NO_ENDPOINT`, as its attempts do.
+fn pending_by_endpoint(
+    shared: &crate::deliver::Shared,
+    counts: crate::store::PendingCounts,
+) -> Pending {
+    let rules = shared.rules.load();
+    let mut by: HashMap<String, u64> = HashMap::new();
+    for (g, n) in counts.groups {
+        let endpoint = match (&g.space, &g.version) {
+            (Some(space), _) => Some(crate::deliver::channel::endpoint(space)),
+            (None, Some(v)) => shared
+                .targets
+                .get(&crate::rules::target::RuleVersion(v.clone()))
+                .and_then(|t| t.endpoint()),
+            (None, None) => rules.targets.get(&g.rule).and_then(|t| t.endpoint()),
+        };
+        *by.entry(endpoint.unwrap_or_else(|| NO_ENDPOINT.to_string()))
+            .or_default() += n;
+    }
+    let mut by_endpoint: Vec<(String, u64)> = by.into_iter().collect();
+    by_endpoint.sort();
+    Pending {
+        by_endpoint,
+        complete: counts.complete,
     }
 }
 

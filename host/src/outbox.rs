@@ -33,8 +33,8 @@ const MAX_BATCH_OPS: usize = 4096;
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// How long a small batch with an urgent write (an event to accept) may
 /// wait for more, when urgent writes come from several callers at once
-/// often enough that the wait brings some (see `Pacer`), and the ops that
-/// end the wait early. It is added to a 202 at most, and only at rates
+/// often enough that the wait brings some (see `Pacer`), and the batch
+/// size from which it does not wait. It is added to a 202 at most, and only at rates
 /// where one commit per event is what a delivery mostly costs.
 const URGENT_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 const URGENT_OPS: usize = 16;
@@ -51,15 +51,103 @@ pub enum OutboxError {
     Stopped,
 }
 
+type Reply = oneshot::Sender<Result<Vec<Done>, OutboxError>>;
+/// Writes with their replies, in the order they came.
+type Writes = Vec<(Vec<Op>, Reply)>;
+
+/// What the channel carries: the urgent writes (someone answers a client
+/// on them), and the wake-ups the pen needs.
 enum Request {
     Write {
         ops: Vec<Op>,
-        reply: oneshot::Sender<Result<Vec<Done>, OutboxError>>,
-        /// Someone waits on it to answer (see `Outbox::write_lazily`).
-        urgent: bool,
+        reply: Reply,
     },
+    /// Lazy writes wait in the pen, and the writer was asleep with no
+    /// deadline: it must look at them (see `Pen`).
+    Nudge,
     /// Commit what was sent before this, then stop (see `Outbox::close`).
     Close,
+}
+
+/// Where lazy writes (attempt records) wait for a commit, beside the
+/// channel rather than in it: sending one into the channel woke the
+/// writer each time, and at a low rate every record then cost the writer
+/// a wake-up of its own (BENCHMARKS.md, "fewer wake-ups"). A lazy write
+/// wakes the writer only when the writer sleeps with no deadline (the pen
+/// was empty) or the pen has `LINGER_OPS` waiting; otherwise the writer
+/// takes the pen along with the next urgent write, or when the oldest
+/// lazy write's linger is over. The pen holds at most one write per
+/// attempt in flight, which the dispatcher caps.
+#[derive(Default)]
+struct Pen(std::sync::Mutex<PenState>);
+
+#[derive(Default)]
+struct PenState {
+    writes: Writes,
+    ops: usize,
+    /// When the oldest write waiting came.
+    since: Option<std::time::Instant>,
+    /// A writer sleeps on the channel with no deadline, so the next lazy
+    /// write must nudge it (set and read under the lock, so a write put
+    /// in just after the writer looked still wakes it).
+    writer_asleep: bool,
+    /// The outbox closed: lazy writes fail as urgent ones do.
+    closed: bool,
+}
+
+impl Pen {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PenState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts a write in; whether the writer must be nudged. `Err` gives the
+    /// write back once the outbox is closed.
+    fn put(&self, ops: Vec<Op>, reply: Reply) -> Result<bool, Reply> {
+        let mut pen = self.lock();
+        if pen.closed {
+            return Err(reply);
+        }
+        let before = pen.ops;
+        pen.ops += ops.len();
+        pen.writes.push((ops, reply));
+        pen.since.get_or_insert_with(std::time::Instant::now);
+        // Nudged once as the pen fills, not by every write past that.
+        let nudge = pen.writer_asleep || (before < LINGER_OPS && pen.ops >= LINGER_OPS);
+        pen.writer_asleep &= !nudge;
+        Ok(nudge)
+    }
+
+    /// Before a writer sleeps on the channel: until when it may sleep (the
+    /// oldest waiting write's linger, or `expect`: see `writer`), or `None`
+    /// (nothing waits or is expected: it sleeps until nudged).
+    fn deadline(
+        &self,
+        linger: std::time::Duration,
+        expect: Option<std::time::Instant>,
+    ) -> Option<std::time::Instant> {
+        let mut pen = self.lock();
+        let until = if pen.ops >= LINGER_OPS {
+            pen.since.map(|_| std::time::Instant::now())
+        } else {
+            pen.since.map(|t| t + linger)
+        };
+        let until = until.or(expect.filter(|t| *t > std::time::Instant::now()));
+        pen.writer_asleep = until.is_none();
+        until
+    }
+
+    /// Takes every waiting write, and when the oldest came.
+    fn take(&self) -> (Writes, usize, Option<std::time::Instant>) {
+        let mut pen = self.lock();
+        pen.writer_asleep = false;
+        let since = pen.since.take();
+        let ops = std::mem::take(&mut pen.ops);
+        (std::mem::take(&mut pen.writes), ops, since)
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+    }
 }
 
 /// Counters for `/metrics`.
@@ -69,6 +157,9 @@ pub struct OutboxStats {
     pub ops: AtomicU64,
     /// Operations per commit: how well group commit shares its fsyncs.
     pub batch_ops: prometheus_client::metrics::histogram::Histogram,
+    /// Times a writer woke from waiting for writes: at a low rate each
+    /// wake-up is a good part of what a delivery costs (BENCHMARKS.md).
+    pub wakeups: AtomicU64,
 }
 
 impl Default for OutboxStats {
@@ -77,6 +168,7 @@ impl Default for OutboxStats {
             commits: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             batch_ops: crate::metrics::commit_ops_histogram(),
+            wakeups: AtomicU64::new(0),
         }
     }
 }
@@ -85,6 +177,7 @@ impl Default for OutboxStats {
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Request>,
+    pen: Arc<Pen>,
     pub stats: Arc<OutboxStats>,
     /// The deliveries each commit changed (accepted, attempted, parked,
     /// unparked, redelivered), for live views. Bounded: a subscriber that
@@ -112,6 +205,8 @@ impl Outbox {
         let thread_stats = stats.clone();
         let (changes, _) = broadcast::channel(CHANGES_BACKLOG);
         let thread_changes = changes.clone();
+        let pen = Arc::new(Pen::default());
+        let thread_pen = pen.clone();
         // The embedded store has one writer anyway; a database server
         // commits several transactions at once, and while one batch waits
         // for its round trips and its (replicated) commit, the next fills.
@@ -122,15 +217,15 @@ impl Outbox {
             .spawn(move || {
                 let others: Vec<JoinHandle<()>> = (1..writers)
                     .map(|i| {
-                        let (store, rx) = (store.clone(), rx.clone());
+                        let (store, rx, pen) = (store.clone(), rx.clone(), thread_pen.clone());
                         let (stats, changes) = (thread_stats.clone(), thread_changes.clone());
                         std::thread::Builder::new()
                             .name(format!("rulehook-outbox-{i}"))
-                            .spawn(move || writer(store, rx, stats, changes, linger))
+                            .spawn(move || writer(store, rx, pen, stats, changes, linger))
                             .expect("spawn an outbox writer thread")
                     })
                     .collect();
-                writer(store.clone(), rx, thread_stats, thread_changes, linger);
+                writer(store.clone(), rx, thread_pen, thread_stats, thread_changes, linger);
                 for w in others {
                     let _ = w.join();
                 }
@@ -141,7 +236,15 @@ impl Outbox {
                 }
             })
             .expect("spawn the outbox writer thread");
-        (Outbox { tx, stats, changes }, handle)
+        (
+            Outbox {
+                tx,
+                pen,
+                stats,
+                changes,
+            },
+            handle,
+        )
     }
 
     /// The ids of the deliveries each commit from now on changes.
@@ -151,7 +254,12 @@ impl Outbox {
 
     /// Writes `ops` durably, sharing a commit with other callers.
     pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
-        self.send(ops, true).await
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Write { ops, reply })
+            .await
+            .map_err(|_| OutboxError::Stopped)?;
+        rx.await.map_err(|_| OutboxError::Stopped)?
     }
 
     /// `write` for what no client waits on (attempt records): when only
@@ -159,15 +267,17 @@ impl Outbox {
     /// so at a low rate records share commits instead of each paying one.
     /// Durable all the same when it returns.
     pub async fn write_lazily(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
-        self.send(ops, false).await
-    }
-
-    async fn send(&self, ops: Vec<Op>, urgent: bool) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Write { ops, reply, urgent })
-            .await
-            .map_err(|_| OutboxError::Stopped)?;
+        match self.pen.put(ops, reply) {
+            Err(_) => return Err(OutboxError::Stopped),
+            Ok(true) => {
+                // A full channel means the writer is busy and comes back
+                // for the pen anyway; a closed one, that it has stopped
+                // (then the reply is dropped: `Stopped`).
+                let _ = self.tx.try_send(Request::Nudge);
+            }
+            Ok(false) => {}
+        }
         rx.await.map_err(|_| OutboxError::Stopped)?
     }
 
@@ -176,11 +286,7 @@ impl Outbox {
     pub fn write_blocking(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .blocking_send(Request::Write {
-                ops,
-                reply,
-                urgent: true,
-            })
+            .blocking_send(Request::Write { ops, reply })
             .map_err(|_| OutboxError::Stopped)?;
         rx.blocking_recv().map_err(|_| OutboxError::Stopped)?
     }
@@ -195,6 +301,34 @@ impl Outbox {
     }
 }
 
+/// One batch as a writer gathers it.
+#[derive(Default)]
+struct Batch {
+    writes: Writes,
+    ops: usize,
+    /// It holds an urgent write.
+    urgent: bool,
+    /// When its oldest lazy write came (its linger runs from there).
+    lazy_since: Option<std::time::Instant>,
+}
+
+impl Batch {
+    fn add(&mut self, ops: Vec<Op>, reply: Reply) {
+        self.ops += ops.len();
+        self.writes.push((ops, reply));
+    }
+
+    /// Takes what waits in the pen.
+    fn take_pen(&mut self, pen: &Pen) {
+        let (writes, ops, since) = pen.take();
+        self.ops += ops;
+        self.writes.extend(writes);
+        if let Some(t) = since {
+            self.lazy_since = Some(self.lazy_since.map_or(t, |s| s.min(t)));
+        }
+    }
+}
+
 /// One writer: takes what is waiting (holding the receiver only while it
 /// gathers), applies it as one batch, answers, and goes on. With several
 /// writers, `Close` closes the channel: each drains what was sent before
@@ -202,142 +336,210 @@ impl Outbox {
 fn writer(
     store: Arc<Store>,
     rx: Arc<std::sync::Mutex<mpsc::Receiver<Request>>>,
+    pen: Arc<Pen>,
     stats: Arc<OutboxStats>,
     changes: broadcast::Sender<Arc<[DeliveryId]>>,
     linger: std::time::Duration,
 ) {
-    // For the linger's timed wait on the channel.
+    // For the timed waits on the channel.
     let timer = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .expect("a timer for the outbox writer");
+    // The channel's next request, waiting until `until` at most (`None`:
+    // until one comes). `Err` once it is closed and empty.
+    let recv = |rx: &mut mpsc::Receiver<Request>,
+                until: Option<std::time::Instant>|
+     -> Result<Option<Request>, ()> {
+        let got = match until {
+            None => rx.blocking_recv().ok_or(()).map(Some),
+            Some(t) => timer.block_on(async {
+                // Timeouts are made inside the timer's runtime.
+                match tokio::time::timeout_at(t.into(), rx.recv()).await {
+                    Ok(Some(r)) => Ok(Some(r)),
+                    Ok(None) => Err(()),
+                    Err(_) => Ok(None),
+                }
+            }),
+        };
+        stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        got
+    };
     let mut pacer = Pacer::new();
     let mut closing = false;
+    // After a commit with urgent writes (accepts, mostly), their attempts'
+    // records follow within milliseconds: the writer then sleeps at most a
+    // linger, and the records wait in the pen for the next urgent write or
+    // that deadline instead of each waking it (at 100 events/s that is one
+    // wake-up fewer per delivery).
+    let mut expect: Option<std::time::Instant> = None;
     while !closing {
-        let mut batch = Vec::new();
-        let mut n = 0;
+        let mut batch = Batch::default();
         {
             let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            let lingers_until = tokio::time::Instant::now() + linger;
-            let mut urgent = false;
             // While waiting for company for an urgent write: until when,
             // and how many came.
-            let mut urgent_wait: Option<(tokio::time::Instant, usize)> = None;
-            let mut next = Some(first);
-            while let Some(req) = next.take() {
-                match req {
-                    Request::Write {
-                        ops,
-                        reply,
-                        urgent: u,
-                    } => {
-                        n += ops.len();
-                        urgent |= u;
-                        if u {
-                            pacer.arrived(std::time::Instant::now());
-                        }
+            let mut urgent_wait: Option<(std::time::Instant, usize)> = None;
+            // Sleep until a write comes, or the pen's oldest is due.
+            let mut next = match recv(&mut rx, pen.deadline(linger, expect.take())) {
+                Ok(next) => next,
+                Err(()) => {
+                    closing = true;
+                    None
+                }
+            };
+            loop {
+                match next.take() {
+                    Some(Request::Write { ops, reply }) => {
+                        batch.urgent = true;
+                        pacer.arrived(std::time::Instant::now());
                         if let Some((_, came)) = urgent_wait.as_mut() {
                             *came += 1;
                         }
-                        batch.push((ops, reply));
+                        batch.add(ops, reply);
                     }
-                    Request::Close => {
+                    Some(Request::Nudge) | None => {}
+                    Some(Request::Close) => {
                         rx.close();
                         closing = true;
-                        break;
                     }
                 }
-                if n >= MAX_BATCH_OPS {
+                batch.take_pen(&pen);
+                if closing || batch.ops >= MAX_BATCH_OPS {
                     break;
                 }
-                next = rx.try_recv().ok();
-                if next.is_some() {
+                if let Ok(req) = rx.try_recv() {
+                    next = Some(req);
                     continue;
                 }
-                // Nothing more waiting. (Timeouts are made inside the
-                // timer's runtime.)
-                if !urgent && n < LINGER_OPS {
-                    // Only lazy writes so far: wait a little for company.
-                    next = timer
-                        .block_on(async { tokio::time::timeout_at(lingers_until, rx.recv()).await })
-                        .ok()
-                        .flatten();
-                } else if urgent && n < URGENT_OPS {
-                    let until = match urgent_wait {
+                // Nothing more waiting: wait a little for company, or go.
+                let until = if !batch.urgent {
+                    match batch.lazy_since {
+                        Some(t) if batch.ops < LINGER_OPS && t.elapsed() < linger => {
+                            Some(t + linger)
+                        }
+                        _ => None,
+                    }
+                } else if batch.ops < URGENT_OPS {
+                    match urgent_wait {
                         Some((until, _)) => Some(until),
                         None if pacer.lingers(std::time::Instant::now()) => {
-                            let until = tokio::time::Instant::now() + URGENT_LINGER;
+                            let until = std::time::Instant::now() + URGENT_LINGER;
                             urgent_wait = Some((until, 0));
                             Some(until)
                         }
                         None => None,
-                    };
-                    if let Some(until) = until {
-                        next = timer
-                            .block_on(async { tokio::time::timeout_at(until, rx.recv()).await })
-                            .ok()
-                            .flatten();
                     }
+                } else {
+                    None
+                };
+                let Some(until) = until.filter(|t| *t > std::time::Instant::now()) else {
+                    break;
+                };
+                if batch.urgent {
+                    // Waiting for company for an accept: a plain sleep, then
+                    // whatever came. A receiver waiting on the channel would
+                    // be woken by each event that comes meanwhile, at 500
+                    // events/s one wake-up per event; the wait is as long
+                    // either way (URGENT_LINGER at most).
+                    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+                    stats.wakeups.fetch_add(1, Ordering::Relaxed);
+                    match rx.try_recv() {
+                        Ok(req) => next = Some(req),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            batch.take_pen(&pen);
+                            break;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => closing = true,
+                    }
+                    continue;
+                }
+                match recv(&mut rx, Some(until)) {
+                    Ok(Some(req)) => next = Some(req),
+                    // Waited out (lazy writes that came meanwhile are in
+                    // the pen; the loop takes them).
+                    Ok(None) => {
+                        batch.take_pen(&pen);
+                        break;
+                    }
+                    Err(()) => closing = true,
                 }
             }
             if let Some((_, came)) = urgent_wait {
                 pacer.lingered(came, std::time::Instant::now());
             }
+            if closing {
+                // Later lazy writes fail; those in the pen now go in this
+                // last batch.
+                pen.close();
+                batch.take_pen(&pen);
+            }
         }
-        if batch.is_empty() {
+        if batch.writes.is_empty() {
             continue;
         }
-        let lens: Vec<usize> = batch.iter().map(|(ops, _)| ops.len()).collect();
-        let mut ops = Vec::with_capacity(n);
-        let mut replies = Vec::with_capacity(batch.len());
-        for (req_ops, reply) in batch {
-            ops.extend(req_ops);
-            replies.push(reply);
+        if batch.urgent {
+            expect = Some(std::time::Instant::now() + linger);
         }
-        let watched = changes.receiver_count() > 0;
-        let mut changed = if watched {
-            changed_by(&ops)
-        } else {
-            Vec::new()
-        };
-        match store.apply(ops) {
-            Ok(results) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats.ops.fetch_add(n as u64, Ordering::Relaxed);
-                stats.batch_ops.observe(n as f64);
-                if watched {
-                    for done in &results {
-                        match done {
-                            Done::Unparked(ids) => changed.extend(ids.iter().copied()),
-                            Done::Finished {
-                                promoted: Some(next),
-                            } => changed.push(*next),
-                            Done::LaneSkipped { head, promoted } => {
-                                changed.push(*head);
-                                changed.extend(*promoted);
-                            }
-                            _ => {}
+        commit(&store, batch, &stats, &changes);
+    }
+}
+
+/// Applies one batch as one commit and answers each of its writes.
+fn commit(
+    store: &Store,
+    batch: Batch,
+    stats: &OutboxStats,
+    changes: &broadcast::Sender<Arc<[DeliveryId]>>,
+) {
+    let n = batch.ops;
+    let lens: Vec<usize> = batch.writes.iter().map(|(ops, _)| ops.len()).collect();
+    let mut ops = Vec::with_capacity(n);
+    let mut replies = Vec::with_capacity(batch.writes.len());
+    for (req_ops, reply) in batch.writes {
+        ops.extend(req_ops);
+        replies.push(reply);
+    }
+    let watched = changes.receiver_count() > 0;
+    let mut changed = if watched {
+        changed_by(&ops)
+    } else {
+        Vec::new()
+    };
+    match store.apply(ops) {
+        Ok(results) => {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+            stats.batch_ops.observe(n as f64);
+            if watched {
+                for done in &results {
+                    match done {
+                        Done::Unparked(ids) => changed.extend(ids.iter().copied()),
+                        Done::Finished {
+                            promoted: Some(next),
+                        } => changed.push(*next),
+                        Done::LaneSkipped { head, promoted } => {
+                            changed.push(*head);
+                            changed.extend(*promoted);
                         }
-                    }
-                    if !changed.is_empty() {
-                        let _ = changes.send(changed.into());
+                        _ => {}
                     }
                 }
-                let mut results = results.into_iter();
-                for (reply, len) in replies.into_iter().zip(lens) {
-                    let part: Vec<Done> = results.by_ref().take(len).collect();
-                    let _ = reply.send(Ok(part));
+                if !changed.is_empty() {
+                    let _ = changes.send(changed.into());
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, ops = n, "outbox commit failed; the batch was not stored");
-                let e = Arc::new(e);
-                for reply in replies {
-                    let _ = reply.send(Err(OutboxError::Store(e.clone())));
-                }
+            let mut results = results.into_iter();
+            for (reply, len) in replies.into_iter().zip(lens) {
+                let part: Vec<Done> = results.by_ref().take(len).collect();
+                let _ = reply.send(Ok(part));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, ops = n, "outbox commit failed; the batch was not stored");
+            let e = Arc::new(e);
+            for reply in replies {
+                let _ = reply.send(Err(OutboxError::Store(e.clone())));
             }
         }
     }
@@ -505,6 +707,137 @@ mod tests {
         runtime().block_on(outbox.close());
         drop(outbox);
         handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn lazy_writes_wake_the_writer_once_per_commit_not_once_each() {
+        let (store, dir) = store("wakeups");
+        let (outbox, handle) = Outbox::start_with_linger(store.clone(), Duration::from_millis(500));
+        runtime().block_on(async {
+            // Twenty records 5 ms apart, all within one linger, each
+            // waited on (as an attempt's task waits on its record).
+            let mut writes = Vec::new();
+            for i in 0..20 {
+                let outbox = outbox.clone();
+                writes.push(tokio::spawn(async move {
+                    outbox.write_lazily(vec![endpoint(&format!("w{i}"))]).await
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            for w in writes {
+                assert_eq!(w.await.unwrap().unwrap(), vec![Done::EndpointSaved]);
+            }
+        });
+        assert_eq!(outbox.stats.commits.load(Ordering::Relaxed), 1);
+        // Woken by the first record, then by the linger's end.
+        let wakeups = outbox.stats.wakeups.load(Ordering::Relaxed);
+        assert!(
+            wakeups <= 2,
+            "the writer woke {wakeups} times for one commit"
+        );
+        assert_eq!(store.endpoints().unwrap().len(), 20);
+        runtime().block_on(outbox.close());
+        drop(outbox);
+        handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_record_after_an_accept_waits_for_the_next_accept_without_a_wake_up() {
+        let (store, dir) = store("expect");
+        let (outbox, handle) = Outbox::start_with_linger(store.clone(), Duration::from_millis(500));
+        runtime().block_on(async {
+            // An accept, its attempt's record 10 ms later, the next accept
+            // 10 ms after that: as at 50 events/s.
+            outbox.write(vec![endpoint("accept-1")]).await.unwrap();
+            let record = tokio::spawn({
+                let outbox = outbox.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    outbox.write_lazily(vec![endpoint("record-1")]).await
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            outbox.write(vec![endpoint("accept-2")]).await.unwrap();
+            assert_eq!(record.await.unwrap().unwrap(), vec![Done::EndpointSaved]);
+        });
+        // The record shared the second accept's commit, and only the two
+        // accepts woke the writer.
+        assert_eq!(outbox.stats.commits.load(Ordering::Relaxed), 2);
+        assert_eq!(outbox.stats.wakeups.load(Ordering::Relaxed), 2);
+        runtime().block_on(outbox.close());
+        drop(outbox);
+        handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn every_lazy_write_is_answered_among_urgent_ones_and_none_after_close() {
+        let (store, dir) = store("mixed");
+        let (outbox, handle) = Outbox::start_with_linger(store.clone(), Duration::from_millis(3));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let answered = rt.block_on(async {
+            let tasks: Vec<_> = (0..8)
+                .map(|t| {
+                    let outbox = outbox.clone();
+                    tokio::spawn(async move {
+                        for i in 0..50 {
+                            let op = vec![endpoint(&format!("t{t}-{i}"))];
+                            let done = if i % 5 == 0 {
+                                outbox.write(op).await
+                            } else {
+                                outbox.write_lazily(op).await
+                            };
+                            assert_eq!(done.unwrap(), vec![Done::EndpointSaved]);
+                            if i % 7 == 0 {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            // Lazy writes in the pen at the close are committed by it.
+            let last: Vec<_> = (0..3)
+                .map(|i| {
+                    let outbox = outbox.clone();
+                    tokio::spawn(async move {
+                        outbox
+                            .write_lazily(vec![endpoint(&format!("last{i}"))])
+                            .await
+                    })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            outbox.close().await;
+            let mut answered = 0;
+            for w in last {
+                // Either in the last batch, or refused as stopped.
+                match w.await.unwrap() {
+                    Ok(done) => {
+                        assert_eq!(done, vec![Done::EndpointSaved]);
+                        answered += 1;
+                    }
+                    Err(e) => assert!(matches!(e, OutboxError::Stopped), "{e}"),
+                }
+            }
+            let after = outbox.write_lazily(vec![endpoint("after")]).await;
+            assert!(matches!(after, Err(OutboxError::Stopped)), "{after:?}");
+            answered
+        });
+        drop(outbox);
+        handle.join().unwrap();
+        // Exactly what was answered Ok is stored: nothing lost, nothing
+        // refused stored.
+        let stored = store.endpoints().unwrap();
+        assert_eq!(stored.len(), 400 + answered, "{} stored", stored.len());
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -35,6 +35,16 @@ pub struct Target {
 }
 
 impl Target {
+    /// The endpoint this version sends to, keyed as the dispatcher keys it
+    /// (`scheme://host:port`, or the WebSocket space's key); `None` when it
+    /// names neither.
+    pub fn endpoint(&self) -> Option<String> {
+        if let Some(space) = &self.spec.space {
+            return Some(crate::deliver::channel::endpoint(space));
+        }
+        crate::store::url_endpoint(self.spec.url.as_deref()?)
+    }
+
     /// The target of a rule that was just loaded (its secrets resolved).
     /// `previous` is reused when the rule's sending part did not change,
     /// so a reload of 10,000 unchanged rules hashes nothing.

@@ -318,6 +318,29 @@ pub struct LaneStats {
     pub oldest_waiting_at: Option<u64>,
 }
 
+/// Pending deliveries by what they are sent with, for the queue depth per
+/// endpoint in `/metrics`: the host turns each group into an endpoint (a
+/// rule version's URL, a WebSocket space), which the store does not know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingCounts {
+    pub groups: Vec<(PendingGroup, u64)>,
+    /// Every pending delivery was counted; `false`: only the `budget` due
+    /// first were (a backlog larger than one scrape should read).
+    pub complete: bool,
+}
+
+/// What a pending delivery is sent with, as far as its endpoint goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+pub struct PendingGroup {
+    pub rule: String,
+    /// `None` for deliveries stored before rule versions existed: they
+    /// follow the running rule of their name.
+    #[serde(default, rename = "rule_version")]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub space: Option<String>,
+}
+
 /// A halted ordered delivery's next: `Failed` becomes parking on its lane,
 /// so the lane holds until an admin resumes or skips it. Everything else
 /// is as it was.
@@ -619,6 +642,9 @@ pub trait Backend: Send + Sync {
 
     /// Pending and parked deliveries: the backlog.
     fn backlog(&self) -> Result<(u64, u64), StoreError>;
+    /// Pending deliveries grouped by rule version and space, looking at no
+    /// more than `budget` of them (those due first).
+    fn pending_groups(&self, budget: usize) -> Result<PendingCounts, StoreError>;
     fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError>;
     /// Deliveries parked on `endpoint`.
     fn parked_count(&self, endpoint: &str) -> Result<u64, StoreError>;

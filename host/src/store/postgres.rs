@@ -1945,6 +1945,38 @@ impl Backend for Postgres {
         )
     }
 
+    fn pending_groups(&self, budget: usize) -> Result<PendingCounts, StoreError> {
+        // The budget's worth due first, through the due index, and one row
+        // more: whether it exists says whether that was all.
+        self.read(
+            "pending",
+            "SELECT rule, rule_version, space, count(*) FILTER (WHERE n <= $1::bigint), max(n) FROM \
+             (SELECT rule, rule_version, space, \
+                     row_number() OVER (ORDER BY next_attempt_at, id) AS n \
+              FROM deliveries WHERE state = 'pending' \
+              ORDER BY next_attempt_at, id LIMIT $1::bigint + 1) d \
+             GROUP BY rule, rule_version, space ORDER BY rule, rule_version, space"
+                .into(),
+            vec![boxed(budget as i64)],
+            move |rows| {
+                let complete = rows.iter().all(|r| r.get::<_, i64>(4) <= budget as i64);
+                let groups = rows
+                    .iter()
+                    .map(|r| {
+                        let group = PendingGroup {
+                            rule: r.get(0),
+                            version: r.get(1),
+                            space: r.get(2),
+                        };
+                        (group, r.get::<_, i64>(3) as u64)
+                    })
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                Ok(PendingCounts { groups, complete })
+            },
+        )
+    }
+
     fn parked_by_prefix(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         self.read(
             "parked",

@@ -730,6 +730,30 @@ impl Backend for Redb {
         Ok((due, parked))
     }
 
+    fn pending_groups(&self, budget: usize) -> Result<PendingCounts, StoreError> {
+        let tx = self.read()?;
+        let due = tx.open_table(DUE).map_err(io("pending"))?;
+        let deliveries = tx.open_table(DELIVERIES).map_err(io("pending"))?;
+        let mut counts: std::collections::HashMap<PendingGroup, u64> =
+            std::collections::HashMap::new();
+        let mut complete = true;
+        for (looked, item) in due.iter().map_err(io("pending"))?.enumerate() {
+            if looked == budget {
+                complete = false;
+                break;
+            }
+            let (k, _) = item.map_err(io("pending"))?;
+            if let Some(v) = deliveries.get(k.value().1).map_err(io("pending"))? {
+                // Only the three fields: serde skips the rest of the record.
+                let group: PendingGroup = from_json(v.value(), "delivery")?;
+                *counts.entry(group).or_default() += 1;
+            }
+        }
+        let mut groups: Vec<(PendingGroup, u64)> = counts.into_iter().collect();
+        groups.sort();
+        Ok(PendingCounts { groups, complete })
+    }
+
     fn endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
         let tx = self.read()?;
         let t = tx.open_table(ENDPOINTS).map_err(io("endpoints"))?;

@@ -1155,6 +1155,49 @@ fn counts_by_state_match_the_indexes(db: &dyn Db) {
     assert!(!exact, "{capped:?}");
 }
 
+fn pending_deliveries_are_grouped_by_version_and_space_within_a_budget(db: &dyn Db) {
+    let store = db.open();
+    let group = |rule: &str, version: Option<&str>, space: Option<&str>| PendingGroup {
+        rule: rule.into(),
+        version: version.map(String::from),
+        space: space.map(String::from),
+    };
+    let a = accept(&store, new_event("e1", &["a", "b"]));
+    accept(&store, new_event("e2", &["a"]));
+    let mut old = new_event("e3", &["old"]);
+    old.deliveries[0].rule_version = None;
+    accept(&store, old);
+    let mut ws = new_event("e4", &["w"]);
+    ws.deliveries[0].space = Some("team".into());
+    accept(&store, ws);
+    // Final and parked deliveries are not pending.
+    finish(&store, a[1], 1, 200, Next::Succeeded);
+    let park = Next::Park {
+        endpoint: "https://x:443".into(),
+        reason: "blocked".into(),
+    };
+    let b = accept(&store, new_event("e5", &["b"]));
+    finish(&store, b[0], 1, 500, park);
+    let all = store.pending_groups(100).unwrap();
+    assert_eq!(
+        all,
+        PendingCounts {
+            groups: vec![
+                (group("a", Some("version-of-a"), None), 2),
+                (group("old", None, None), 1),
+                (group("w", Some("version-of-w"), Some("team")), 1),
+            ],
+            complete: true,
+        }
+    );
+    // Exactly the budget is all; one less is not, and counts that many.
+    assert!(store.pending_groups(4).unwrap().complete);
+    let part = store.pending_groups(3).unwrap();
+    assert!(!part.complete, "{part:?}");
+    assert_eq!(part.groups.iter().map(|(_, n)| n).sum::<u64>(), 3);
+    assert_eq!(store.pending_groups(0).unwrap().groups, vec![]);
+}
+
 #[test]
 fn url_endpoint_keys_urls_like_the_dispatcher() {
     for url in [
@@ -1743,6 +1786,7 @@ on_both_backends!(
     retired_rule_versions_go_once_old_and_unused,
     pages_follow_a_cursor_within_a_scan_budget_for_every_source,
     counts_by_state_match_the_indexes,
+    pending_deliveries_are_grouped_by_version_and_space_within_a_budget,
     an_ordered_lane_sends_one_at_a_time_in_acceptance_order,
     a_halted_lane_waits_until_resumed_or_skipped,
     a_redelivered_delivery_of_a_lane_joins_its_end,
