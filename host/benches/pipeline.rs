@@ -429,7 +429,13 @@ fn tree_cpu_secs(pid: u32) -> f64 {
 
 /// CPU time (user + system) a process has used, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_secs(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU seconds from a `/proc/…/stat` file (a process's or
+/// one of its threads').
+fn stat_cpu_secs(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name, which is in parentheses.
     let rest = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -823,14 +829,7 @@ fn threads(pid: u32) -> BTreeMap<String, (u64, u64, f64)> {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        let rest = stat.rsplit(')').next().unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let cpu: f64 = [11, 12]
-            .iter()
-            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-            .sum::<f64>()
-            / 100.0;
+        let cpu = stat_cpu_secs(&dir.join("stat").to_string_lossy());
         let e = by.entry(name.trim().to_string()).or_insert((0, 0, 0.0));
         e.0 += field("voluntary_ctxt_switches:");
         e.1 += field("nonvoluntary_ctxt_switches:");

@@ -818,11 +818,11 @@ impl Metrics {
             &self.endpoint_failures,
             &self.endpoint_in_flight,
             &self.endpoint_waiting,
+            &self.endpoint_pending,
         ];
         for g in gauges {
             g.clear();
         }
-        self.endpoint_pending.clear();
         for (ep, n) in &now.pending.by_endpoint {
             let label = [("endpoint", self.endpoints.label(ep))];
             self.endpoint_pending
@@ -885,13 +885,23 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
         })
         .collect();
     let store = shared.store.clone();
-    let recount = shared
-        .metrics
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_none_or(|(at, _)| at.elapsed() >= PENDING_EVERY);
+    // Whether this scrape counts again; it takes the turn at once, so two
+    // scrapes at the same moment do not both walk the store.
+    let recount = {
+        let mut last = shared
+            .metrics
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let stale = last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= PENDING_EVERY);
+        if stale {
+            let shown = last.take().map(|(_, p)| p).unwrap_or_default();
+            *last = Some((std::time::Instant::now(), shown));
+        }
+        stale
+    };
     let (backlog, lanes, endpoints, groups) = tokio::task::spawn_blocking(move || {
         let groups = recount
             .then(|| store.pending_groups(PENDING_BUDGET).ok())
@@ -1149,6 +1159,10 @@ mod tests {
                 endpoint: "http://a:1".into(),
                 ..Default::default()
             }],
+            pending: Pending {
+                by_endpoint: vec![("http://a:1".into(), 3)],
+                complete: true,
+            },
             ..Default::default()
         })
     }

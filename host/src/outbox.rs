@@ -33,9 +33,10 @@ const MAX_BATCH_OPS: usize = 4096;
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// How long a small batch with an urgent write (an event to accept) may
 /// wait for more, when urgent writes come from several callers at once
-/// often enough that the wait brings some (see `Pacer`), and the batch
-/// size from which it does not wait. It is added to a 202 at most, and only at rates
-/// where one commit per event is what a delivery mostly costs.
+/// often enough that the wait brings some (see `Pacer`), and the ops that
+/// end the wait early. It is added to a 202 at most, and
+/// only at rates where one commit per event is what a delivery mostly
+/// costs.
 const URGENT_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 const URGENT_OPS: usize = 16;
 
@@ -100,12 +101,12 @@ impl Pen {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts a write in; whether the writer must be nudged. `Err` gives the
-    /// write back once the outbox is closed.
-    fn put(&self, ops: Vec<Op>, reply: Reply) -> Result<bool, Reply> {
+    /// Puts a write in; whether the writer must be nudged. `None` once the
+    /// outbox is closed (the write is dropped, so its caller gets `Stopped`).
+    fn put(&self, ops: Vec<Op>, reply: Reply) -> Option<bool> {
         let mut pen = self.lock();
         if pen.closed {
-            return Err(reply);
+            return None;
         }
         let before = pen.ops;
         pen.ops += ops.len();
@@ -114,7 +115,7 @@ impl Pen {
         // Nudged once as the pen fills, not by every write past that.
         let nudge = pen.writer_asleep || (before < LINGER_OPS && pen.ops >= LINGER_OPS);
         pen.writer_asleep &= !nudge;
-        Ok(nudge)
+        Some(nudge)
     }
 
     /// Before a writer sleeps on the channel: until when it may sleep (the
@@ -137,12 +138,11 @@ impl Pen {
     }
 
     /// Takes every waiting write, and when the oldest came.
-    fn take(&self) -> (Writes, usize, Option<std::time::Instant>) {
+    fn take(&self) -> (Writes, Option<std::time::Instant>) {
         let mut pen = self.lock();
         pen.writer_asleep = false;
-        let since = pen.since.take();
-        let ops = std::mem::take(&mut pen.ops);
-        (std::mem::take(&mut pen.writes), ops, since)
+        pen.ops = 0;
+        (std::mem::take(&mut pen.writes), pen.since.take())
     }
 
     fn close(&self) {
@@ -269,14 +269,14 @@ impl Outbox {
     pub async fn write_lazily(&self, ops: Vec<Op>) -> Result<Vec<Done>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         match self.pen.put(ops, reply) {
-            Err(_) => return Err(OutboxError::Stopped),
-            Ok(true) => {
+            None => return Err(OutboxError::Stopped),
+            Some(true) => {
                 // A full channel means the writer is busy and comes back
                 // for the pen anyway; a closed one, that it has stopped
                 // (then the reply is dropped: `Stopped`).
                 let _ = self.tx.try_send(Request::Nudge);
             }
-            Ok(false) => {}
+            Some(false) => {}
         }
         rx.await.map_err(|_| OutboxError::Stopped)?
     }
@@ -320,9 +320,10 @@ impl Batch {
 
     /// Takes what waits in the pen.
     fn take_pen(&mut self, pen: &Pen) {
-        let (writes, ops, since) = pen.take();
-        self.ops += ops;
-        self.writes.extend(writes);
+        let (writes, since) = pen.take();
+        for (ops, reply) in writes {
+            self.add(ops, reply);
+        }
         if let Some(t) = since {
             self.lazy_since = Some(self.lazy_since.map_or(t, |s| s.min(t)));
         }
@@ -381,13 +382,11 @@ fn writer(
             // and how many came.
             let mut urgent_wait: Option<(std::time::Instant, usize)> = None;
             // Sleep until a write comes, or the pen's oldest is due.
-            let mut next = match recv(&mut rx, pen.deadline(linger, expect.take())) {
-                Ok(next) => next,
-                Err(()) => {
+            let mut next =
+                recv(&mut rx, pen.deadline(linger, expect.take())).unwrap_or_else(|()| {
                     closing = true;
                     None
-                }
-            };
+                });
             loop {
                 match next.take() {
                     Some(Request::Write { ops, reply }) => {
@@ -404,7 +403,6 @@ fn writer(
                         closing = true;
                     }
                 }
-                batch.take_pen(&pen);
                 if closing || batch.ops >= MAX_BATCH_OPS {
                     break;
                 }
@@ -412,7 +410,13 @@ fn writer(
                     next = Some(req);
                     continue;
                 }
-                // Nothing more waiting: wait a little for company, or go.
+                // The channel is empty: the pen's writes join (once per
+                // look, not per request), then wait a little for company,
+                // or go.
+                batch.take_pen(&pen);
+                if batch.ops >= MAX_BATCH_OPS {
+                    break;
+                }
                 let until = if !batch.urgent {
                     match batch.lazy_since {
                         Some(t) if batch.ops < LINGER_OPS && t.elapsed() < linger => {
@@ -436,34 +440,14 @@ fn writer(
                 let Some(until) = until.filter(|t| *t > std::time::Instant::now()) else {
                     break;
                 };
-                if batch.urgent {
-                    // Waiting for company for an accept: a plain sleep, then
-                    // whatever came. A receiver waiting on the channel would
-                    // be woken by each event that comes meanwhile, at 500
-                    // events/s one wake-up per event; the wait is as long
-                    // either way (URGENT_LINGER at most).
-                    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
-                    stats.wakeups.fetch_add(1, Ordering::Relaxed);
-                    match rx.try_recv() {
-                        Ok(req) => next = Some(req),
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            batch.take_pen(&pen);
-                            break;
-                        }
-                        Err(mpsc::error::TryRecvError::Disconnected) => closing = true,
-                    }
-                    continue;
-                }
-                match recv(&mut rx, Some(until)) {
-                    Ok(Some(req)) => next = Some(req),
-                    // Waited out (lazy writes that came meanwhile are in
-                    // the pen; the loop takes them).
-                    Ok(None) => {
-                        batch.take_pen(&pen);
-                        break;
-                    }
-                    Err(()) => closing = true,
-                }
+                // What came meanwhile; the loop goes on with it, and ends
+                // once the wait is over and nothing more is there. Each
+                // urgent arrival wakes the writer here, so that a wait for
+                // an accept's company ends as soon as `URGENT_OPS` came.
+                next = recv(&mut rx, Some(until)).unwrap_or_else(|()| {
+                    closing = true;
+                    None
+                });
             }
             if let Some((_, came)) = urgent_wait {
                 pacer.lingered(came, std::time::Instant::now());
@@ -642,6 +626,14 @@ mod tests {
         })
     }
 
+    /// Closes the outbox, waits for its writer and removes the store.
+    fn stop(outbox: Outbox, handle: JoinHandle<()>, dir: &std::path::Path) {
+        runtime().block_on(outbox.close());
+        drop(outbox);
+        handle.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -704,10 +696,7 @@ mod tests {
             "one commit for both"
         );
         assert_eq!(store.endpoints().unwrap().len(), 2);
-        runtime().block_on(outbox.close());
-        drop(outbox);
-        handle.join().unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        stop(outbox, handle, &dir);
     }
 
     #[test]
@@ -737,10 +726,7 @@ mod tests {
             "the writer woke {wakeups} times for one commit"
         );
         assert_eq!(store.endpoints().unwrap().len(), 20);
-        runtime().block_on(outbox.close());
-        drop(outbox);
-        handle.join().unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        stop(outbox, handle, &dir);
     }
 
     #[test]
@@ -766,10 +752,7 @@ mod tests {
         // accepts woke the writer.
         assert_eq!(outbox.stats.commits.load(Ordering::Relaxed), 2);
         assert_eq!(outbox.stats.wakeups.load(Ordering::Relaxed), 2);
-        runtime().block_on(outbox.close());
-        drop(outbox);
-        handle.join().unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        stop(outbox, handle, &dir);
     }
 
     #[test]
@@ -868,9 +851,6 @@ mod tests {
         );
         let commits = outbox.stats.commits.load(Ordering::Relaxed);
         assert!(commits < 5, "five lazy writes made {commits} commits");
-        runtime().block_on(outbox.close());
-        drop(outbox);
-        handle.join().unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        stop(outbox, handle, &dir);
     }
 }
