@@ -762,6 +762,11 @@ impl Metrics {
         held.retain(|_, v| *v != (0, 0));
     }
 
+    /// The last count of the store's pending deliveries per endpoint.
+    fn last_pending(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, Pending)>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Shows the outbox's batch-size histogram (`OutboxStats::batch_ops`).
     pub fn bind_commit_ops(&self, h: Histogram) {
         let _ = self.commit_ops.set(h);
@@ -888,11 +893,7 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
     // Whether this scrape counts again; it takes the turn at once, so two
     // scrapes at the same moment do not both walk the store.
     let recount = {
-        let mut last = shared
-            .metrics
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut last = shared.metrics.last_pending();
         let stale = last
             .as_ref()
             .is_none_or(|(at, _)| at.elapsed() >= PENDING_EVERY);
@@ -927,11 +928,7 @@ pub async fn scrape(shared: &crate::deliver::Shared) -> Scrape {
     .await
     .unwrap_or_default();
     let pending = {
-        let mut last = shared
-            .metrics
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut last = shared.metrics.last_pending();
         if let Some(groups) = groups {
             *last = Some((
                 std::time::Instant::now(),
