@@ -1262,9 +1262,10 @@ fn one_deliverys_spans(event_id: &str) {
 /// answers: every export waits for its timeout while spans queue and are
 /// dropped), in the same run: the server's CPU per delivery at a fixed
 /// 2,000 events/s (the machine's other load moves saturation figures
-/// more than tracing does), then saturation (64 connections, 10 s) with
-/// "off" and "10 %" alternating three times and the collector answering
-/// or not, each row with its threads' CPU; then the metrics' own cost.
+/// more than tracing does), then saturation (64 connections, 10 s): "off"
+/// and "10 %" three times each, compared on their means, and the
+/// collector answering or not, each row with its threads' CPU; then the
+/// metrics' own cost.
 async fn telemetry() {
     let collector = Sink::new(false);
     let answering = receiver(collector.clone()).await;
@@ -1294,36 +1295,38 @@ async fn telemetry() {
         );
     }
     // Saturation moves with the machine's other load by more than tracing
-    // costs, so "off" and "10 %" alternate three times and are compared on
-    // their means; each row also prints its threads' CPU, the exporter's
-    // (`OpenTelemetry.T`, the batch processor) apart from the workers'.
-    let mut cpu_by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let pair = [
-        ("traces off", off.clone()),
-        ("10 %, collector answering", on(answering, "0.1")),
-    ];
-    let rows = std::iter::repeat_n(pair, 3).flatten().chain([
-        ("10 %, collector never answering", on(silent, "0.1")),
-        ("every event, collector answering", on(answering, "1")),
-        ("every event, collector never answering", on(silent, "1")),
-    ]);
-    for (name, extra) in rows {
+    // costs, so "off" and "10 %" run three times each, in the order
+    // off-on-on-off-off-on (a steady drift of the machine's speed then
+    // weighs on both alike), and are compared on their means. Each row also
+    // prints its threads' CPU: the exporter's (`OpenTelemetry.T`, the batch
+    // processor) apart from the workers'.
+    async fn saturation(name: &str, extra: String) -> f64 {
         *EXTRA.lock().unwrap() = extra;
         let (delivered, cpu, _, _) = cost_run(None, 1).await;
-        cpu_by.entry(name).or_default().push(cpu);
         println!(
             "telemetry: saturation, {name}: delivered {delivered:.0}/s; server CPU {cpu:.1} µs per delivery"
         );
+        cpu
     }
-    let mean = |name: &str| {
-        let v = &cpu_by[name];
-        v.iter().sum::<f64>() / v.len() as f64
-    };
-    let (off_mean, on_mean) = (mean("traces off"), mean("10 %, collector answering"));
+    let (mut off_cpu, mut on_cpu) = (0.0, 0.0);
+    for traced in [false, true, true, false, false, true] {
+        if traced {
+            on_cpu += saturation("10 %, collector answering", on(answering, "0.1")).await / 3.0;
+        } else {
+            off_cpu += saturation("traces off", off.clone()).await / 3.0;
+        }
+    }
     println!(
-        "telemetry: saturation, mean of 3: off {off_mean:.1} µs, 10 % answering {on_mean:.1} µs per delivery ({:+.1} %)",
-        (on_mean / off_mean - 1.0) * 100.0
+        "telemetry: saturation, mean of 3: off {off_cpu:.1} µs, 10 % answering {on_cpu:.1} µs per delivery ({:+.1} %)",
+        (on_cpu / off_cpu - 1.0) * 100.0
     );
+    for (name, extra) in [
+        ("10 %, collector never answering", on(silent, "0.1")),
+        ("every event, collector answering", on(answering, "1")),
+        ("every event, collector never answering", on(silent, "1")),
+    ] {
+        saturation(name, extra).await;
+    }
     EXTRA.lock().unwrap().clear();
     drop(hole);
     spans(answering).await;
