@@ -1218,44 +1218,46 @@ async fn spans(collector: SocketAddr) {
 
 /// The span sites of one delivery, the server's (`ingest`, `deliver`).
 fn one_deliverys_spans(event_id: &str) {
-    use rulehook::telemetry::{SPANS, child, child_of, root};
-    let ingest = root(
-        Some(event_id),
-        || tracing::info_span!(target: SPANS, "ingest", events = 1, event.id = tracing::field::Empty),
-    );
+    use opentelemetry::KeyValue;
+    use rulehook::telemetry::{Span, child, root};
+    let ingest = root(Some(event_id), "ingest", || [KeyValue::new("events", 1)]);
     ingest.in_scope(|| {
-        tracing::Span::current().record("event.id", event_id);
-        let _event = child(|| {
-            tracing::info_span!(target: SPANS, "event", event.id = %event_id, event.type = "create", entity.type = "story")
+        Span::current().record("event.id", || event_id.to_string());
+        let _event = child("event", || {
+            [
+                KeyValue::new("event.id", event_id.to_string()),
+                KeyValue::new("event.type", "create"),
+                KeyValue::new("entity.type", "story"),
+            ]
         })
         .entered();
-        child(|| tracing::info_span!(target: SPANS, "match")).in_scope(|| ());
-        let _plugins = child(|| {
-            tracing::info_span!(target: SPANS, "plugins", rule = "all-stories", delivery.id = "dlv_0123456789abcdef")
+        child("match", || []).in_scope(|| ());
+        let _plugins = child("plugins", || {
+            [
+                KeyValue::new("rule", "all-stories"),
+                KeyValue::new("delivery.id", "dlv_0123456789abcdef"),
+            ]
         })
         .entered();
     });
-    drop(child_of(
-        &ingest,
-        || tracing::info_span!(target: SPANS, parent: &ingest, "commit", ops = 1),
-    ));
-    let attempt = root(Some(event_id), || {
-        tracing::info_span!(target: SPANS, "attempt", event.id = %event_id, delivery.id = "dlv_0123456789abcdef",
-            rule = "all-stories", endpoint = "http://127.0.0.1:9000", attempt = 1,
-            http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty)
+    drop(ingest.child("commit", || [KeyValue::new("ops", 1)]));
+    let attempt = root(Some(event_id), "attempt", || {
+        [
+            KeyValue::new("event.id", event_id.to_string()),
+            KeyValue::new("delivery.id", "dlv_0123456789abcdef"),
+            KeyValue::new("rule", "all-stories"),
+            KeyValue::new("endpoint", "http://127.0.0.1:9000"),
+            KeyValue::new("attempt", 1),
+        ]
     });
     attempt.in_scope(|| {
-        child(|| tracing::info_span!(target: SPANS, "sign")).in_scope(|| ());
-        child(|| tracing::info_span!(target: SPANS, "send", http.request.method = "POST"))
-            .in_scope(|| ());
-        let span = tracing::Span::current();
-        span.record("http.response.status_code", 200);
-        span.record("outcome", "succeeded");
+        child("sign", || []).in_scope(|| ());
+        child("send", || [KeyValue::new("http.request.method", "POST")]).in_scope(|| ());
+        let span = Span::current();
+        span.record("http.response.status_code", || 200);
+        span.record("outcome", || "succeeded");
     });
-    drop(child_of(
-        &attempt,
-        || tracing::info_span!(target: SPANS, parent: &attempt, "record"),
-    ));
+    drop(attempt.child("record", || []));
 }
 
 /// Traces off, on (a collector that answers), on (one that never

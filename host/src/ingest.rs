@@ -24,8 +24,8 @@ use crate::reload::Snapshot;
 use crate::rules::target::RuleVersion;
 use crate::rules::{OnFailure, Transport};
 use crate::store::{DeliveryId, Done, NewDelivery, NewEvent, NewLane, Op, State};
-use crate::telemetry::{self, SPANS};
-use tracing::Instrument as _;
+use crate::telemetry;
+use opentelemetry::KeyValue;
 
 /// A delivery to hand to the dispatcher after the commit.
 struct Fresh {
@@ -117,7 +117,8 @@ impl Ingest {
         // One trace per request (exported only with `otlp_endpoint`).
         let span = telemetry::root(
             events.first().and_then(|e| e.id.as_deref()),
-            || tracing::info_span!(target: SPANS, "ingest", events = events.len(), event.id = tracing::field::Empty),
+            "ingest",
+            || [KeyValue::new("events", events.len() as i64)],
         );
         let metrics = self.metrics.clone();
         let (ops, handovers) = if snapshot.chains || snapshot.queries_jsonpath() {
@@ -134,11 +135,8 @@ impl Ingest {
         } else {
             span.in_scope(|| prepare(&snapshot, events, &metrics))
         };
-        let commit = telemetry::child_of(
-            &span,
-            || tracing::info_span!(target: SPANS, parent: &span, "commit", ops = ops.len()),
-        );
-        let results = self.outbox.write(ops).instrument(commit).await?;
+        let commit = span.child("commit", || [KeyValue::new("ops", ops.len() as i64)]);
+        let results = commit.instrument(self.outbox.write(ops)).await?;
         let mut out = Vec::with_capacity(results.len());
         for (done, (event_id, handover)) in results.into_iter().zip(handovers) {
             let Done::Accepted {
@@ -200,21 +198,27 @@ fn prepare(
             .unwrap_or_else(|| format!("evt_{}", uuid::Uuid::now_v7().simple()));
         event.id = Some(id.clone());
         if one {
-            tracing::Span::current().record("event.id", id.as_str());
+            telemetry::Span::current().record("event.id", || id.clone());
         }
-        let _event = telemetry::child(|| {
-            tracing::info_span!(target: SPANS, "event", event.id = %id, event.type = %event.event_type, entity.type = %event.entity_type)
+        let _event = telemetry::child("event", || {
+            [
+                KeyValue::new("event.id", id.clone()),
+                KeyValue::new("event.type", event.event_type.to_string()),
+                KeyValue::new("entity.type", event.entity_type.to_string()),
+            ]
         })
         .entered();
         let mut deliveries = Vec::new();
         let mut handover = Vec::new();
         let view = crate::rules::eval::EventView::new(&event);
-        let matched = telemetry::child(|| tracing::info_span!(target: SPANS, "match"))
-            .in_scope(|| snapshot.matching(&event));
+        let matched = telemetry::child("match", || []).in_scope(|| snapshot.matching(&event));
         for rule in matched {
             let did = DeliveryId::new();
-            let _plugins = telemetry::child(|| {
-                tracing::info_span!(target: SPANS, "plugins", rule = %rule.name, delivery.id = %did)
+            let _plugins = telemetry::child("plugins", || {
+                [
+                    KeyValue::new("rule", rule.name.clone()),
+                    KeyValue::new("delivery.id", did.to_string()),
+                ]
             })
             .entered();
             let payload = crate::payload::build(&rule.name, &event, &id);

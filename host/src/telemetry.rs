@@ -1,13 +1,13 @@
 //! Logs and traces. Logs are `tracing` events written to stderr as text or
 //! JSON (`RULEHOOK_LOG_FORMAT=json`), filtered by `RULEHOOK_LOG`. Traces are
-//! `tracing` spans with the target [`SPANS`]: one tree per ingest request
-//! (`ingest` → `event` → `match`, `plugins` → `plugin`; `commit`) and one
-//! per attempt (`attempt` → `sign`, `send`, `record`), exported over OTLP
-//! (HTTP, protobuf) only when `otlp_endpoint` is configured.
+//! OpenTelemetry spans ([`Span`]), made with the SDK: one tree per ingest
+//! request (`ingest` → `event` → `match`, `plugins` → `plugin`; `commit`)
+//! and one per attempt (`attempt` → `sign`, `send`, `record`), exported
+//! over OTLP (HTTP, protobuf) only when `otlp_endpoint` is configured.
+//! Logs are apart from them: delivery log lines carry their ids as fields.
 //!
 //! With no endpoint no span is made: each site checks one flag ([`root`],
-//! [`child`]); the log layer skips them anyway (delivery log lines carry
-//! their ids as fields instead). With one, a share of events
+//! [`child`]). With one, a share of events
 //! (`otlp_sample_ratio`, by a hash of the event id, so an event's ingest
 //! and all its attempts are traced together or not at all) get their
 //! spans, which go through OpenTelemetry's batch processor: a bounded
@@ -19,22 +19,26 @@
 //! token) and status codes: nothing secret.
 
 use std::hash::Hash as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::{TraceContextExt as _, Tracer as _, TracerProvider as _};
+use opentelemetry::{Context, ContextGuard, KeyValue, Value};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
-use tracing::Span;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
+};
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// The target of every pipeline span (`info_span!(target: SPANS, …)`).
-pub const SPANS: &str = "rulehook::span";
+/// The tracer every pipeline span comes from: the first `init` with an
+/// `otlp_endpoint` sets it (tests that run the server in-process keep it).
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// The share of events traced, as `f64` bits; 0 while traces are off.
 static SAMPLED: AtomicU64 = AtomicU64::new(0);
@@ -83,33 +87,129 @@ pub fn set_sample_ratio(ratio: f64) {
     SAMPLED.store(ratio.clamp(0.0, 1.0).to_bits(), Relaxed);
 }
 
-/// A trace's root span for the event `event_id`: `make()` when traces are
-/// on and the event is sampled, else a disabled span (and nothing made).
-pub fn root(event_id: Option<&str>, make: impl FnOnce() -> Span) -> Span {
+/// One stage of a trace: an OpenTelemetry span while its event is traced,
+/// else nothing (and nothing is made or costs). The span ends when the
+/// last clone of it is dropped, so a stage's span covers what holds it.
+///
+/// Why not `tracing` spans turned into OpenTelemetry ones by
+/// `tracing-opentelemetry`: that layer builds each span twice (a builder in
+/// the registry's extensions, the SDK's span at close) and the registry
+/// tracks every enter and exit; measured, the nine spans of one delivery
+/// cost 6–9 µs that way and 2.8 µs made straight with the SDK
+/// (`--bench pipeline -- spans`), which at 10 % sampling is the difference
+/// between about 6 % and 2 % of the server's CPU per delivery.
+#[derive(Clone, Default)]
+pub struct Span(Option<Context>);
+
+impl Span {
+    /// A span that is not traced.
+    pub fn none() -> Span {
+        Span(None)
+    }
+
+    /// The span current on this thread (entered with [`Span::in_scope`],
+    /// [`Span::entered`] or [`Span::instrument`]), or none.
+    pub fn current() -> Span {
+        if SAMPLED.load(Relaxed) == 0 {
+            return Span(None);
+        }
+        Span(Context::map_current(|cx| {
+            cx.has_active_span().then(|| cx.clone())
+        }))
+    }
+
+    pub fn is_traced(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// A span under this one, named `name`, with the attributes `attributes`
+    /// makes (called only when this span is traced).
+    pub fn child<A: IntoIterator<Item = KeyValue>>(
+        &self,
+        name: &'static str,
+        attributes: impl FnOnce() -> A,
+    ) -> Span {
+        match &self.0 {
+            Some(parent) => start(name, attributes(), parent),
+            None => Span(None),
+        }
+    }
+
+    /// Sets the attribute `key` to what `value` makes (called only when this
+    /// span is traced).
+    pub fn record<V: Into<Value>>(&self, key: &'static str, value: impl FnOnce() -> V) {
+        if let Some(cx) = &self.0 {
+            cx.span().set_attribute(KeyValue::new(key, value()));
+        }
+    }
+
+    /// Runs `f` with this span current, so the spans `f` makes with
+    /// [`child`] go under it.
+    pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.clone().entered();
+        f()
+    }
+
+    /// Makes this span current until the guard is dropped.
+    pub fn entered(self) -> Entered {
+        Entered {
+            _current: self.0.map(Context::attach),
+        }
+    }
+
+    /// `fut`, with this span current whenever it runs; the span ends after
+    /// it (unless a clone lives on).
+    pub async fn instrument<F: Future>(self, fut: F) -> F::Output {
+        match self.0 {
+            Some(cx) => fut.with_context(cx).await,
+            None => fut.await,
+        }
+    }
+}
+
+/// Keeps a span current on this thread (see [`Span::entered`]).
+pub struct Entered {
+    _current: Option<ContextGuard>,
+}
+
+fn start(
+    name: &'static str,
+    attributes: impl IntoIterator<Item = KeyValue>,
+    parent: &Context,
+) -> Span {
+    let Some(tracer) = TRACER.get() else {
+        return Span(None);
+    };
+    let span = tracer
+        .span_builder(name)
+        .with_attributes(attributes)
+        .start_with_context(tracer, parent);
+    Span(Some(parent.with_span(span)))
+}
+
+/// A trace's root span for the event `event_id`, named `name`: made (with
+/// the attributes `attributes` makes) when traces are on and the event is
+/// sampled, else none.
+pub fn root<A: IntoIterator<Item = KeyValue>>(
+    event_id: Option<&str>,
+    name: &'static str,
+    attributes: impl FnOnce() -> A,
+) -> Span {
     if sampled(event_id) {
-        make()
+        start(name, attributes(), &Context::new())
     } else {
-        Span::none()
+        Span(None)
     }
 }
 
-/// A span inside the current one: made only while that one is traced, so
-/// an unsampled event's stages do not become traces of their own.
-pub fn child(make: impl FnOnce() -> Span) -> Span {
-    if SAMPLED.load(Relaxed) == 0 || Span::current().is_disabled() {
-        return Span::none();
-    }
-    make()
-}
-
-/// A span under `parent` (created with `parent: parent`), made only when
-/// `parent` is traced.
-pub fn child_of(parent: &Span, make: impl FnOnce() -> Span) -> Span {
-    if parent.is_disabled() {
-        Span::none()
-    } else {
-        make()
-    }
+/// A span under the current one ([`Span::current`]): made only while that
+/// one is traced, so an unsampled event's stages do not become traces of
+/// their own.
+pub fn child<A: IntoIterator<Item = KeyValue>>(
+    name: &'static str,
+    attributes: impl FnOnce() -> A,
+) -> Span {
+    Span::current().child(name, attributes)
 }
 
 /// Spans waiting for export; past this they are dropped, not waited for.
@@ -185,32 +285,17 @@ pub fn init(
     } else {
         logs.boxed()
     };
-    // Pipeline spans are for the exporter only: recording them for the log
-    // layer would cost an allocation per span whether traces are on or not.
-    let logs = logs.with_filter(filter.and(filter_fn(|m| !(m.is_span() && m.target() == SPANS))));
+    let logs = logs.with_filter(filter);
     let provider = match otlp_endpoint {
         Some(endpoint) => Some(provider(endpoint)?),
         None => None,
     };
-    let traces = provider.as_ref().map(|p| {
-        // Per span, only what the pipeline's fields say: thread names,
-        // source locations, busy/idle clocks, the target and a context
-        // switch per entry cost more than the spans themselves (measured:
-        // `--bench pipeline -- spans`).
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("rulehook"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false)
-            .with_target(false)
-            .with_context_activation(false)
-            .with_filter(filter_fn(|m| m.is_span() && m.target() == SPANS))
-    });
-    // A second init (tests that run the server in-process) keeps the first.
-    let _ = tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .try_init();
+    if let Some(p) = &provider {
+        // A second init (tests that run the server in-process) keeps the
+        // first tracer, as it keeps the first log layer.
+        let _ = TRACER.set(p.tracer("rulehook"));
+    }
+    let _ = tracing_subscriber::registry().with(logs).try_init();
     if let Some(endpoint) = otlp_endpoint {
         set_sample_ratio(sample_ratio);
         tracing::info!(collector = %traces_url(endpoint), sample_ratio, "exporting traces over OTLP");

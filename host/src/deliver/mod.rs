@@ -32,10 +32,10 @@ use crate::store::{
     Attempt, Claim, DeliveryId, DueKey, Endpoint, NewLane, Next, Op, Store, now_ms,
 };
 use crate::targets::{Target, Targets};
-use crate::telemetry::{self, SPANS};
+use crate::telemetry;
 use client::{SendError, Sender};
+use opentelemetry::KeyValue;
 use policy::{Decision, EndpointChange};
-use tracing::Instrument as _;
 
 /// The delivery id header, the same on every attempt and redelivery.
 pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
@@ -634,13 +634,16 @@ impl Dispatcher {
         let id = work.id;
         let task = tokio::spawn(async move {
             // One trace per attempt (exported only with `otlp_endpoint`).
-            let span = telemetry::root(Some(&work.event_id), || {
-                tracing::info_span!(target: SPANS, "attempt",
-                    event.id = %work.event_id, delivery.id = %work.id, rule = %work.rule,
-                    endpoint = %endpoint, attempt = work.attempts + 1,
-                    http.response.status_code = tracing::field::Empty, outcome = tracing::field::Empty)
+            let span = telemetry::root(Some(&work.event_id), "attempt", || {
+                [
+                    KeyValue::new("event.id", work.event_id.clone()),
+                    KeyValue::new("delivery.id", work.id.to_string()),
+                    KeyValue::new("rule", work.rule.clone()),
+                    KeyValue::new("endpoint", endpoint.to_string()),
+                    KeyValue::new("attempt", i64::from(work.attempts) + 1),
+                ]
             });
-            let mut outcome = attempt(&shared, &work).instrument(span.clone()).await;
+            let mut outcome = span.clone().instrument(attempt(&shared, &work)).await;
             if let Some(lane) = work.lane.as_ref().filter(|l| l.halt) {
                 hold_lane(&mut outcome.ops, &lane.key);
             }
@@ -654,17 +657,12 @@ impl Dispatcher {
             // starts it again on the strength of its old state.
             // No client waits on an attempt record: it may share a commit
             // with the next ones (a lane's head may not: the lane waits).
-            let record = telemetry::child_of(
-                &span,
-                || tracing::info_span!(target: SPANS, parent: &span, "record"),
-            );
+            let record = span.child("record", || []);
             let recorded = if work.lane.is_some() {
-                shared.outbox.write(outcome.ops).instrument(record).await
+                record.instrument(shared.outbox.write(outcome.ops)).await
             } else {
-                shared
-                    .outbox
-                    .write_lazily(outcome.ops)
-                    .instrument(record)
+                record
+                    .instrument(shared.outbox.write_lazily(outcome.ops))
                     .await
             };
             let retry_at = match recorded {
@@ -904,25 +902,26 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
         ("X-Rulehook-Rule", target.rule.clone()),
         ("X-Rulehook-Attempt", number.to_string()),
     ];
-    let (request, recorded) = telemetry::child(|| tracing::info_span!(target: SPANS, "sign"))
+    let (request, recorded) = telemetry::child("sign", || [])
         .in_scope(|| build_request(webhook, &id_text, &per_attempt, now / 1000, body));
     let started = Instant::now();
     let sent = match request {
         Ok(req) => {
-            shared
-                .sender
-                .send(
-                    url,
-                    req,
-                    webhook.tls_verify,
-                    webhook.connect_timeout,
-                    webhook.reply_timeout,
-                    shared.config.response_body_cap,
-                )
-                .instrument(telemetry::child(|| {
-                    tracing::info_span!(target: SPANS, "send", http.request.method = %webhook.method.as_str())
-                }))
-                .await
+            let span = telemetry::child("send", || {
+                [KeyValue::new(
+                    "http.request.method",
+                    webhook.method.as_str().to_string(),
+                )]
+            });
+            span.instrument(shared.sender.send(
+                url,
+                req,
+                webhook.tls_verify,
+                webhook.connect_timeout,
+                webhook.reply_timeout,
+                shared.config.response_body_cap,
+            ))
+            .await
         }
         Err(e) => Err(SendError::Refused(e)),
     };
@@ -1004,11 +1003,11 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
         policy::Result::InvalidHttp(_) => Answer::InvalidHttp,
     };
     count_attempt(&series, answer, &next, elapsed);
-    let span = tracing::Span::current();
+    let span = telemetry::Span::current();
     if let Some(code) = record.status {
-        span.record("http.response.status_code", code);
+        span.record("http.response.status_code", || i64::from(code));
     }
-    span.record("outcome", next_kind(&next));
+    span.record("outcome", || next_kind(&next));
     if let EndpointChange::Blocked { until } = change {
         shared.metrics.endpoint_blocked(&endpoint);
         tracing::warn!(event = %work.event_id, delivery = %work.id, rule = %target.rule, endpoint = %endpoint, until, "endpoint blocked after repeated failures");

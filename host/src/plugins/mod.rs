@@ -357,20 +357,17 @@ impl PluginSet {
                     "plugin {name} is not loaded; add it to the plugins directory and redeliver"
                 ));
             };
-            let span = crate::telemetry::child(
-                || tracing::info_span!(target: crate::telemetry::SPANS, "plugin", plugin = name, outcome = tracing::field::Empty),
-            );
+            let span = crate::telemetry::child("plugin", || {
+                [opentelemetry::KeyValue::new("plugin", name.to_string())]
+            });
             let started = std::time::Instant::now();
             let call = span.in_scope(|| plugin.transform_with(ctx, &text, &config, &limits));
             observe(name, started.elapsed(), call.result.is_err());
-            span.record(
-                "outcome",
-                match &call.result {
-                    Ok(Outcome::Send(_)) => "send",
-                    Ok(Outcome::Skip(_)) => "skip",
-                    Err(_) => "failed",
-                },
-            );
+            span.record("outcome", || match &call.result {
+                Ok(Outcome::Send(_)) => "send",
+                Ok(Outcome::Skip(_)) => "skip",
+                Err(_) => "failed",
+            });
             for line in &call.logs {
                 tracing::info!(plugin = name, rule = %rule.name, event = %ctx.event_id, level = line.level, "plugin log: {}", line.message);
             }
