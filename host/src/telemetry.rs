@@ -399,10 +399,98 @@ impl opentelemetry_http::HttpClient for Export {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_sdk::trace::SpanData;
+
     use super::*;
+
+    /// The tests that set the sample ratio (a process-wide setting) take
+    /// turns.
+    static RATIO: Mutex<()> = Mutex::new(());
+
+    /// Keeps every span it is given.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Kept {
+        async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stages_nest_under_the_span_current_on_their_thread_or_future() {
+        let _turn = RATIO.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = Kept::default();
+        // Exported as each span ends, so what `kept` holds is what ended.
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        assert!(
+            TRACER.set(provider.tracer("test")).is_ok(),
+            "no other test sets the tracer"
+        );
+        set_sample_ratio(1.0);
+        let ingest = root(Some("evt-1"), "ingest", || [KeyValue::new("events", 1)]);
+        ingest.in_scope(|| {
+            let _event = child("event", || [KeyValue::new("event.id", "evt-1")]).entered();
+            child("match", || []).in_scope(|| ());
+        });
+        let commit = ingest.child("commit", || []);
+        let attempt = root(Some("evt-1"), "attempt", || []);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(attempt.clone().instrument(async {
+            tokio::task::yield_now().await;
+            // Still current after a pause: the future carries its span.
+            Span::current().record("outcome", || "succeeded");
+            drop(child("send", || []));
+        }));
+        let ended = |name: &str| kept.0.lock().unwrap().iter().any(|s| s.name == name);
+        assert!(ended("send") && ended("match") && ended("event"));
+        assert!(!ended("attempt"), "a span lives while a clone of it does");
+        assert!(!ended("ingest") && !ended("commit"));
+        drop((attempt, commit, ingest));
+        set_sample_ratio(0.0);
+        assert!(
+            !root(Some("evt-2"), "ingest", || []).is_traced(),
+            "traces off make no span"
+        );
+        let spans = kept.0.lock().unwrap().clone();
+        let named = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+        let parent = |name: &str| {
+            let id = named(name).parent_span_id;
+            spans
+                .iter()
+                .find(|s| s.span_context.span_id() == id)
+                .map(|s| &*s.name)
+        };
+        for (name, expected) in [
+            ("ingest", None),
+            ("event", Some("ingest")),
+            ("match", Some("event")),
+            ("commit", Some("ingest")),
+            ("attempt", None),
+            ("send", Some("attempt")),
+        ] {
+            assert_eq!(parent(name), expected, "the parent of {name}");
+        }
+        assert_eq!(spans.len(), 6, "{spans:?}");
+        assert!(
+            named("attempt")
+                .attributes
+                .contains(&KeyValue::new("outcome", "succeeded")),
+            "{:?}",
+            named("attempt").attributes
+        );
+    }
 
     #[test]
     fn an_events_trace_is_sampled_by_its_id_alone() {
+        let _turn = RATIO.lock().unwrap_or_else(|e| e.into_inner());
         SAMPLED.store(0.5f64.to_bits(), Relaxed);
         let ids: Vec<String> = (0..2_000).map(|i| format!("evt-{i}")).collect();
         let first: Vec<bool> = ids.iter().map(|id| sampled(Some(id))).collect();
