@@ -681,7 +681,13 @@ fn main() {
             e2e_rate = delivered;
         }
         if want("latency") {
-            let rate = (e2e_rate / 2.0).max(100.0);
+            // RULEHOOK_LATENCY_RATE sets the rate (events/s) instead of half
+            // the measured saturation, to see what a low rate's commit
+            // window adds.
+            let rate = std::env::var("RULEHOOK_LATENCY_RATE")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or((e2e_rate / 2.0).max(100.0));
             let lat = latency(rate, 10).await;
             let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
             println!("latency: ingest → first attempt at {rate:.0} events/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} events)", pct(0.5), pct(0.99), pct(1.0), lat.len());

@@ -33,12 +33,20 @@ const MAX_BATCH_OPS: usize = 4096;
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// How long a small batch with an urgent write (an event to accept) may
 /// wait for more, when urgent writes come from several callers at once
-/// often enough that the wait brings some (see `Pacer`), and the ops that
-/// end the wait early. It is added to a 202 at most, and
-/// only at rates where one commit per event is what a delivery mostly
-/// costs.
-const URGENT_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+/// closer together than `COMPANY_GAP` (see `Pacer`), and the ops that end
+/// the wait early. It is added to a 202 at most, and only at rates where
+/// one commit per event is what a delivery mostly costs. 10 ms rather than
+/// the gap itself: measured at 500 events/s (one per request), a 5 ms wait
+/// gathers ~3.5 deliveries per sync and costs 313 µs of CPU per delivery,
+/// 10 ms ~6 and 263 µs (p99 ingest → first attempt 8.4 → 13.5 ms); 20 ms
+/// saved nothing more (BENCHMARKS.md, "What a delivery costs").
+const URGENT_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 const URGENT_OPS: usize = 16;
+/// Urgent writes must have lately come closer together than this for a
+/// small batch to wait: apart by more, a wait brings about one event at
+/// most, and costs every event the wait (measured at 150 events/s, 6.7 ms
+/// apart: a 10 ms wait took the p50 from 0.8 to 11 ms).
+const COMPANY_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The longest `record_linger` the config takes.
 pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -530,7 +538,7 @@ fn commit(
 }
 
 /// Whether a small urgent batch should wait for company: only when urgent
-/// writes have lately come closer together than `URGENT_LINGER` (so the
+/// writes have lately come closer together than `COMPANY_GAP` (so the
 /// wait likely brings one), and not while such waits keep bringing none.
 /// A lone caller that posts one event after another is one of those: its
 /// next event comes only after this commit, so waiting for it is waste;
@@ -570,7 +578,7 @@ impl Pacer {
     }
 
     fn lingers(&self, now: std::time::Instant) -> bool {
-        self.gap <= URGENT_LINGER.as_secs_f64() && self.quiet_until.is_none_or(|t| now >= t)
+        self.gap <= COMPANY_GAP.as_secs_f64() && self.quiet_until.is_none_or(|t| now >= t)
     }
 
     /// A wait ended, having brought `came` more writes.
@@ -652,6 +660,13 @@ mod tests {
             p.arrived(ms(i * 20));
         }
         assert!(!p.lingers(ms(100)));
+        // 7 ms apart (150 events/s): closer than the wait is long, but a
+        // wait would bring about one, and cost each event the whole wait.
+        let mut p = Pacer::new();
+        for i in 0..5 {
+            p.arrived(ms(i * 7));
+        }
+        assert!(!p.lingers(ms(35)));
         // 1 ms apart: it waits.
         let mut p = Pacer::new();
         for i in 0..5 {
