@@ -1200,11 +1200,11 @@ async fn cluster() {
 
 /// What the spans of one delivery cost the thread that makes them (an
 /// event with one matching rule and one attempt, the server's span sites
-/// and subscriber), exporting to `collector`, at each sampling ratio.
+/// and tracer), exporting to `collector`, at each sampling ratio.
 async fn spans(collector: SocketAddr) {
     // The spans of one delivery (an event with one matching rule and one
     // attempt, as the server makes them), in this process, with the
-    // server's subscriber exporting to the collector collector.
+    // server's tracer exporting to `collector`.
     let url = url::Url::parse(&format!("http://{collector}")).unwrap();
     let telemetry = rulehook::telemetry::init(Some(&url), 1.0).unwrap();
     let n = 50_000;

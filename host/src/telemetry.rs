@@ -95,18 +95,14 @@ pub fn set_sample_ratio(ratio: f64) {
 /// `tracing-opentelemetry`: that layer builds each span twice (a builder in
 /// the registry's extensions, the SDK's span at close) and the registry
 /// tracks every enter and exit; measured, the nine spans of one delivery
-/// cost 6–9 µs that way and 2.8 µs made straight with the SDK
-/// (`--bench pipeline -- spans`), which at 10 % sampling is the difference
-/// between about 6 % and 2 % of the server's CPU per delivery.
-#[derive(Clone, Default)]
+/// cost 6–9 µs that way and 2.9–3.3 µs made straight with the SDK
+/// (`--bench pipeline -- spans`), and tracing 10 % of events cost the
+/// server 7.7 % of its CPU per delivery at saturation that way and 3.7 %
+/// this way (`-- telemetry`, BENCHMARKS.md).
+#[derive(Clone)]
 pub struct Span(Option<Context>);
 
 impl Span {
-    /// A span that is not traced.
-    pub fn none() -> Span {
-        Span(None)
-    }
-
     /// The span current on this thread (entered with [`Span::in_scope`],
     /// [`Span::entered`] or [`Span::instrument`]), or none.
     pub fn current() -> Span {
