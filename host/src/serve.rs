@@ -300,7 +300,7 @@ pub async fn run(
                     // For the WebSocket channel's upgrade.
                     .with_upgrades();
                 let mut closing = conns_closing.clone();
-                conns.spawn(async move {
+                conns.spawn(crate::api::conns::absorb_self_wakes(async move {
                     let mut conn = std::pin::pin!(conn);
                     let ended = tokio::select! {
                         ended = conn.as_mut() => ended,
@@ -316,7 +316,7 @@ pub async fn run(
                     if let Err(e) = ended {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
-                });
+                }));
             }
         }
     }

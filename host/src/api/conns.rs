@@ -195,8 +195,178 @@ impl Drop for Slot {
     }
 }
 
+/// Runs a connection's task so that the wakes it gives itself while it
+/// is being polled become another poll at once, not a trip through the
+/// scheduler. hyper's HTTP/1 server polls the service inside the
+/// connection's task, and the request body it reads wakes that same task
+/// (the handler waits on the body's channel); tokio treats a task woken
+/// during its own poll as one that yielded, queues it and wakes a parked
+/// worker to share the load, which at a low rate finds nothing to do and
+/// goes back to sleep: about one futex wake-up and sleep of the other
+/// worker per request at 500 events/s (`perf record -e sched:sched_waking
+/// -g`: 912 such wakes for 1,000 deliveries; BENCHMARKS.md, "What a
+/// delivery costs"). Wakes from elsewhere (the outbox's answer, a socket)
+/// reach the task as before; one that comes during a poll is a re-poll.
+pub fn absorb_self_wakes<F: Future>(fut: F) -> SelfWakes<F> {
+    let flag = Arc::new(WakeFlag::default());
+    SelfWakes {
+        fut: Box::pin(fut),
+        waker: std::task::Waker::from(flag.clone()),
+        flag,
+    }
+}
+
+/// See `absorb_self_wakes`.
+pub struct SelfWakes<F> {
+    fut: std::pin::Pin<Box<F>>,
+    flag: Arc<WakeFlag>,
+    /// The waker the inner future sees (it sets `flag`).
+    waker: std::task::Waker,
+}
+
+#[derive(Default)]
+struct WakeFlag {
+    /// The inner future is being polled: a wake now only sets `woken`.
+    polling: std::sync::atomic::AtomicBool,
+    woken: std::sync::atomic::AtomicBool,
+    /// The task's own waker, for wakes between polls.
+    outer: Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.polling.load(Ordering::SeqCst) {
+            self.woken.store(true, Ordering::SeqCst);
+        } else if let Some(w) = &*self.outer.lock().unwrap_or_else(|e| e.into_inner()) {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Re-polls in a row at most, so a future that keeps waking itself still
+/// lets the worker run other tasks (as a yield would).
+const MAX_REPOLLS: usize = 8;
+
+impl<F: Future> Future for SelfWakes<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = &mut *self;
+        {
+            let mut outer = this.flag.outer.lock().unwrap_or_else(|e| e.into_inner());
+            if !outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *outer = Some(cx.waker().clone());
+            }
+        }
+        this.flag.polling.store(true, Ordering::SeqCst);
+        let mut inner = std::task::Context::from_waker(&this.waker);
+        let mut repolls = 0;
+        let woken = loop {
+            this.flag.woken.store(false, Ordering::SeqCst);
+            if let std::task::Poll::Ready(out) = this.fut.as_mut().poll(&mut inner) {
+                this.flag.polling.store(false, Ordering::SeqCst);
+                return std::task::Poll::Ready(out);
+            }
+            if !this.flag.woken.load(Ordering::SeqCst) {
+                break false;
+            }
+            repolls += 1;
+            if repolls == MAX_REPOLLS {
+                break true;
+            }
+        };
+        this.flag.polling.store(false, Ordering::SeqCst);
+        // A wake that came after the last look, before `polling` was
+        // cleared, must not be lost.
+        if woken || this.flag.woken.swap(false, Ordering::SeqCst) {
+            cx.waker().wake_by_ref();
+        }
+        std::task::Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// A future that wakes itself on each of its first `ready_after`
+    /// polls, as hyper's connection does when the body it reads wakes the
+    /// handler polled in the same task, and is then done.
+    struct WakesItself {
+        polls: usize,
+        ready_after: usize,
+    }
+
+    impl Future for WakesItself {
+        type Output = usize;
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<usize> {
+            self.polls += 1;
+            if self.polls > self.ready_after {
+                return std::task::Poll::Ready(self.polls);
+            }
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wake_during_its_own_poll_is_a_repoll_and_others_reach_the_task() {
+        // (polls before it is ready, outer polls it takes, wakes the task gets)
+        let cases = [(0, 1, 0), (1, 1, 0), (3, 1, 0), (MAX_REPOLLS - 1, 1, 0)];
+        for (ready_after, outer_polls, task_wakes) in cases {
+            let counter = Arc::new(CountWakes(Default::default()));
+            let waker = std::task::Waker::from(counter.clone());
+            let mut cx = std::task::Context::from_waker(&waker);
+            let mut fut = std::pin::pin!(absorb_self_wakes(WakesItself {
+                polls: 0,
+                ready_after,
+            }));
+            let mut polls = 0;
+            let out = loop {
+                polls += 1;
+                if let std::task::Poll::Ready(n) = fut.as_mut().poll(&mut cx) {
+                    break n;
+                }
+            };
+            assert_eq!(out, ready_after + 1, "{ready_after}");
+            assert_eq!(polls, outer_polls, "{ready_after}");
+            assert_eq!(
+                counter.0.load(Ordering::SeqCst),
+                task_wakes,
+                "{ready_after}"
+            );
+        }
+        // One that keeps waking itself gives the worker back, woken to go on.
+        let counter = Arc::new(CountWakes(Default::default()));
+        let waker = std::task::Waker::from(counter.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut fut = std::pin::pin!(absorb_self_wakes(WakesItself {
+            polls: 0,
+            ready_after: usize::MAX,
+        }));
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        // A wake from elsewhere between polls reaches the task.
+        let inner = fut.waker.clone();
+        inner.wake_by_ref();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    }
     use super::*;
 
     #[test]
