@@ -327,16 +327,30 @@ impl Redb {
             .iter()
             .map(|op| matches!(op, Op::Accept(_)).then(new_event_key))
             .collect();
+        // An attempt record is serialized once, for the log and the table.
+        let stored: Vec<Option<Vec<u8>>> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Finish {
+                    attempt: Some(a), ..
+                } => Some(to_json(a)),
+                _ => None,
+            })
+            .collect();
         let payload = (log.is_some() && ops.iter().all(commit_log::loggable))
             .then(|| {
-                let refs: Vec<(&Op, Option<EventKey>)> =
-                    ops.iter().zip(keys.iter().copied()).collect();
+                let refs: Vec<commit_log::ToLog<'_>> = ops
+                    .iter()
+                    .zip(&keys)
+                    .zip(&stored)
+                    .map(|((op, key), s)| (op, *key, s.as_deref()))
+                    .collect();
                 commit_log::encode(now, &refs)
             })
             .flatten();
         let out = {
             let (_guard, mut tx) = self.write(log.as_deref_mut())?;
-            let out = apply_batch(&tx, ops.into_iter().zip(keys), now)?;
+            let out = apply_batch(&tx, ops.into_iter().zip(keys).zip(stored), now)?;
             match (&mut log, payload) {
                 (Some(log), Some(payload)) => {
                     tx.set_durability(Durability::None).map_err(io("commit"))?;
@@ -396,20 +410,21 @@ impl Redb {
     }
 }
 
-/// Applies `ops` (each `Accept` with its event key) in `tx`.
+/// Applies `ops` in `tx`: each `Accept` with its event key, each `Finish`
+/// with its attempt record's stored form when it was made already.
 fn apply_batch(
     tx: &WriteTransaction,
-    ops: impl IntoIterator<Item = (Op, Option<EventKey>)>,
+    ops: impl IntoIterator<Item = ((Op, Option<EventKey>), Option<Vec<u8>>)>,
     now: u64,
 ) -> Result<Vec<Done>, StoreError> {
     let mut out = Vec::new();
     let mut tables = Tables::open(tx)?;
-    for (op, key) in ops {
+    for ((op, key), stored) in ops {
         let done = match op {
             // Rare (once per reload, once per retention run):
             // their tables are opened only then, not for every commit.
             op @ (Op::PutRuleVersions { .. } | Op::DropRuleVersions(_)) => versions::apply(tx, op)?,
-            op => apply_one(&mut tables, op, key, now)?,
+            op => apply_one(&mut tables, op, key, stored, now)?,
         };
         out.push(done);
     }
@@ -452,7 +467,7 @@ fn recover(
     let mut tx = db.begin_write().map_err(io("recover"))?;
     tx.set_quick_repair(quick_repair);
     for record in pending {
-        apply_batch(&tx, record.ops, record.now)?;
+        apply_batch(&tx, record.ops.into_iter().map(|k| (k, None)), record.now)?;
     }
     put_log_seq(&tx, last)?;
     tx.commit().map_err(io("recover"))?;
@@ -1381,11 +1396,13 @@ fn save_delivery(
     Ok(())
 }
 
-/// `key`: for an `Accept`, the key its event is stored under.
+/// `key`: for an `Accept`, the key its event is stored under; `stored`:
+/// for a `Finish`, its attempt as stored, when made already.
 fn apply_one(
     t: &mut Tables<'_>,
     op: Op,
     key: Option<EventKey>,
+    stored: Option<Vec<u8>>,
     now: u64,
 ) -> Result<Done, StoreError> {
     match op {
@@ -1473,8 +1490,9 @@ fn apply_one(
             if let Some(a) = &attempt {
                 d.attempts = d.attempts.max(a.number);
                 d.last_status = a.status;
+                let stored = stored.unwrap_or_else(|| to_json(a));
                 t.attempts
-                    .insert((id.0, a.number), to_json(a).as_slice())
+                    .insert((id.0, a.number), stored.as_slice())
                     .map_err(io("record attempt"))?;
             }
             let step = Step::after(attempt.as_ref(), next);

@@ -288,11 +288,16 @@ fn read_records(bytes: &[u8], checkpointed: u64, name: &str) -> Result<Vec<Logge
 /// with the event key it is stored under; `None` once it passes
 /// `MAX_RECORD` (such a batch is not logged, so encoding stops there
 /// instead of copying every body of a large batch for nothing).
-pub(super) fn encode(now: u64, ops: &[(&Op, Option<EventKey>)]) -> Option<Vec<u8>> {
+/// An op to log, with the event key an `Accept` is stored under, and the
+/// stored form of a `Finish`'s attempt when the caller has it already
+/// (else `encode` makes it).
+pub(super) type ToLog<'a> = (&'a Op, Option<EventKey>, Option<&'a [u8]>);
+
+pub(super) fn encode(now: u64, ops: &[ToLog<'_>]) -> Option<Vec<u8>> {
     let mut w = Vec::with_capacity(256);
     put_u64(&mut w, now);
     put_u32(&mut w, ops.len() as u32);
-    for (op, key) in ops {
+    for (op, key, stored) in ops {
         match op {
             Op::Accept(ev) => {
                 w.push(1);
@@ -330,7 +335,10 @@ pub(super) fn encode(now: u64, ops: &[(&Op, Option<EventKey>)]) -> Option<Vec<u8
                     None => w.push(0),
                     Some(a) => {
                         w.push(1);
-                        put_bytes(&mut w, &to_json(a));
+                        match stored {
+                            Some(bytes) => put_bytes(&mut w, bytes),
+                            None => put_bytes(&mut w, &to_json(a)),
+                        }
                     }
                 }
                 match next {
@@ -623,7 +631,7 @@ mod tests {
                 None,
             ),
         ];
-        let refs: Vec<(&Op, Option<EventKey>)> = ops.iter().map(|(o, k)| (o, *k)).collect();
+        let refs: Vec<ToLog<'_>> = ops.iter().map(|(o, k)| (o, *k, None)).collect();
         let (now, back) = decode(&encode(123, &refs).expect("small")).expect("decodes");
         assert_eq!(now, 123);
         assert_eq!(back.len(), ops.len());
@@ -637,14 +645,14 @@ mod tests {
     #[test]
     fn a_batch_past_the_record_limit_is_not_encoded() {
         let big = accept("big", &vec![b'x'; MAX_RECORD]);
-        assert!(encode(1, &[(&big, Some(1))]).is_none());
+        assert!(encode(1, &[(&big, Some(1), None)]).is_none());
         let small = accept("small", b"{}");
-        assert!(encode(1, &[(&small, Some(1))]).is_some());
+        assert!(encode(1, &[(&small, Some(1), None)]).is_some());
     }
 
     fn payload(n: u64) -> Vec<u8> {
         let op = accept(&format!("e{n}"), b"body");
-        encode(n, &[(&op, Some(n as u128))]).expect("small")
+        encode(n, &[(&op, Some(n as u128), None)]).expect("small")
     }
 
     fn seqs(records: &[Logged]) -> Vec<u64> {
