@@ -1104,45 +1104,73 @@ fn build_request(
     now_secs: u64,
     body: Bytes,
 ) -> (Result<Request, String>, Vec<(String, String)>) {
-    // (name, value sent, value recorded when it differs)
-    let mut headers: Vec<(String, String, Option<&str>)> = vec![
-        ("Content-Type".into(), "application/json".into(), None),
-        (
-            "User-Agent".into(),
-            concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
-            None,
-        ),
-        (DELIVERY_HEADER.into(), delivery_id.to_string(), None),
-    ];
+    let signed = crate::sign::headers(webhook, delivery_id, now_secs, &body);
+    let count = 3
+        + extra.len()
+        + usize::from(webhook.credentials.is_some())
+        + webhook.headers.len()
+        + signed.len();
+    // Header by header, so a value that cannot be sent is refused by its
+    // header's name (`Request::builder` said only "failed to parse header
+    // value"), and never by its value, which may be a secret.
+    let mut sent = http::HeaderMap::with_capacity(count);
+    let mut recorded = Vec::with_capacity(count);
+    let mut refused: Option<String> = None;
+    // `shown`: what the attempt record keeps when it is not what is sent.
+    let mut add = |name: &str, value: String, shown: Option<&str>| {
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                sent.append(n, v);
+            }
+            (Err(e), _) => {
+                refused.get_or_insert(format!(
+                    "cannot build the request: header name `{name}`: {e}"
+                ));
+            }
+            (_, Err(e)) => {
+                refused.get_or_insert(format!(
+                    "cannot build the request: the value of header `{name}`: {e}"
+                ));
+            }
+        }
+        recorded.push((name.to_string(), shown.map_or(value, str::to_string)));
+    };
+    add("Content-Type", "application/json".into(), None);
+    add(
+        "User-Agent",
+        concat!("rulehook/", env!("CARGO_PKG_VERSION")).into(),
+        None,
+    );
+    add(DELIVERY_HEADER, delivery_id.to_string(), None);
     for (k, v) in extra {
-        headers.push((k.to_string(), v.clone(), None));
+        add(k, v.clone(), None);
     }
     if let Some(c) = &webhook.credentials {
         let token = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", c.username, c.password.value));
-        headers.push((
-            "Authorization".into(),
-            format!("Basic {token}"),
-            Some("Basic ***"),
-        ));
+        add("Authorization", format!("Basic {token}"), Some("Basic ***"));
     }
     for (k, v) in &webhook.headers {
         let shown = matches!(v, crate::rules::HeaderValue::Secret(_)).then(|| v.recorded());
-        headers.push((k.clone(), v.value().to_string(), shown));
+        add(k, v.value().to_string(), shown);
     }
-    for (k, v) in crate::sign::headers(webhook, delivery_id, now_secs, &body) {
-        headers.push((k, v, None));
+    for (k, v) in signed {
+        add(&k, v, None);
     }
-    let mut request = http::Request::builder().method(webhook.method.as_str());
-    let mut recorded = Vec::with_capacity(headers.len());
-    for (name, value, shown) in headers {
-        request = request.header(name.as_str(), value.as_str());
-        recorded.push((name, shown.map_or(value, str::to_string)));
+    if let Some(why) = refused {
+        return (Err(why), recorded);
     }
-    let request = request
-        .body(Full::new(body))
-        .map_err(|e| format!("cannot build the request: {e}"));
-    (request, recorded)
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = match webhook.method {
+        crate::rules::Method::Post => http::Method::POST,
+        crate::rules::Method::Put => http::Method::PUT,
+        crate::rules::Method::Patch => http::Method::PATCH,
+    };
+    *request.headers_mut() = sent;
+    (Ok(request), recorded)
 }
 
 /// A delivery that cannot be attempted at all fails, saying why.
@@ -1434,7 +1462,21 @@ mod tests {
         let webhook = &set.get("r").unwrap().webhook;
         let (request, recorded) = build_request(webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
         let request = request.unwrap();
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(request.headers()["content-type"], "application/json");
+        assert_eq!(request.headers()[DELIVERY_HEADER], "d-1");
         assert_eq!(request.headers()["x-api-key"], "value-of-KEY");
+        // Every header sent is recorded, once, in the order sent.
+        let names: Vec<&str> = recorded.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(request.headers().len(), names.len(), "{names:?}");
+        assert_eq!(
+            &names[..3],
+            ["Content-Type", "User-Agent", DELIVERY_HEADER],
+            "{names:?}"
+        );
+        for (k, _) in &recorded {
+            assert!(request.headers().contains_key(k.as_str()), "{k} not sent");
+        }
         assert_eq!(request.headers()["x-team"], "qa");
         let shown = |name: &str| {
             recorded
@@ -1447,6 +1489,33 @@ mod tests {
         assert_eq!(shown("Authorization"), Some("Basic ***"));
         assert!(
             !format!("{recorded:?}").contains("value-of"),
+            "{recorded:?}"
+        );
+    }
+
+    #[test]
+    fn a_header_value_that_cannot_be_sent_refuses_the_request_by_name() {
+        // A secret from the environment may hold a control byte, which no
+        // header can carry: nothing is sent, and the reason names it.
+        let resolve = |_: &crate::rules::SecretRef| Ok("two\u{7f}parts".to_string());
+        let (set, diags) = crate::rules::RuleSet::compile(
+            &[crate::rules::Source {
+                path: "r.yaml".into(),
+                text: "rules:\n  - name: r\n    events: [create]\n    webhook: {url: \"https://a.example/\", headers: {X-Api-Key: {env: KEY}}}\n".into(),
+            }],
+            &resolve,
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let webhook = &set.get("r").unwrap().webhook;
+        let (request, recorded) = build_request(webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        let why = request.expect_err("a control byte in a header value is refused");
+        assert!(why.contains("`X-Api-Key`"), "{why}");
+        assert!(
+            !why.contains("two"),
+            "the value stays out of the reason: {why}"
+        );
+        assert!(
+            recorded.iter().any(|(k, v)| k == "X-Api-Key" && v == "***"),
             "{recorded:?}"
         );
     }
