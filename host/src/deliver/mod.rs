@@ -1104,17 +1104,11 @@ fn build_request(
     now_secs: u64,
     body: Bytes,
 ) -> (Result<Request, String>, Vec<(String, String)>) {
-    let signed = crate::sign::headers(webhook, delivery_id, now_secs, &body);
-    let count = 3
-        + extra.len()
-        + usize::from(webhook.credentials.is_some())
-        + webhook.headers.len()
-        + signed.len();
     // Header by header, so a value that cannot be sent is refused by its
     // header's name (`Request::builder` said only "failed to parse header
     // value"), and never by its value, which may be a secret.
-    let mut sent = http::HeaderMap::with_capacity(count);
-    let mut recorded = Vec::with_capacity(count);
+    let mut sent = http::HeaderMap::new();
+    let mut recorded = Vec::new();
     let mut refused: Option<String> = None;
     // `shown`: what the attempt record keeps when it is not what is sent.
     let mut add = |name: &str, value: String, shown: Option<&str>| {
@@ -1157,17 +1151,16 @@ fn build_request(
         let shown = matches!(v, crate::rules::HeaderValue::Secret(_)).then(|| v.recorded());
         add(k, v.value().to_string(), shown);
     }
-    for (k, v) in signed {
+    for (k, v) in crate::sign::headers(webhook, delivery_id, now_secs, &body) {
         add(&k, v, None);
     }
     if let Some(why) = refused {
         return (Err(why), recorded);
     }
     let mut request = http::Request::new(Full::new(body));
-    *request.method_mut() = match webhook.method {
-        crate::rules::Method::Post => http::Method::POST,
-        crate::rules::Method::Put => http::Method::PUT,
-        crate::rules::Method::Patch => http::Method::PATCH,
+    *request.method_mut() = match http::Method::from_bytes(webhook.method.as_str().as_bytes()) {
+        Ok(m) => m,
+        Err(e) => return (Err(format!("cannot build the request: {e}")), recorded),
     };
     *request.headers_mut() = sent;
     (Ok(request), recorded)
@@ -1445,22 +1438,33 @@ mod tests {
         assert_eq!(parse_retry_after("soon", 0), None);
     }
 
-    #[test]
-    fn a_secret_header_is_sent_and_recorded_as_stars() {
-        let resolve = |r: &crate::rules::SecretRef| match r {
-            crate::rules::SecretRef::Env(n) => Ok(format!("value-of-{n}")),
-            _ => Err("not here".to_string()),
-        };
+    /// The webhook of the one rule `r` whose `webhook:` mapping is `spec`,
+    /// its secrets resolved by `resolve`.
+    fn webhook_of(
+        spec: &str,
+        resolve: impl Fn(&crate::rules::SecretRef) -> Result<String, String> + Sync,
+    ) -> crate::rules::Webhook {
         let (set, diags) = crate::rules::RuleSet::compile(
             &[crate::rules::Source {
                 path: "r.yaml".into(),
-                text: "rules:\n  - name: r\n    events: [create]\n    webhook: {url: \"https://a.example/\", headers: {X-Team: qa, X-Api-Key: {env: KEY}}, credentials: {username: u, password: {env: PW}}}\n".into(),
+                text: format!("rules:\n  - name: r\n    events: [create]\n    webhook: {spec}\n"),
             }],
             &resolve,
         );
         assert!(diags.is_empty(), "{diags:?}");
-        let webhook = &set.get("r").unwrap().webhook;
-        let (request, recorded) = build_request(webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        set.get("r").unwrap().webhook.clone()
+    }
+
+    #[test]
+    fn a_secret_header_is_sent_and_recorded_as_stars() {
+        let webhook = webhook_of(
+            "{url: \"https://a.example/\", headers: {X-Team: qa, X-Api-Key: {env: KEY}}, credentials: {username: u, password: {env: PW}}}",
+            |r| match r {
+                crate::rules::SecretRef::Env(n) => Ok(format!("value-of-{n}")),
+                _ => Err("not here".to_string()),
+            },
+        );
+        let (request, recorded) = build_request(&webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
         let request = request.unwrap();
         assert_eq!(request.method(), http::Method::POST);
         assert_eq!(request.headers()["content-type"], "application/json");
@@ -1497,17 +1501,11 @@ mod tests {
     fn a_header_value_that_cannot_be_sent_refuses_the_request_by_name() {
         // A secret from the environment may hold a control byte, which no
         // header can carry: nothing is sent, and the reason names it.
-        let resolve = |_: &crate::rules::SecretRef| Ok("two\u{7f}parts".to_string());
-        let (set, diags) = crate::rules::RuleSet::compile(
-            &[crate::rules::Source {
-                path: "r.yaml".into(),
-                text: "rules:\n  - name: r\n    events: [create]\n    webhook: {url: \"https://a.example/\", headers: {X-Api-Key: {env: KEY}}}\n".into(),
-            }],
-            &resolve,
+        let webhook = webhook_of(
+            "{url: \"https://a.example/\", headers: {X-Api-Key: {env: KEY}}}",
+            |_| Ok("two\u{7f}parts".to_string()),
         );
-        assert!(diags.is_empty(), "{diags:?}");
-        let webhook = &set.get("r").unwrap().webhook;
-        let (request, recorded) = build_request(webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        let (request, recorded) = build_request(&webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
         let why = request.expect_err("a control byte in a header value is refused");
         assert!(why.contains("`X-Api-Key`"), "{why}");
         assert!(

@@ -350,7 +350,14 @@ impl Redb {
             .flatten();
         let out = {
             let (_guard, mut tx) = self.write(log.as_deref_mut())?;
-            let out = apply_batch(&tx, ops.into_iter().zip(keys).zip(stored), now)?;
+            let out = apply_batch(
+                &tx,
+                ops.into_iter()
+                    .zip(keys)
+                    .zip(stored)
+                    .map(|((op, key), s)| (op, key, s)),
+                now,
+            )?;
             match (&mut log, payload) {
                 (Some(log), Some(payload)) => {
                     tx.set_durability(Durability::None).map_err(io("commit"))?;
@@ -414,12 +421,12 @@ impl Redb {
 /// with its attempt record's stored form when it was made already.
 fn apply_batch(
     tx: &WriteTransaction,
-    ops: impl IntoIterator<Item = ((Op, Option<EventKey>), Option<Vec<u8>>)>,
+    ops: impl IntoIterator<Item = (Op, Option<EventKey>, Option<Vec<u8>>)>,
     now: u64,
 ) -> Result<Vec<Done>, StoreError> {
     let mut out = Vec::new();
     let mut tables = Tables::open(tx)?;
-    for ((op, key), stored) in ops {
+    for (op, key, stored) in ops {
         let done = match op {
             // Rare (once per reload, once per retention run):
             // their tables are opened only then, not for every commit.
@@ -467,7 +474,11 @@ fn recover(
     let mut tx = db.begin_write().map_err(io("recover"))?;
     tx.set_quick_repair(quick_repair);
     for record in pending {
-        apply_batch(&tx, record.ops.into_iter().map(|k| (k, None)), record.now)?;
+        apply_batch(
+            &tx,
+            record.ops.into_iter().map(|(op, key)| (op, key, None)),
+            record.now,
+        )?;
     }
     put_log_seq(&tx, last)?;
     tx.commit().map_err(io("recover"))?;
