@@ -337,19 +337,21 @@ impl Redb {
                 _ => None,
             })
             .collect();
-        let payload = (log.is_some() && ops.iter().all(commit_log::loggable))
-            .then(|| {
-                let refs: Vec<commit_log::ToLog<'_>> = ops
-                    .iter()
-                    .zip(&keys)
-                    .zip(&stored)
-                    .map(|((op, key), s)| (op, *key, s.as_deref()))
-                    .collect();
-                commit_log::encode(now, &refs)
-            })
-            .flatten();
         let out = {
             let (_guard, mut tx) = self.write(log.as_deref_mut())?;
+            // Staged after `write`, which may reopen the file (and the log).
+            let logged = match log.as_deref_mut() {
+                Some(log) if ops.iter().all(commit_log::loggable) => {
+                    let refs: Vec<commit_log::ToLog<'_>> = ops
+                        .iter()
+                        .zip(&keys)
+                        .zip(&stored)
+                        .map(|((op, key), s)| (op, *key, s.as_deref()))
+                        .collect();
+                    log.stage(now, &refs)
+                }
+                _ => false,
+            };
             let out = apply_batch(
                 &tx,
                 ops.into_iter()
@@ -358,10 +360,10 @@ impl Redb {
                     .map(|((op, key), s)| (op, key, s)),
                 now,
             )?;
-            match (&mut log, payload) {
-                (Some(log), Some(payload)) => {
+            match (&mut log, logged) {
+                (Some(log), true) => {
                     tx.set_durability(Durability::None).map_err(io("commit"))?;
-                    let seq = log.append(&payload)?;
+                    let seq = log.append_staged()?;
                     // Should this commit fail (redb writes pages out when
                     // its buffer is full, and that can meet a full disk),
                     // the record is taken back, so the failure means what
@@ -374,7 +376,7 @@ impl Redb {
                         return Err(io("commit")(e));
                     }
                 }
-                (Some(log), None) => {
+                (Some(log), false) => {
                     put_log_seq(&tx, log.last_seq)?;
                     tx.commit().map_err(io("commit"))?;
                     let seq = log.last_seq;

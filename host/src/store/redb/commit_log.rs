@@ -82,6 +82,13 @@ pub(super) struct CommitLog {
     pub(super) last_seq: u64,
     /// When the first record since the last checkpoint was written.
     oldest: Option<Instant>,
+    /// The next record, built in place: room for its header, then the
+    /// payload `stage` encodes. It is kept from record to record: a new
+    /// buffer for each (and one for the payload before it) came from pages
+    /// the allocator had returned between two commits at a low rate,
+    /// about eight page faults a commit and 9 % of the writer's CPU at 500
+    /// events/s.
+    record: Vec<u8>,
 }
 
 /// A batch's ops, each with the event key an `Accept` is stored under.
@@ -131,6 +138,7 @@ impl CommitLog {
             allocated,
             last_seq: 0,
             oldest: None,
+            record: Vec::new(),
         })
     }
 
@@ -150,19 +158,36 @@ impl CommitLog {
         &self.path
     }
 
-    /// Appends one batch and syncs it: when this returns `Ok`, the batch
-    /// survives a crash. Returns the record's sequence number. On an error
-    /// nothing counts as written (the next record overwrites what part of
-    /// this one reached the file).
-    pub(super) fn append(&mut self, payload: &[u8]) -> Result<u64, StoreError> {
+    /// Encodes a batch of loggable ops as the next record, in the log's
+    /// own buffer. `false` when it would pass `MAX_RECORD`: nothing is
+    /// staged then, and the batch is not to be logged.
+    pub(super) fn stage(&mut self, now: u64, ops: &[ToLog<'_>]) -> bool {
+        self.record.clear();
+        self.record.resize(HEADER, 0);
+        if encode_into(&mut self.record, now, ops) {
+            return true;
+        }
+        self.record.clear();
+        // One op may be a body of megabytes; that stays no longer.
+        if self.record.capacity() > 2 * MAX_RECORD {
+            self.record = Vec::new();
+        }
+        false
+    }
+
+    /// Appends the record `stage` made and syncs it: when this returns
+    /// `Ok`, the batch survives a crash. Returns the record's sequence
+    /// number. On an error nothing counts as written (the next record
+    /// overwrites what part of this one reached the file).
+    pub(super) fn append_staged(&mut self) -> Result<u64, StoreError> {
+        assert!(self.record.len() >= HEADER, "a record is staged");
         let seq = self.last_seq + 1;
-        let mut record = Vec::with_capacity(HEADER + payload.len());
-        record.extend_from_slice(MAGIC);
-        record.extend_from_slice(&seq.to_le_bytes());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc(seq, payload).to_le_bytes());
-        record.extend_from_slice(payload);
-        let end = self.end + record.len() as u64;
+        let (header, payload) = self.record.split_at_mut(HEADER);
+        header[0..4].copy_from_slice(MAGIC);
+        header[4..12].copy_from_slice(&seq.to_le_bytes());
+        header[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[16..20].copy_from_slice(&crc(seq, payload).to_le_bytes());
+        let end = self.end + self.record.len() as u64;
         let path = self.path.display().to_string();
         let fail = |e: std::io::Error| StoreError::Io {
             op: "append to the commit log",
@@ -171,13 +196,24 @@ impl CommitLog {
         if end > self.allocated {
             self.grow(end).map_err(fail)?;
         }
-        self.file.write_all_at(&record, self.end).map_err(fail)?;
+        self.file
+            .write_all_at(&self.record, self.end)
+            .map_err(fail)?;
         self.file.sync_data().map_err(fail)?;
         self.last_start = self.end;
         self.end = end;
         self.last_seq = seq;
         self.oldest.get_or_insert_with(Instant::now);
         Ok(seq)
+    }
+
+    /// Appends one encoded payload (see `append_staged`).
+    #[cfg(test)]
+    pub(super) fn append(&mut self, payload: &[u8]) -> Result<u64, StoreError> {
+        self.record.clear();
+        self.record.resize(HEADER, 0);
+        self.record.extend_from_slice(payload);
+        self.append_staged()
     }
 
     /// Zero-fills the file up to at least `end`, in `GROW` steps, and
@@ -284,40 +320,47 @@ fn read_records(bytes: &[u8], checkpointed: u64, name: &str) -> Result<Vec<Logge
     Ok(out)
 }
 
-/// The payload of a batch of loggable ops (see `loggable`), each `Accept`
-/// with the event key it is stored under; `None` once it passes
-/// `MAX_RECORD` (such a batch is not logged, so encoding stops there
-/// instead of copying every body of a large batch for nothing).
 /// An op to log, with the event key an `Accept` is stored under, and the
 /// stored form of a `Finish`'s attempt when the caller has it already
-/// (else `encode` makes it).
+/// (else `encode_into` makes it).
 pub(super) type ToLog<'a> = (&'a Op, Option<EventKey>, Option<&'a [u8]>);
 
+/// The payload of a batch of loggable ops (see `loggable`), alone.
+#[cfg(test)]
 pub(super) fn encode(now: u64, ops: &[ToLog<'_>]) -> Option<Vec<u8>> {
-    let mut w = Vec::with_capacity(256);
-    put_u64(&mut w, now);
-    put_u32(&mut w, ops.len() as u32);
+    let mut w = Vec::new();
+    encode_into(&mut w, now, ops).then_some(w)
+}
+
+/// Appends to `w` the payload of a batch of loggable ops (see
+/// `loggable`); `false` once the payload passes `MAX_RECORD` (such a batch
+/// is not logged, so encoding stops there instead of copying every body
+/// of a large batch for nothing).
+fn encode_into(w: &mut Vec<u8>, now: u64, ops: &[ToLog<'_>]) -> bool {
+    let start = w.len();
+    put_u64(w, now);
+    put_u32(w, ops.len() as u32);
     for (op, key, stored) in ops {
         match op {
             Op::Accept(ev) => {
                 w.push(1);
-                put_u128(&mut w, key.expect("an Accept has its event key"));
-                put_str(&mut w, &ev.id);
-                put_u32(&mut w, ev.deliveries.len() as u32);
+                put_u128(w, key.expect("an Accept has its event key"));
+                put_str(w, &ev.id);
+                put_u32(w, ev.deliveries.len() as u32);
                 for d in &ev.deliveries {
-                    put_u128(&mut w, d.id.0);
-                    put_str(&mut w, &d.rule);
+                    put_u128(w, d.id.0);
+                    put_str(w, &d.rule);
                     w.push(state_tag(d.state));
-                    put_opt_str(&mut w, d.reason.as_deref());
-                    put_bytes(&mut w, &d.body);
+                    put_opt_str(w, d.reason.as_deref());
+                    put_bytes(w, &d.body);
                     w.push(d.unbuilt as u8);
-                    put_opt_str(&mut w, d.space.as_deref());
-                    put_opt_str(&mut w, d.rule_version.as_deref());
+                    put_opt_str(w, d.space.as_deref());
+                    put_opt_str(w, d.rule_version.as_deref());
                     match &d.lane {
                         None => w.push(0),
                         Some(l) => {
                             w.push(1);
-                            put_str(&mut w, &l.key);
+                            put_str(w, &l.key);
                             w.push(l.halt as u8);
                         }
                     }
@@ -330,14 +373,14 @@ pub(super) fn encode(now: u64, ops: &[ToLog<'_>]) -> Option<Vec<u8>> {
                 epoch,
             } => {
                 w.push(2);
-                put_u128(&mut w, id.0);
+                put_u128(w, id.0);
                 match attempt {
                     None => w.push(0),
                     Some(a) => {
                         w.push(1);
                         match stored {
-                            Some(bytes) => put_bytes(&mut w, bytes),
-                            None => put_bytes(&mut w, &to_json(a)),
+                            Some(bytes) => put_bytes(w, bytes),
+                            None => put_bytes(w, &to_json(a)),
                         }
                     }
                 }
@@ -345,42 +388,42 @@ pub(super) fn encode(now: u64, ops: &[ToLog<'_>]) -> Option<Vec<u8>> {
                     Next::Succeeded => w.push(0),
                     Next::Failed(why) => {
                         w.push(1);
-                        put_str(&mut w, why);
+                        put_str(w, why);
                     }
                     Next::Retry { at } => {
                         w.push(2);
-                        put_u64(&mut w, *at);
+                        put_u64(w, *at);
                     }
                     Next::Park { endpoint, reason } => {
                         w.push(3);
-                        put_str(&mut w, endpoint);
-                        put_str(&mut w, reason);
+                        put_str(w, endpoint);
+                        put_str(w, reason);
                     }
                 }
                 match epoch {
                     None => w.push(0),
                     Some(e) => {
                         w.push(1);
-                        put_u64(&mut w, *e);
+                        put_u64(w, *e);
                     }
                 }
             }
             Op::PutEndpoint(ep) => {
                 w.push(3);
-                put_bytes(&mut w, &to_json(ep));
+                put_bytes(w, &to_json(ep));
             }
             Op::Unpark { endpoint, limit } => {
                 w.push(4);
-                put_str(&mut w, endpoint);
-                put_u64(&mut w, *limit as u64);
+                put_str(w, endpoint);
+                put_u64(w, *limit as u64);
             }
             other => unreachable!("not a loggable op: {other:?}"),
         }
-        if w.len() >= MAX_RECORD {
-            return None;
+        if w.len() - start >= MAX_RECORD {
+            return false;
         }
     }
-    Some(w)
+    true
 }
 
 fn decode(payload: &[u8]) -> Result<(u64, KeyedOps), String> {
@@ -683,6 +726,37 @@ mod tests {
         let log = CommitLog::open(path).unwrap();
         let pending = log.read_after(seq).unwrap();
         (log, pending)
+    }
+
+    /// The log builds each record in the buffer it keeps: a batch too big
+    /// to log leaves nothing staged (and no buffer of its size behind),
+    /// and the records staged around it read back as they were encoded.
+    #[test]
+    fn a_staged_record_reads_back_and_one_too_big_leaves_nothing_staged() {
+        let dir = Dir::new();
+        let path = dir.0.join("db.log");
+        let (mut log, _) = reopen(&path, 0);
+        log.checkpointed(0);
+        let first = accept("first", b"{}");
+        assert!(log.stage(10, &[(&first, Some(1), None)]));
+        assert_eq!(log.append_staged().unwrap(), 1);
+        let big = accept("big", &vec![b'x'; 4 * MAX_RECORD]);
+        assert!(!log.stage(11, &[(&big, Some(2), None)]));
+        assert!(log.record.capacity() <= 2 * MAX_RECORD);
+        let second = accept("second", b"{\"a\":1}");
+        assert!(log.stage(12, &[(&second, Some(3), None)]));
+        assert_eq!(log.append_staged().unwrap(), 2);
+        drop(log);
+        let (_, pending) = reopen(&path, 0);
+        assert_eq!(seqs(&pending), [1, 2]);
+        let read: Vec<(u64, String)> = pending
+            .iter()
+            .map(|r| (r.now, format!("{:?}", r.ops[0].0)))
+            .collect();
+        assert_eq!(
+            read,
+            [(10, format!("{first:?}")), (12, format!("{second:?}"))]
+        );
     }
 
     /// What is read back after a crash: the records after the checkpoint,
