@@ -586,9 +586,16 @@ fn everything(store: &Store) -> String {
 
 /// A batch of each loggable kind, many times over: accepts (some into
 /// ordered lanes), attempts that retry, succeed and park, endpoint state,
-/// unparking.
+/// unparking; and now and then an event too big for the log (a durable
+/// commit, which checkpoints it) between the logged batches.
 fn logged_work(store: &Store, n: usize) {
     for i in 0..n {
+        if i % 40 == 20 {
+            let mut ev = new_event(&format!("too-big-{i}"), &["r1"]);
+            // Past the log's 256 KiB record limit.
+            ev.deliveries[0].body = bytes::Bytes::from(vec![b'y'; 300 << 10]);
+            accept(store, ev);
+        }
         let mut ev = new_event(&format!("crash-{i}"), &["r1", "r2"]);
         if i % 3 == 0 {
             ev.deliveries[1].lane = Some(NewLane {
