@@ -55,19 +55,19 @@ pub fn standard_signature(
 /// secrets) the HMAC header is signed with the first secret, as GitHub-style
 /// receivers check one value; Standard Webhooks lists one signature per
 /// secret, space-separated, so receivers on either secret verify.
-pub fn headers(
-    webhook: &Webhook,
+pub fn headers<'w>(
+    webhook: &'w Webhook,
     delivery_id: &str,
     now_secs: u64,
     body: &[u8],
-) -> Vec<(String, String)> {
+) -> Vec<(&'w str, String)> {
     let mut out = Vec::new();
     for style in &webhook.signature {
         match style {
             SignatureStyle::HmacSha256 => {
                 if let Some(secret) = webhook.secrets.first() {
                     out.push((
-                        webhook.signature_header.clone(),
+                        webhook.signature_header.as_str(),
                         hmac_sha256_header(&secret.value, body),
                     ));
                 }
@@ -78,9 +78,9 @@ pub fn headers(
                     .iter()
                     .filter_map(|s| standard_signature(&s.value, delivery_id, now_secs, body).ok())
                     .collect();
-                out.push(("webhook-id".into(), delivery_id.to_string()));
-                out.push(("webhook-timestamp".into(), now_secs.to_string()));
-                out.push(("webhook-signature".into(), sigs.join(" ")));
+                out.push(("webhook-id", delivery_id.to_string()));
+                out.push(("webhook-timestamp", now_secs.to_string()));
+                out.push(("webhook-signature", sigs.join(" ")));
             }
         }
     }

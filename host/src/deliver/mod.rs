@@ -40,6 +40,50 @@ use policy::{Decision, EndpointChange};
 /// The delivery id header, the same on every attempt and redelivery.
 pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
 
+/// The headers rulehook sends on its own, by the name it records and the
+/// name it sends, made once: `HeaderName::from_bytes` copies a name that
+/// is not a standard header into a new allocation, lowercased, each time
+/// (seven of these on every attempt).
+static OWN_HEADERS: [(&str, http::HeaderName); 8] = [
+    (
+        DELIVERY_HEADER,
+        http::HeaderName::from_static("x-rulehook-delivery"),
+    ),
+    (
+        "X-Rulehook-Event",
+        http::HeaderName::from_static("x-rulehook-event"),
+    ),
+    (
+        "X-Rulehook-Rule",
+        http::HeaderName::from_static("x-rulehook-rule"),
+    ),
+    (
+        "X-Rulehook-Attempt",
+        http::HeaderName::from_static("x-rulehook-attempt"),
+    ),
+    (
+        crate::rules::model::DEFAULT_SIGNATURE_HEADER,
+        http::HeaderName::from_static("x-rulehook-signature"),
+    ),
+    ("webhook-id", http::HeaderName::from_static("webhook-id")),
+    (
+        "webhook-timestamp",
+        http::HeaderName::from_static("webhook-timestamp"),
+    ),
+    (
+        "webhook-signature",
+        http::HeaderName::from_static("webhook-signature"),
+    ),
+];
+
+/// The name a header is sent under (one of `OWN_HEADERS` without a copy).
+fn header_name(name: &str) -> Result<http::HeaderName, http::header::InvalidHeaderName> {
+    match OWN_HEADERS.iter().find(|(own, _)| *own == name) {
+        Some((_, sent)) => Ok(sent.clone()),
+        None => http::HeaderName::from_bytes(name.as_bytes()),
+    }
+}
+
 /// A delivery to attempt.
 #[derive(Clone, Debug)]
 pub struct Work {
@@ -903,7 +947,7 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
         ("X-Rulehook-Attempt", number.to_string()),
     ];
     let (request, recorded) = telemetry::child("sign", || [])
-        .in_scope(|| build_request(webhook, &id_text, &per_attempt, now / 1000, body));
+        .in_scope(|| build_request(webhook, &id_text, per_attempt, now / 1000, body));
     let started = Instant::now();
     let sent = match request {
         Ok(req) => {
@@ -1097,10 +1141,10 @@ type Request = http::Request<Full<Bytes>>;
 /// authentication, the rule's own headers and the signatures over `body`.
 /// Also returns the headers as recorded, with the credentials and secret
 /// header values redacted (`***`).
-fn build_request(
+fn build_request<'a>(
     webhook: &crate::rules::Webhook,
     delivery_id: &str,
-    extra: &[(&str, String)],
+    extra: impl IntoIterator<Item = (&'a str, String)>,
     now_secs: u64,
     body: Bytes,
 ) -> (Result<Request, String>, Vec<(String, String)>) {
@@ -1112,10 +1156,7 @@ fn build_request(
     let mut refused: Option<String> = None;
     // `shown`: what the attempt record keeps when it is not what is sent.
     let mut add = |name: &str, value: String, shown: Option<&str>| {
-        match (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        match (header_name(name), http::HeaderValue::from_str(&value)) {
             (Ok(n), Ok(v)) => {
                 sent.append(n, v);
             }
@@ -1140,7 +1181,7 @@ fn build_request(
     );
     add(DELIVERY_HEADER, delivery_id.to_string(), None);
     for (k, v) in extra {
-        add(k, v.clone(), None);
+        add(k, v, None);
     }
     if let Some(c) = &webhook.credentials {
         let token = base64::engine::general_purpose::STANDARD
@@ -1152,7 +1193,7 @@ fn build_request(
         add(k, v.value().to_string(), shown);
     }
     for (k, v) in crate::sign::headers(webhook, delivery_id, now_secs, &body) {
-        add(&k, v, None);
+        add(k, v, None);
     }
     if let Some(why) = refused {
         return (Err(why), recorded);
@@ -1391,7 +1432,7 @@ pub async fn test_connection(
     )
     .map_err(|e| e.to_string())?;
     let id = DeliveryId::new().to_string();
-    let (req, _) = build_request(webhook, &id, &[], now_ms() / 1000, Bytes::from(body));
+    let (req, _) = build_request(webhook, &id, [], now_ms() / 1000, Bytes::from(body));
     let req = req?;
     let started = Instant::now();
     let result = sender
@@ -1464,7 +1505,7 @@ mod tests {
                 _ => Err("not here".to_string()),
             },
         );
-        let (request, recorded) = build_request(&webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        let (request, recorded) = build_request(&webhook, "d-1", [], 0, Bytes::from_static(b"{}"));
         let request = request.unwrap();
         assert_eq!(request.method(), http::Method::POST);
         assert_eq!(request.headers()["content-type"], "application/json");
@@ -1497,6 +1538,44 @@ mod tests {
         );
     }
 
+    /// The names made once in `OWN_HEADERS` are those `from_bytes` makes
+    /// of the names recorded; any other name is made as it always was.
+    #[test]
+    fn its_own_headers_are_sent_under_the_names_they_are_recorded_by() {
+        for (recorded, sent) in &OWN_HEADERS {
+            let made = http::HeaderName::from_bytes(recorded.as_bytes()).unwrap();
+            assert_eq!(sent, &made, "{recorded}");
+            assert_eq!(&header_name(recorded).unwrap(), sent, "{recorded}");
+        }
+        assert_eq!(header_name("X-Team").unwrap().as_str(), "x-team");
+        assert!(header_name("bad name").is_err());
+        // An attempt sends them, signed both ways, under those names.
+        let webhook = webhook_of(
+            "{url: \"https://a.example/\", secret: {env: S}, signature: [hmac-sha256, standard-webhooks]}",
+            |_| Ok("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string()),
+        );
+        let extra = [("X-Rulehook-Event", "e-1".to_string())];
+        let (request, recorded) =
+            build_request(&webhook, "d-1", extra, 7, Bytes::from_static(b"{}"));
+        let request = request.unwrap();
+        for name in [
+            DELIVERY_HEADER,
+            "X-Rulehook-Event",
+            crate::rules::model::DEFAULT_SIGNATURE_HEADER,
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+        ] {
+            assert!(request.headers().contains_key(name), "{name} not sent");
+            assert!(
+                recorded.iter().any(|(k, _)| k == name),
+                "{name} not recorded"
+            );
+        }
+        assert_eq!(request.headers()["x-rulehook-event"], "e-1");
+        assert_eq!(request.headers()["webhook-timestamp"], "7");
+    }
+
     #[test]
     fn a_header_value_that_cannot_be_sent_refuses_the_request_by_name() {
         // A secret from the environment may hold a control byte, which no
@@ -1505,7 +1584,7 @@ mod tests {
             "{url: \"https://a.example/\", headers: {X-Api-Key: {env: KEY}}}",
             |_| Ok("two\u{7f}parts".to_string()),
         );
-        let (request, recorded) = build_request(&webhook, "d-1", &[], 0, Bytes::from_static(b"{}"));
+        let (request, recorded) = build_request(&webhook, "d-1", [], 0, Bytes::from_static(b"{}"));
         let why = request.expect_err("a control byte in a header value is refused");
         assert!(why.contains("`X-Api-Key`"), "{why}");
         assert!(
