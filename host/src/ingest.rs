@@ -19,7 +19,7 @@ use crate::deliver::{Queue, Work, channel};
 use crate::event::{Event, EventError};
 use crate::metrics::{Metrics, Outcome as Counted};
 use crate::outbox::{Outbox, OutboxError};
-use crate::plugins::{CallContext, ChainOutcome};
+use crate::plugins::{CallContext, ChainOutcome, PluginSet};
 use crate::reload::Snapshot;
 use crate::rules::target::RuleVersion;
 use crate::rules::{OnFailure, Transport};
@@ -221,15 +221,23 @@ fn prepare(
                 ]
             })
             .entered();
-            let payload = crate::payload::build(&rule.name, &event, &id);
-            let ctx = CallContext::for_event(&rule.name, &id, &event);
-            let outcome = snapshot.plugins.run_chain_observed(
-                rule,
-                &ctx,
-                &payload,
-                &|plugin, took, failed| metrics.plugin_call(plugin, took, failed),
-            );
-            let base = || Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+            // Serialized straight from the event: building it as a `Value`
+            // first took six to seven times as long (BENCHMARKS.md,
+            // "allocations counted per delivery"). A rule with no chain
+            // sends it as is.
+            let payload = crate::payload::to_string(&rule.name, &event, &id);
+            let outcome = if PluginSet::has_chain(rule) {
+                let ctx = CallContext::for_event(&rule.name, &id, &event);
+                snapshot
+                    .plugins
+                    .run_chain_observed(rule, &ctx, payload, &|plugin, took, failed| {
+                        metrics.plugin_call(plugin, took, failed)
+                    })
+            } else {
+                ChainOutcome::Send(payload.into_bytes())
+            };
+            // The payload as built, kept when the chain failed (to redeliver).
+            let base = || Bytes::from(crate::payload::to_string(&rule.name, &event, &id));
             // Counted when decided: a batch whose commit then fails gets a
             // 503, and is counted again when its sender posts it again.
             let settled = |outcome| {

@@ -324,22 +324,24 @@ impl PluginSet {
     /// off the async reactor.
     /// A rule without a chain sends the payload as built.
     pub fn run_chain(&self, rule: &Rule, ctx: &CallContext, payload: &Value) -> ChainOutcome {
-        self.run_chain_observed(rule, ctx, payload, &|_, _, _| {})
+        self.run_chain_observed(rule, ctx, payload.to_string(), &|_, _, _| {})
     }
 
-    /// `run_chain`, telling `observe` each call's plugin, time and whether
-    /// it failed (the server's metrics); each call is a `plugin` span.
+    /// `run_chain` on the payload as JSON text (ingest serializes it
+    /// straight from the event, `payload::to_string`), telling `observe`
+    /// each call's plugin, time and whether it failed (the server's
+    /// metrics); each call is a `plugin` span.
     pub fn run_chain_observed(
         &self,
         rule: &Rule,
         ctx: &CallContext,
-        payload: &Value,
+        payload: String,
         observe: &dyn Fn(&str, std::time::Duration, bool),
     ) -> ChainOutcome {
         if !Self::has_chain(rule) {
-            return ChainOutcome::Send(serde_json::to_vec(payload).unwrap_or_default());
+            return ChainOutcome::Send(payload.into_bytes());
         }
-        let mut text = payload.to_string();
+        let mut text = payload;
         let mut steps: Vec<(&str, String, Overrides)> = Vec::with_capacity(rule.plugins.len() + 1);
         if !rule.fields.is_empty() {
             steps.push((
