@@ -859,9 +859,11 @@ fn explain(event_file: &Path, dir: &Path, plugins: Option<&Path>, format: Format
         if v.matched
             && let Some(rule) = set.get(&v.rule)
         {
-            let payload = crate::payload::build(&rule.name, &event, &event_id);
+            // The text ingest would run the chain on, so what is shown is
+            // what would be sent.
+            let payload = crate::payload::to_string(&rule.name, &event, &event_id);
             let ctx = crate::plugins::CallContext::for_event(&rule.name, &event_id, &event);
-            match plugin_set.run_chain(rule, &ctx, &payload) {
+            match plugin_set.run_chain_observed(rule, &ctx, payload, &|_, _, _| {}) {
                 crate::plugins::ChainOutcome::Send(body) => {
                     entry["payload"] = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 }
@@ -1024,10 +1026,13 @@ pub fn preview_headers(rule: &Rule) -> Vec<(String, String)> {
                 "sha256=<HMAC-SHA256 of the body, hex>".into(),
             )),
             SignatureStyle::StandardWebhooks => {
-                h.push(("webhook-id".into(), "<delivery id>".into()));
-                h.push(("webhook-timestamp".into(), "<unix seconds at send>".into()));
+                h.push((crate::sign::WEBHOOK_ID.into(), "<delivery id>".into()));
                 h.push((
-                    "webhook-signature".into(),
+                    crate::sign::WEBHOOK_TIMESTAMP.into(),
+                    "<unix seconds at send>".into(),
+                ));
+                h.push((
+                    crate::sign::WEBHOOK_SIGNATURE.into(),
                     "v1,<base64 HMAC-SHA256 of id.timestamp.body>".into(),
                 ));
             }

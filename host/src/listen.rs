@@ -41,9 +41,9 @@ pub fn verify(
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if secret.starts_with("whsec_") {
         let (Some(id), Some(ts), Some(sigs)) = (
-            get("webhook-id"),
-            get("webhook-timestamp"),
-            get("webhook-signature"),
+            get(crate::sign::WEBHOOK_ID),
+            get(crate::sign::WEBHOOK_TIMESTAMP),
+            get(crate::sign::WEBHOOK_SIGNATURE),
         ) else {
             return Err("missing webhook-id, webhook-timestamp or webhook-signature".into());
         };

@@ -351,7 +351,7 @@ fn run_once(
     let event = crate::event::Event::from_json(&text)
         .map_err(|e| format!("{}: {e}", event_file.display()))?;
     let event_id = event.id.clone().unwrap_or_else(|| "evt_plugin_run".into());
-    let payload = crate::payload::build(rule, &event, &event_id);
+    let input = crate::payload::to_string(rule, &event, &event_id);
 
     let runtime = crate::cli::plugin_runtime().map_err(|_| "cannot start the plugin runtime")?;
     let path = Path::new(plugin);
@@ -385,7 +385,6 @@ fn run_once(
         return Ok(ExitCode::from(1));
     }
     let ctx = CallContext::for_event(rule, &event_id, &event);
-    let input = payload.to_string();
     let call = compiled.transform_with(&ctx, &input, &config_value.to_string(), &overrides);
     // A second call on the now-warm instance shows what the server pays
     // per delivery once the plugin is loaded.

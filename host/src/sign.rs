@@ -8,6 +8,12 @@ use sha2::Sha256;
 
 use crate::rules::{SignatureStyle, Webhook, check_whsec};
 
+/// The Standard Webhooks headers: the message id (the delivery id), the
+/// Unix time signed, and the signatures.
+pub const WEBHOOK_ID: &str = "webhook-id";
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+
 type HmacSha256 = Hmac<Sha256>;
 
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
@@ -78,9 +84,9 @@ pub fn headers<'w>(
                     .iter()
                     .filter_map(|s| standard_signature(&s.value, delivery_id, now_secs, body).ok())
                     .collect();
-                out.push(("webhook-id", delivery_id.to_string()));
-                out.push(("webhook-timestamp", now_secs.to_string()));
-                out.push(("webhook-signature", sigs.join(" ")));
+                out.push((WEBHOOK_ID, delivery_id.to_string()));
+                out.push((WEBHOOK_TIMESTAMP, now_secs.to_string()));
+                out.push((WEBHOOK_SIGNATURE, sigs.join(" ")));
             }
         }
     }

@@ -28,6 +28,7 @@ use crate::metrics::{Answer, Metrics, NO_ENDPOINT, Outcome as Counted};
 use crate::outbox::Outbox;
 use crate::rules::Transport;
 use crate::rules::target::RuleVersion;
+use crate::sign;
 use crate::store::{
     Attempt, Claim, DeliveryId, DueKey, Endpoint, NewLane, Next, Op, Store, now_ms,
 };
@@ -39,6 +40,10 @@ use policy::{Decision, EndpointChange};
 
 /// The delivery id header, the same on every attempt and redelivery.
 pub const DELIVERY_HEADER: &str = "X-Rulehook-Delivery";
+/// The event's id, the rule's name and the attempt's number, on every attempt.
+const EVENT_HEADER: &str = "X-Rulehook-Event";
+const RULE_HEADER: &str = "X-Rulehook-Rule";
+const ATTEMPT_HEADER: &str = "X-Rulehook-Attempt";
 
 /// The headers rulehook sends on its own, by the name it records and the
 /// name it sends, made once: `HeaderName::from_bytes` copies a name that
@@ -50,28 +55,31 @@ static OWN_HEADERS: [(&str, http::HeaderName); 8] = [
         http::HeaderName::from_static("x-rulehook-delivery"),
     ),
     (
-        "X-Rulehook-Event",
+        EVENT_HEADER,
         http::HeaderName::from_static("x-rulehook-event"),
     ),
     (
-        "X-Rulehook-Rule",
+        RULE_HEADER,
         http::HeaderName::from_static("x-rulehook-rule"),
     ),
     (
-        "X-Rulehook-Attempt",
+        ATTEMPT_HEADER,
         http::HeaderName::from_static("x-rulehook-attempt"),
     ),
     (
         crate::rules::model::DEFAULT_SIGNATURE_HEADER,
         http::HeaderName::from_static("x-rulehook-signature"),
     ),
-    ("webhook-id", http::HeaderName::from_static("webhook-id")),
     (
-        "webhook-timestamp",
+        sign::WEBHOOK_ID,
+        http::HeaderName::from_static("webhook-id"),
+    ),
+    (
+        sign::WEBHOOK_TIMESTAMP,
         http::HeaderName::from_static("webhook-timestamp"),
     ),
     (
-        "webhook-signature",
+        sign::WEBHOOK_SIGNATURE,
         http::HeaderName::from_static("webhook-signature"),
     ),
 ];
@@ -942,9 +950,9 @@ async fn attempt(shared: &Shared, work: &Work) -> Outcome {
     let number = work.attempts + 1;
     let id_text = work.id.to_string();
     let per_attempt = [
-        ("X-Rulehook-Event", work.event_id.clone()),
-        ("X-Rulehook-Rule", target.rule.clone()),
-        ("X-Rulehook-Attempt", number.to_string()),
+        (EVENT_HEADER, work.event_id.clone()),
+        (RULE_HEADER, target.rule.clone()),
+        (ATTEMPT_HEADER, number.to_string()),
     ];
     let (request, recorded) = telemetry::child("sign", || [])
         .in_scope(|| build_request(webhook, &id_text, per_attempt, now / 1000, body));
